@@ -1,0 +1,1 @@
+"""HTTP: validation at the edge, problem+json for every error, offline docs."""

@@ -1,0 +1,134 @@
+"""RFC 9457 problem details for every error: domain errors, validation, 404, 405, and bugs.
+
+A problem's ``type`` is a short slug (``non-finite``, ``validation-error``, ...), a relative
+URI reference; the OpenAPI document lists them all under the ``Problem`` schema.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
+
+from service.errors import GradsvcError, Unavailable
+
+log = logging.getLogger("gradsvc")
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem details object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="a slug naming the kind of problem, e.g. non-finite")
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemError] | None = Field(default=None, description="for validation errors")
+
+
+def problem(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    *,
+    errors: Sequence[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    if errors is not None:
+        body["errors"] = list(errors)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+async def domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GradsvcError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    errors = [{"loc": ["body", *exc.loc], "msg": exc.detail, "type": exc.type}] if exc.loc else None
+    return problem(exc.status, exc.type, exc.title, exc.detail, errors=errors, headers=headers)
+
+
+async def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in raw):
+        ctx = raw[0].get("ctx") or {}
+        return problem(400, "malformed-json", "Malformed JSON", f"the body is not valid JSON: {ctx.get('error', 'parse error')}")
+    # No "input": it can be large, and it is the client's own data.
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in raw[:50]]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"])
+    detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+    if len(raw) > 1:
+        detail += f" (and {len(raw) - 1} more)"
+    return problem(422, "validation-error", "Request validation failed", detail, errors=errors)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    status = exc.status_code
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase
+    if status == 404:
+        detail = f"no resource at {request.url.path}"
+    if status == 405:
+        allowed = allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+    slug = phrase.lower().replace(" ", "-")
+    return problem(status, slug, phrase, detail, headers=headers or None)
+
+
+async def unhandled_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal", "Internal error", "the service failed; the error is logged")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts at this path (Starlette names only the first route's)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(GradsvcError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unhandled_error)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the problem statuses a route can return."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {
+            "description": HTTPStatus(status).phrase,
+            "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        if status in (429, 503):
+            out[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    return out

@@ -1,0 +1,106 @@
+"""Response bodies, and the notebook's examples that the Swagger UI offers first.
+
+Request bodies are the engine's own specs (``engine.specs``): one definition of each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.engine.specs import Tensor
+
+
+class TraceNode(BaseModel):
+    node: str = Field(description="expression text, layer name, input or parameter name")
+    op: str
+    inputs: list[str]
+    value: Tensor
+    grad: Tensor | None = Field(description="dL/dnode")
+    local: dict[str, Tensor] | None = Field(
+        default=None, description="d node / d input, per element (elementwise nodes only)"
+    )
+
+
+class ForwardResponse(BaseModel):
+    outputs: Tensor
+
+
+class GradientsResponse(ForwardResponse):
+    loss: float
+    grads: dict[str, Tensor] = Field(description="dL/dθ for every trainable parameter")
+    grad_norm: float = Field(description="the gradients' total 2-norm (before any clipping)")
+    trace: list[TraceNode] | None = Field(default=None, description='with "explain": true')
+
+
+class StepResponse(GradientsResponse):
+    params: dict[str, Tensor] = Field(description="every parameter after the update")
+
+
+class Health(BaseModel):
+    status: str
+
+
+SEED_MODEL: dict[str, Any] = {
+    "type": "expression",
+    "expression": "w * x + 1",
+    "params": {"w": {"value": [1.0]}},
+    "dtype": "float64",
+}
+_SECOND_MODEL = {**SEED_MODEL, "params": {"w": {"value": [1.1]}}}
+_SGD = {"type": "sgd", "lr": 0.1}
+
+
+def _example(summary: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"summary": summary, "value": value}
+
+
+STEP_EXAMPLES = {
+    "seed": _example(
+        "The notebook's first step: w 1 → 1.1",
+        {"model": SEED_MODEL, "loss": "squared", "optimizer": _SGD, "batch": {"x": 1, "y": 3}},
+    ),
+    "seed-second": _example(
+        "The notebook's second step: w 1.1 → 1.46",
+        {"model": _SECOND_MODEL, "loss": "squared", "optimizer": _SGD, "batch": {"x": 2, "y": 5}},
+    ),
+    "explain": _example(
+        "The first step, with the chain rule shown",
+        {"model": SEED_MODEL, "loss": "squared", "optimizer": _SGD, "batch": {"x": 1, "y": 3}, "explain": True},
+    ),
+    "mlp": _example(
+        "A small MLP, Adam, a batch of two",
+        {
+            "model": {
+                "type": "sequential",
+                "layers": [
+                    {"type": "linear", "in_features": 2, "out_features": 8},
+                    {"type": "relu"},
+                    {"type": "linear", "in_features": 8, "out_features": 1},
+                ],
+                "seed": 0,
+            },
+            "loss": "mse",
+            "optimizer": {"type": "adam", "lr": 0.01},
+            "batch": {"x": [[0.0, 1.0], [1.0, 0.0]], "y": [[1.0], [0.0]]},
+        },
+    ),
+}
+GRADIENTS_EXAMPLES = {
+    "seed": _example(
+        "The notebook's first gradient: dL/dw = -1",
+        {"model": SEED_MODEL, "loss": "squared", "batch": {"x": 1, "y": 3}},
+    ),
+    "explain": _example(
+        "The same, with the chain rule shown",
+        {"model": SEED_MODEL, "loss": "squared", "batch": {"x": 1, "y": 3}, "explain": True},
+    ),
+}
+FORWARD_EXAMPLES = {
+    "seed": _example("The notebook's prediction at w = 1: ŷ = 2", {"model": SEED_MODEL, "batch": {"x": 1}}),
+    "batch": _example(
+        "Three samples at once",
+        {"model": SEED_MODEL, "batch": {"x": [1, 2, 3]}},
+    ),
+}

@@ -1,0 +1,65 @@
+"""``gradsvc serve`` and ``gradsvc openapi``.
+
+Every option of ``serve`` is a field of ``Settings``: the flags are made from them, so a flag,
+its ``GRADSVC_*`` variable and its default can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from service.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradsvc", description="A REST gradient-computation service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service (embedded defaults: 127.0.0.1:8000)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "GRADSVC_" + name.upper()
+        kind: Any = field.annotation if field.annotation in (int, str, float) else str
+        serve.add_argument(flag, dest=name, type=kind, default=None, help=f"{field.description} [{env}]")
+    openapi = sub.add_parser("openapi", help="print the OpenAPI document")
+    openapi.add_argument("--output", "-o", help="write it to this file instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "openapi":
+        return _openapi(args.output)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    return _serve(settings)
+
+
+def _openapi(output: str | None) -> int:
+    from service.app import create_app
+
+    text = json.dumps(create_app().openapi(), indent=2, ensure_ascii=False) + "\n"
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0

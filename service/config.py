@@ -1,0 +1,48 @@
+"""One ``Settings`` object: every option of ``gradsvc serve``, each also ``GRADSVC_<NAME>``."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.engine.limits import Limits
+
+_DEFAULT = Limits()
+
+
+def _default_threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADSVC_", extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
+    log_level: str = Field(default="info", description="uvicorn's log level")
+    compute_threads: int = Field(
+        default_factory=_default_threads, ge=1, le=256, description="computations run at once"
+    )
+    queue_size: int = Field(
+        default=64, ge=1, description="computations waiting at most; beyond it: 503 + Retry-After"
+    )
+    max_tensor_elements: int = Field(default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor")
+    max_model_elements: int = Field(default=_DEFAULT.model_elements, ge=1, description="parameters in one model")
+    max_expression_length: int = Field(default=_DEFAULT.expression_length, ge=1, description="characters of an expression")
+    max_expression_depth: int = Field(default=_DEFAULT.expression_depth, ge=1, le=200, description="nesting of an expression")
+    max_expression_nodes: int = Field(default=_DEFAULT.expression_nodes, ge=1, description="nodes of an expression")
+    max_layers: int = Field(default=_DEFAULT.layers, ge=1, description="layers of a sequential model")
+    max_layer_width: int = Field(default=_DEFAULT.layer_width, ge=1, description="features of a linear layer")
+
+    def limits(self) -> Limits:
+        return Limits(
+            tensor_elements=self.max_tensor_elements,
+            model_elements=self.max_model_elements,
+            expression_length=self.max_expression_length,
+            expression_depth=self.max_expression_depth,
+            expression_nodes=self.max_expression_nodes,
+            layers=self.max_layers,
+            layer_width=self.max_layer_width,
+        )

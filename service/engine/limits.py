@@ -1,0 +1,28 @@
+"""Bounds on what one request may ask the engine to build or compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    tensor_elements: int = 4_000_000
+    """Elements in any one tensor of a request (inputs, targets, parameter values)."""
+    model_elements: int = 10_000_000
+    """Parameters of one model, all tensors together."""
+    expression_length: int = 1_000
+    """Characters of an expression."""
+    expression_depth: int = 32
+    """Nesting of an expression's tree (parentheses, calls and operators)."""
+    expression_nodes: int = 256
+    """Nodes of an expression's tree."""
+    layers: int = 64
+    """Layers of a sequential model."""
+    layer_width: int = 16_384
+    """``in_features``/``out_features`` of a linear layer; ``normalized_shape`` elements."""
+    tensor_dims: int = 8
+    """Dimensions of any one tensor."""
+
+
+DEFAULT_LIMITS = Limits()

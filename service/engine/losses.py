@@ -1,0 +1,95 @@
+"""Losses: torch.nn.functional's, plus ``squared``, the notebook's ½(ŷ−y)²."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.engine import specs
+from service.engine.limits import DEFAULT_LIMITS, Limits
+from service.engine.tensors import decode
+from service.errors import GradsvcError, ShapeError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def normalise(loss: specs.LossName | specs.LossSpec) -> specs.LossSpec:
+    return specs.LossSpec(type=loss) if isinstance(loss, str) else loss
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    return values.sum() if reduction == "sum" else values.mean()
+
+
+def loss_fn(spec: specs.LossSpec) -> LossFn:
+    r = spec.reduction
+    table: dict[str, LossFn] = {
+        # Written as the notebook writes it, so that its float64 numbers come out bit for bit.
+        "squared": lambda out, y: _reduce((out - y) ** 2 / 2, r),
+        "mse": lambda out, y: F.mse_loss(out, y, reduction=r),
+        "l1": lambda out, y: F.l1_loss(out, y, reduction=r),
+        "huber": lambda out, y: F.huber_loss(out, y, reduction=r, delta=spec.delta),
+        "smooth_l1": lambda out, y: F.smooth_l1_loss(out, y, reduction=r, beta=spec.beta),
+        "bce_with_logits": lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction=r),
+        "cross_entropy": lambda out, y: F.cross_entropy(
+            out, y, reduction=r, label_smoothing=spec.label_smoothing
+        ),
+    }
+    return table[spec.type]
+
+
+def target(
+    spec: specs.LossSpec, y: Any, out: torch.Tensor, limits: Limits = DEFAULT_LIMITS
+) -> torch.Tensor:
+    """Decode ``y`` and fit it to the model's output ``out`` as the loss expects."""
+    if y is None:
+        raise ShapeError("this call needs a target: batch.y", loc=("batch", "y"))
+    try:
+        if spec.type == "cross_entropy":
+            return _check_classes(_class_or_probs(y, out, limits), out)
+        raw = decode(y, out.dtype, limits)
+    except GradsvcError as exc:
+        raise exc.at("batch", "y") from None
+    if raw.shape != out.shape:
+        if raw.numel() != out.numel():
+            raise ShapeError(
+                f"y has shape {list(raw.shape)} but the model's output has shape {list(out.shape)}",
+                loc=("batch", "y"),
+            )
+        raw = raw.reshape(out.shape)
+    return raw
+
+
+def _class_or_probs(y: Any, out: torch.Tensor, limits: Limits) -> torch.Tensor:
+    # Class indices arrive as integers (int64); probabilities as floats of the output's shape.
+    integral = y.get("dtype") == "int64" if isinstance(y, dict) else not _has_float_literal(y)
+    return decode(y, torch.int64 if integral else out.dtype, limits)
+
+
+def _has_float_literal(y: Any) -> bool:
+    if isinstance(y, list):
+        return any(_has_float_literal(v) for v in y)
+    return isinstance(y, float)
+
+
+def _check_classes(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    classes = out.shape[-1] if out.ndim >= 1 else 0
+    if y.dtype == torch.int64:
+        expected = out.shape[:-1]
+        if y.shape != expected:
+            raise ShapeError(
+                f"class targets must have shape {list(expected)} for outputs of shape {list(out.shape)}",
+                loc=("batch", "y"),
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise ShapeError(f"class targets must lie in [0, {classes})", loc=("batch", "y"))
+        return y
+    if y.shape != out.shape:
+        raise ShapeError(
+            f"probability targets must have the output's shape {list(out.shape)}",
+            loc=("batch", "y"),
+        )
+    return y

@@ -1,0 +1,226 @@
+"""The specs a client sends: models, losses, optimizers, batches. Plain pydantic, no HTTP.
+
+Tensors are typed ``Tensor`` (any JSON value, with the three forms in its JSON schema) and
+decoded by ``engine.tensors``, so that a large batch is never validated element by element
+by pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+TENSOR_SCHEMA: dict[str, Any] = {
+    "title": "Tensor",
+    "description": (
+        "A JSON number (0-d), nested arrays of numbers (shape inferred; ragged is a 422), "
+        '{"dtype", "shape", "data"} with a flat row-major list, or {"dtype", "shape", "b64"} '
+        "with base64 of the raw little-endian bytes."
+    ),
+    "anyOf": [
+        {"type": "number"},
+        {"type": "array", "items": {}},
+        {
+            "type": "object",
+            "properties": {
+                "dtype": {"$ref": "#/components/schemas/DType"},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "data": {"type": "array", "items": {"type": "number"}},
+                "b64": {"type": "string", "format": "byte"},
+            },
+            "required": ["shape"],
+            "additionalProperties": False,
+        },
+    ],
+}
+Tensor = Annotated[Any, WithJsonSchema(TENSOR_SCHEMA)]
+
+DType = Literal["float32", "float64", "float16", "bfloat16"]
+TensorDType = Literal["float32", "float64", "float16", "bfloat16", "int64"]
+InitName = Literal["zeros", "ones", "normal", "uniform", "xavier_uniform", "kaiming_uniform"]
+Reduction = Literal["mean", "sum"]
+LossName = Literal["squared", "mse", "l1", "huber", "smooth_l1", "bce_with_logits", "cross_entropy"]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class ParamSpec(Spec):
+    """An initial value (``value``), or a shape and an initialiser (torch.nn.init's)."""
+
+    value: Tensor | None = None
+    shape: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=8)
+    init: InitName = "zeros"
+    mean: float = 0.0
+    std: NonNegFloat = 1.0
+    a: float = Field(default=0.0, description="uniform: lower bound; kaiming_uniform: slope")
+    b: float = Field(default=1.0, description="uniform: upper bound")
+    gain: float = 1.0
+
+    @model_validator(mode="after")
+    def _value_or_init(self) -> ParamSpec:
+        if self.value is not None and self.shape is not None:
+            raise ValueError("give either 'value' or 'shape' with 'init', not both")
+        return self
+
+
+class ModelBase(Spec):
+    dtype: DType = "float32"
+    seed: int = Field(default=0, ge=0, lt=2**63, description="seeds random initialisation")
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    frozen: list[str] = Field(default_factory=list, description="parameters that are not trained")
+
+
+class ExpressionModel(ModelBase):
+    type: Literal["expression"]
+    expression: str = Field(description="numbers, names, + - * / ** @, unary -, and functions")
+
+
+class LinearLayer(Spec):
+    type: Literal["linear"]
+    in_features: PositiveInt
+    out_features: PositiveInt
+    bias: bool = True
+
+
+class LinearModel(LinearLayer, ModelBase):
+    pass
+
+
+class Activation(Spec):
+    type: Literal["relu", "tanh", "sigmoid"]
+
+
+class GeluLayer(Spec):
+    type: Literal["gelu"]
+    approximate: Literal["none", "tanh"] = "none"
+
+
+class SoftmaxLayer(Spec):
+    type: Literal["softmax"]
+    dim: int = -1
+
+
+class LayerNormLayer(Spec):
+    type: Literal["layer_norm"]
+    normalized_shape: PositiveInt | list[PositiveInt]
+    eps: Annotated[float, Field(gt=0)] = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+
+
+class DropoutLayer(Spec):
+    type: Literal["dropout"]
+    p: Beta = 0.5
+
+
+Layer = Annotated[
+    LinearLayer | Activation | GeluLayer | SoftmaxLayer | LayerNormLayer | DropoutLayer,
+    Field(discriminator="type"),
+]
+
+
+class SequentialModel(ModelBase):
+    type: Literal["sequential"]
+    layers: list[Layer] = Field(min_length=1)
+
+
+ModelSpec = Annotated[ExpressionModel | LinearModel | SequentialModel, Field(discriminator="type")]
+
+
+class LossSpec(Spec):
+    type: LossName
+    reduction: Reduction = "mean"
+    delta: Annotated[float, Field(gt=0)] = Field(default=1.0, description="huber")
+    beta: NonNegFloat = Field(default=1.0, description="smooth_l1")
+    label_smoothing: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="cross_entropy"
+    )
+
+
+class OptimizerBase(Spec):
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="clip the gradients' total 2-norm to this before the update"
+    )
+    weight_decay: NonNegFloat = 0.0
+    maximize: bool = False
+
+
+class SGD(OptimizerBase):
+    type: Literal["sgd"]
+    lr: NonNegFloat = 1e-3
+    momentum: NonNegFloat = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> SGD:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening 0")
+        return self
+
+
+class Adam(OptimizerBase):
+    type: Literal["adam"]
+    lr: NonNegFloat = 1e-3
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: NonNegFloat = 1e-8
+    amsgrad: bool = False
+
+
+class AdamW(Adam):
+    type: Literal["adamw"]  # type: ignore[assignment]
+    weight_decay: NonNegFloat = 1e-2
+
+
+class RMSprop(OptimizerBase):
+    type: Literal["rmsprop"]
+    lr: NonNegFloat = 1e-2
+    alpha: NonNegFloat = 0.99
+    eps: NonNegFloat = 1e-8
+    momentum: NonNegFloat = 0.0
+    centered: bool = False
+
+
+class Adagrad(OptimizerBase):
+    type: Literal["adagrad"]
+    lr: NonNegFloat = 1e-2
+    lr_decay: NonNegFloat = 0.0
+    initial_accumulator_value: NonNegFloat = 0.0
+    eps: NonNegFloat = 1e-10
+
+
+OptimizerSpec = Annotated[SGD | Adam | AdamW | RMSprop | Adagrad, Field(discriminator="type")]
+
+
+class Batch(Spec):
+    x: Tensor | dict[str, Tensor] = Field(
+        description="the input tensor, or {name: tensor} for an expression with several inputs"
+    )
+    y: Tensor | None = Field(default=None, description="the target (not used by forward)")
+
+
+Encoding = Literal["list", "b64"]
+ENCODING_DESCRIPTION = (
+    'response tensors as nested lists, or all in the {"dtype","shape","b64"} form'
+)
+
+
+class ForwardRequest(Spec):
+    model: ModelSpec
+    batch: Batch
+    encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
+
+
+class GradientsRequest(ForwardRequest):
+    loss: LossName | LossSpec
+    explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
+
+
+class StepRequest(GradientsRequest):
+    optimizer: OptimizerSpec

@@ -1,0 +1,216 @@
+"""One computation: forward, loss, backward, optional update; and the wire-level entry point.
+
+``run`` is what a worker executes: a validated request in, a plain JSON-ready dict out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from service.engine import losses, models, optimizers, specs
+from service.engine.limits import DEFAULT_LIMITS, Limits
+from service.engine.tensors import encode
+from service.engine.trace import Tracer, TraceNode
+from service.errors import NonFinite
+
+Kind = Literal["forward", "gradients", "step"]
+_RNG_LOCK = threading.Lock()
+
+
+@dataclass
+class Result:
+    outputs: torch.Tensor
+    loss: torch.Tensor | None = None
+    grads: dict[str, torch.Tensor] | None = None
+    grad_norm: torch.Tensor | None = None
+    params: dict[str, torch.Tensor] | None = None
+    trace: list[TraceNode] | None = None
+
+
+@contextlib.contextmanager
+def seeded(model: models.Model, seed: int) -> Iterator[None]:
+    """Dropout draws from the global RNG: give it the spec's seed, and keep it to ourselves."""
+    if not model.has_dropout:
+        yield
+        return
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def forward(model: models.Model, inputs: models.Inputs) -> Result:
+    model.module.eval()
+    with torch.no_grad():
+        outputs = model.forward(inputs)
+    _check_finite("outputs", outputs)
+    return Result(outputs=outputs)
+
+
+def gradients(
+    model: models.Model,
+    loss_spec: specs.LossSpec,
+    inputs: models.Inputs,
+    y: Any,
+    *,
+    explain: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Result:
+    """Forward, loss and backward; parameters' ``.grad`` hold dL/dθ afterwards."""
+    model.module.train()
+    tracer = Tracer() if explain else None
+    if tracer is not None:
+        # Inputs take part in the graph so that the trace can show dL/dx too.
+        inputs = {
+            k: v.detach().requires_grad_(v.dtype.is_floating_point) for k, v in inputs.items()
+        }
+    trainable = model.trainable()
+    for p in trainable.values():
+        p.grad = None
+    with torch.enable_grad():
+        outputs = model.forward(inputs, tracer)
+        y_t = losses.target(loss_spec, y, outputs, limits)
+        loss = losses.loss_fn(loss_spec)(outputs, y_t)
+        if tracer is not None:
+            out_name = tracer.nodes[-1].node
+            tracer.leaf("y", "target", y_t)
+            tracer.record("loss", loss_spec.type, [out_name, "y"], loss)
+            tracer.backward(loss)
+        if loss.requires_grad:
+            loss.backward()
+    grads = {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in trainable.items()
+    }
+    _check_finite("loss", loss)
+    _check_finite("outputs", outputs)
+    for name, g in grads.items():
+        _check_finite(f"the gradient of {name}", g)
+    norm = _total_norm(list(grads.values()), outputs.dtype)
+    return Result(
+        outputs=outputs.detach(),
+        loss=loss.detach(),
+        grads=grads,
+        grad_norm=norm,
+        trace=tracer.nodes if tracer else None,
+    )
+
+
+def step(
+    model: models.Model,
+    loss_spec: specs.LossSpec,
+    optimizer: torch.optim.Optimizer,
+    inputs: models.Inputs,
+    y: Any,
+    *,
+    clip_grad_norm: float | None = None,
+    explain: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Result:
+    """``gradients``, then one optimizer update. On a non-finite result the parameters and the
+    optimizer state are left as they were."""
+    result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+    params = model.trainable()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), clip_grad_norm)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    saved = optimizer.state_dict()
+    saved = {
+        "state": {k: {sk: _clone(sv) for sk, sv in v.items()} for k, v in saved["state"].items()},
+        "param_groups": saved["param_groups"],
+    }
+    optimizer.step()
+    after = {n: p.detach() for n, p in model.named_parameters().items()}
+    try:
+        for name, value in after.items():
+            _check_finite(f"the updated {name}", value)
+    except NonFinite:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n])
+        optimizer.load_state_dict(saved)
+        raise
+    result.params = {n: v.clone() for n, v in after.items()}
+    return result
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _total_norm(grads: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _check_finite(what: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise NonFinite(f"{what} is not finite (NaN or Infinity): JSON cannot carry it")
+
+
+def run(
+    kind: Kind, request: specs.ForwardRequest, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """A whole stateless request: build, compute, encode. Fresh optimizer state every time."""
+    model = models.build(request.model, limits)
+    inputs = model.decode_inputs(request.batch.x, limits)
+    b64 = request.encoding == "b64"
+    with seeded(model, request.model.seed):
+        if kind == "forward":
+            return {"outputs": encode(forward(model, inputs).outputs, b64)}
+        assert isinstance(request, specs.GradientsRequest)
+        loss_spec = losses.normalise(request.loss)
+        explain = request.explain
+        if kind == "gradients":
+            result = gradients(
+                model, loss_spec, inputs, request.batch.y, explain=explain, limits=limits
+            )
+        else:
+            assert isinstance(request, specs.StepRequest)
+            optimizer = optimizers.build(request.optimizer, model.trainable().values())
+            result = step(
+                model,
+                loss_spec,
+                optimizer,
+                inputs,
+                request.batch.y,
+                clip_grad_norm=request.optimizer.clip_grad_norm,
+                explain=explain,
+                limits=limits,
+            )
+    return encode_result(result, b64)
+
+
+def encode_result(result: Result, b64: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if result.loss is not None:
+        body["loss"] = result.loss.item()
+    if result.grads is not None:
+        body["grads"] = {n: encode(g, b64) for n, g in result.grads.items()}
+    if result.grad_norm is not None:
+        body["grad_norm"] = result.grad_norm.item()
+    if result.params is not None:
+        body["params"] = {n: encode(p, b64) for n, p in result.params.items()}
+    body["outputs"] = encode(result.outputs, b64)
+    if result.trace is not None:
+        body["trace"] = [encode_node(node, b64) for node in result.trace]
+    return body
+
+
+def encode_node(node: TraceNode, b64: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "node": node.node,
+        "op": node.op,
+        "inputs": node.inputs,
+        "value": encode(node.value, b64),
+    }
+    out["grad"] = encode(node.grad, b64) if node.grad is not None else None
+    if node.local is not None:
+        out["local"] = {k: encode(v, b64) for k, v in node.local.items()}
+    return out

@@ -1,0 +1,86 @@
+"""The domain errors, each of which the API answers as one RFC 9457 problem type.
+
+::
+
+    GradsvcError                    (500 internal)      never raised for client input
+    ├── InvalidInput                (422 invalid-input)
+    │   ├── TensorError             (422 invalid-tensor)     forms, dtypes, ragged arrays, sizes
+    │   ├── ExpressionError         (422 invalid-expression) grammar, limits, unknown names
+    │   ├── SpecError               (422 invalid-spec)       models, layers, losses, optimizers
+    │   ├── ShapeError              (422 shape-mismatch)     batch does not fit the model
+    │   └── NonFinite               (422 non-finite)         a result JSON cannot carry
+    ├── NotFound                    (404 not-found)
+    └── Unavailable                 (503 unavailable)        queue full or draining; Retry-After
+
+``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
+``application/problem+json`` bodies. ``loc`` points into the request body where it can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Loc = tuple[str | int, ...]
+
+
+class GradsvcError(Exception):
+    status: int = 500
+    type: str = "internal"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, *, loc: Sequence[str | int] = ()) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.loc: Loc = tuple(loc)
+
+    def at(self, *prefix: str | int) -> GradsvcError:
+        """Prefix ``loc`` with where the failing value sits in the request."""
+        self.loc = (*prefix, *self.loc)
+        return self
+
+
+class InvalidInput(GradsvcError):
+    status = 422
+    type = "invalid-input"
+    title = "Invalid input"
+
+
+class TensorError(InvalidInput):
+    type = "invalid-tensor"
+    title = "Invalid tensor"
+
+
+class ExpressionError(InvalidInput):
+    type = "invalid-expression"
+    title = "Invalid expression"
+
+
+class SpecError(InvalidInput):
+    type = "invalid-spec"
+    title = "Invalid model, loss or optimizer"
+
+
+class ShapeError(InvalidInput):
+    type = "shape-mismatch"
+    title = "Shapes do not fit"
+
+
+class NonFinite(InvalidInput):
+    type = "non-finite"
+    title = "Result is not finite"
+
+
+class NotFound(GradsvcError):
+    status = 404
+    type = "not-found"
+    title = "Not found"
+
+
+class Unavailable(GradsvcError):
+    status = 503
+    type = "unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

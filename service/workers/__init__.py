@@ -1,0 +1,1 @@
+"""Where computations run, off the event loop."""

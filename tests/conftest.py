@@ -1,0 +1,55 @@
+"""Shared fixtures: an in-process app (TestClient, lifespan on), and the notebook's requests."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+
+SEED_STEP: dict[str, Any] = {
+    "model": {
+        "type": "expression",
+        "expression": "w * x + 1",
+        "params": {"w": {"value": [1.0]}},
+        "dtype": "float64",
+    },
+    "loss": "squared",
+    "optimizer": {"type": "sgd", "lr": 0.1},
+    "batch": {"x": 1, "y": 3},
+}
+
+
+@pytest.fixture
+def seed_step() -> dict[str, Any]:
+    """The notebook's first step, as API.md's curl sends it (a fresh copy per test)."""
+    return copy.deepcopy(SEED_STEP)
+
+
+@pytest.fixture(scope="session")
+def app_settings() -> Settings:
+    return Settings(compute_threads=2, queue_size=16)
+
+
+@pytest.fixture(scope="session")
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(app_settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def assert_problem(response: Any, status: int | None = None) -> dict[str, Any]:
+    """A problem+json body with the RFC 9457 members; returns it."""
+    if status is not None:
+        assert response.status_code == status, response.text
+    assert 400 <= response.status_code < 600
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    body: dict[str, Any] = response.json()
+    for key in ("type", "title", "status", "detail"):
+        assert key in body, body
+    assert body["status"] == response.status_code
+    return body
