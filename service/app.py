@@ -67,10 +67,15 @@ def _add_problem_schema(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = original()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["Problem"] = problems.Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            components["Problem"] = problems.Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
             defs = components["Problem"].pop("$defs", {})
             components.update(defs)
-            components.setdefault("DType", {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]})
+            components.setdefault(
+                "DType",
+                {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from service.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradsvc", description="A REST gradient-computation service.")
+    parser = argparse.ArgumentParser(
+        prog="gradsvc", description="A REST gradient-computation service."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service (embedded defaults: 127.0.0.1:8000)")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "GRADSVC_" + name.upper()
         kind: Any = field.annotation if field.annotation in (int, str, float) else str
-        serve.add_argument(flag, dest=name, type=kind, default=None, help=f"{field.description} [{env}]")
+        serve.add_argument(
+            flag, dest=name, type=kind, default=None, help=f"{field.description} [{env}]"
+        )
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--output", "-o", help="write it to this file instead")
     return parser
@@ -33,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "openapi":
         return _openapi(args.output)
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    overrides = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
     settings = Settings(**overrides)
     return _serve(settings)
 
@@ -55,11 +63,21 @@ def _serve(settings: Settings) -> int:
 
     from service.app import create_app
 
-    uvicorn.run(
+    class Server(uvicorn.Server):
+        """SIGTERM is the ordinary way to stop a service: drain, then exit 0. (uvicorn would
+        re-raise the signal after its graceful shutdown, so the exit status said "killed".)"""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
+    Server(config).run()
     return 0

@@ -28,13 +28,27 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         default=64, ge=1, description="computations waiting at most; beyond it: 503 + Retry-After"
     )
-    max_tensor_elements: int = Field(default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor")
-    max_model_elements: int = Field(default=_DEFAULT.model_elements, ge=1, description="parameters in one model")
-    max_expression_length: int = Field(default=_DEFAULT.expression_length, ge=1, description="characters of an expression")
-    max_expression_depth: int = Field(default=_DEFAULT.expression_depth, ge=1, le=200, description="nesting of an expression")
-    max_expression_nodes: int = Field(default=_DEFAULT.expression_nodes, ge=1, description="nodes of an expression")
-    max_layers: int = Field(default=_DEFAULT.layers, ge=1, description="layers of a sequential model")
-    max_layer_width: int = Field(default=_DEFAULT.layer_width, ge=1, description="features of a linear layer")
+    max_tensor_elements: int = Field(
+        default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor"
+    )
+    max_model_elements: int = Field(
+        default=_DEFAULT.model_elements, ge=1, description="parameters in one model"
+    )
+    max_expression_length: int = Field(
+        default=_DEFAULT.expression_length, ge=1, description="characters of an expression"
+    )
+    max_expression_depth: int = Field(
+        default=_DEFAULT.expression_depth, ge=1, le=200, description="nesting of an expression"
+    )
+    max_expression_nodes: int = Field(
+        default=_DEFAULT.expression_nodes, ge=1, description="nodes of an expression"
+    )
+    max_layers: int = Field(
+        default=_DEFAULT.layers, ge=1, description="layers of a sequential model"
+    )
+    max_layer_width: int = Field(
+        default=_DEFAULT.layer_width, ge=1, description="features of a linear layer"
+    )
 
     def limits(self) -> Limits:
         return Limits(

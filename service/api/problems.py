@@ -69,7 +69,12 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     raw = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in raw):
         ctx = raw[0].get("ctx") or {}
-        return problem(400, "malformed-json", "Malformed JSON", f"the body is not valid JSON: {ctx.get('error', 'parse error')}")
+        return problem(
+            400,
+            "malformed-json",
+            "Malformed JSON",
+            f"the body is not valid JSON: {ctx.get('error', 'parse error')}",
+        )
     # No "input": it can be large, and it is the client's own data.
     errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in raw[:50]]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
@@ -91,7 +96,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if status == 405:
         allowed = allowed_methods(request)
         headers["Allow"] = ", ".join(allowed)
-        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        detail = (
+            f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        )
     slug = phrase.lower().replace(" ", "-")
     return problem(status, slug, phrase, detail, headers=headers or None)
 
@@ -107,7 +114,9 @@ def allowed_methods(request: Request) -> list[str]:
     return [
         method
         for method in _METHODS
-        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
     ]
 
 
@@ -130,5 +139,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
         if status in (429, 503):
-            out[status]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+            out[status]["headers"] = {
+                "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}
+            }
     return out

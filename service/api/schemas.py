@@ -67,7 +67,13 @@ STEP_EXAMPLES = {
     ),
     "explain": _example(
         "The first step, with the chain rule shown",
-        {"model": SEED_MODEL, "loss": "squared", "optimizer": _SGD, "batch": {"x": 1, "y": 3}, "explain": True},
+        {
+            "model": SEED_MODEL,
+            "loss": "squared",
+            "optimizer": _SGD,
+            "batch": {"x": 1, "y": 3},
+            "explain": True,
+        },
     ),
     "mlp": _example(
         "A small MLP, Adam, a batch of two",
@@ -98,7 +104,9 @@ GRADIENTS_EXAMPLES = {
     ),
 }
 FORWARD_EXAMPLES = {
-    "seed": _example("The notebook's prediction at w = 1: ŷ = 2", {"model": SEED_MODEL, "batch": {"x": 1}}),
+    "seed": _example(
+        "The notebook's prediction at w = 1: ŷ = 2", {"model": SEED_MODEL, "batch": {"x": 1}}
+    ),
     "batch": _example(
         "Three samples at once",
         {"model": SEED_MODEL, "batch": {"x": [1, 2, 3]}},

@@ -51,8 +51,8 @@ FUNCTIONS: dict[str, Fn] = {
 }
 NOT_ELEMENTWISE = frozenset({"matmul", "sum", "mean"})
 _OPS: dict[str, Fn] = {
-    **{op: fn for op, fn in BINARY.values()},
-    **{op: fn for op, fn in UNARY.values()},
+    **dict(BINARY.values()),
+    **dict(UNARY.values()),
     **FUNCTIONS,
 }
 

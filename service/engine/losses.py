@@ -81,7 +81,8 @@ def _check_classes(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         expected = out.shape[:-1]
         if y.shape != expected:
             raise ShapeError(
-                f"class targets must have shape {list(expected)} for outputs of shape {list(out.shape)}",
+                f"class targets must have shape {list(expected)} "
+                f"for outputs of shape {list(out.shape)}",
                 loc=("batch", "y"),
             )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):

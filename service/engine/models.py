@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from service.engine.trace import Tracer, elementwise_locals
 from service.errors import GradsvcError, InvalidInput, ShapeError, SpecError, TensorError
 
 Inputs = dict[str, torch.Tensor]
+L = TypeVar("L", bound=nn.Linear)
 
 
 class ExpressionModule(nn.Module):
@@ -81,7 +82,7 @@ class TracedSequential(nn.Sequential):
 
     ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU)
 
-    def forward(self, x: torch.Tensor, tracer: Tracer | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, tracer: Tracer | None = None) -> torch.Tensor:
         previous = "x"
         for name, layer in self.named_children():
             out = layer(x)
@@ -99,7 +100,7 @@ class TracedSequential(nn.Sequential):
 
 
 class TracedLinear(nn.Linear):
-    def forward(self, x: torch.Tensor, tracer: Tracer | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, tracer: Tracer | None = None) -> torch.Tensor:
         out = super().forward(x)
         if tracer is not None:
             names = ["x"]
@@ -154,7 +155,8 @@ class Model:
                 if unknown:
                     parts.append(f"unknown input(s) {', '.join(sorted(unknown))}")
                 raise ShapeError(
-                    f"{'; '.join(parts)}; the model's inputs are {', '.join(self.inputs) or 'none'}",
+                    f"{'; '.join(parts)}; "
+                    f"the model's inputs are {', '.join(self.inputs) or 'none'}",
                     loc=("batch", "x"),
                 )
             return {
@@ -251,11 +253,10 @@ def _build_expression(spec: specs.ExpressionModel, limits: Limits) -> Model:
             raise SpecError(
                 "an expression parameter needs 'value', or 'shape' and 'init'", loc=("params", name)
             )
-        shape = pspec.shape if pspec.shape is not None else None
-        total += math.prod(shape) if shape is not None else 0
-        _check_model_size(total, limits)
-        params[name] = _initial(pspec, shape, dtype, generator, limits, name)
-        total += params[name].numel() if shape is None else 0
+        if pspec.shape is not None:  # before allocating it
+            _check_model_size(total + math.prod(pspec.shape), limits)
+        params[name] = _initial(pspec, pspec.shape, dtype, generator, limits, name)
+        total += params[name].numel()
         _check_model_size(total, limits)
     inputs = tuple(n for n in expression.names if n not in params)
     return Model(spec, ExpressionModule(expression, params), dtype, inputs)
@@ -265,9 +266,9 @@ def _build_linear(spec: specs.LinearModel, limits: Limits) -> Model:
     _check_width(spec.in_features, spec.out_features, limits, ())
     _check_model_size(_linear_size(spec), limits)
     dtype = DTYPES[spec.dtype]
-    module = torch.nn.utils.skip_init(
-        TracedLinear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype
-    )
+    module = TracedLinear(
+        spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device="meta"
+    ).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(spec.seed)
     _reset(module, generator)
     _apply_params(module, spec.params, dtype, generator, limits)
@@ -319,12 +320,16 @@ def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
     return Model(spec, module, dtype, ("x",), in_features=in_features)
 
 
+def _uninitialised(cls: type[L], spec: specs.LinearLayer, dtype: torch.dtype) -> L:
+    """A linear layer with memory but no values yet: ``_reset`` draws them from the seed."""
+    layer = cls(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device="meta")
+    return layer.to_empty(device="cpu")
+
+
 def _layer_module(layer: Any, dtype: torch.dtype) -> nn.Module:
     match layer:
         case specs.LinearLayer():
-            return torch.nn.utils.skip_init(
-                nn.Linear, layer.in_features, layer.out_features, bias=layer.bias, dtype=dtype
-            )
+            return _uninitialised(nn.Linear, layer, dtype)
         case specs.Activation(type="relu"):
             return nn.ReLU()
         case specs.Activation(type="tanh"):
@@ -381,7 +386,8 @@ def _apply_params(
         value = _initial(pspec, list(target.shape), dtype, generator, limits, name)
         if value.shape != target.shape:
             raise SpecError(
-                f"value for {name} has shape {list(value.shape)}; the parameter's shape is {list(target.shape)}",
+                f"value for {name} has shape {list(value.shape)}; "
+                f"the parameter's shape is {list(target.shape)}",
                 loc=("params", name, "value"),
             )
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from service.engine import losses, models, optimizers, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import encode
-from service.engine.trace import Tracer, TraceNode
+from service.engine.trace import TraceNode, Tracer
 from service.errors import NonFinite
 
 Kind = Literal["forward", "gradients", "step"]
@@ -82,7 +82,7 @@ def gradients(
             tracer.record("loss", loss_spec.type, [out_name, "y"], loss)
             tracer.backward(loss)
         if loss.requires_grad:
-            loss.backward()
+            torch.autograd.backward(loss)
     grads = {
         n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
         for n, p in trainable.items()
@@ -146,7 +146,10 @@ def _clone(value: Any) -> Any:
 def _total_norm(grads: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    )
+    return norm
 
 
 def _check_finite(what: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,79 @@
+"""The load generator: a fixed number of concurrent async httpx clients, bounded in requests
+and in time, against 127.0.0.1 only.
+
+Bodies are encoded once, before timing, so that the driver's own cost per request is the HTTP
+round trip and reading the answer. The driver shares this machine's cores with the server:
+a fast server is partly measured through the driver, so compare rows, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from bench.stats import Stats
+
+LOOPBACK = "127.0.0.1"
+HEADERS = {"content-type": "application/json"}
+
+
+def check_loopback(url: str) -> None:
+    host = httpx.URL(url).host
+    if host != LOOPBACK:
+        raise ValueError(f"the benchmark targets {LOOPBACK} only, not {host!r}")
+
+
+async def load(
+    url: str,
+    body: bytes,
+    *,
+    clients: int,
+    max_requests: int,
+    seconds: float,
+    warmup: int = 1,
+    timeout: float = 60.0,
+) -> Stats:
+    """POST ``body`` to ``url`` from ``clients`` concurrent clients until ``max_requests``
+    have been sent or ``seconds`` have passed; a non-200 answer or a transport error counts
+    as an error. Each client first sends ``warmup`` untimed requests."""
+    check_loopback(url)
+    stats = Stats()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(trust_env=False, timeout=timeout, limits=limits) as client:
+
+        async def send(record: bool) -> None:
+            started = time.perf_counter()
+            try:
+                response = await client.post(url, content=body, headers=HEADERS)
+            except httpx.HTTPError as exc:
+                if record:
+                    stats.error(f"{type(exc).__name__}: {exc}")
+                return
+            if not record:
+                return
+            if response.status_code == 200:
+                stats.latencies.append(time.perf_counter() - started)
+            else:
+                stats.error(f"HTTP {response.status_code}: {response.text}")
+
+        async def warm() -> None:
+            for _ in range(warmup):
+                await send(record=False)
+
+        await asyncio.gather(*(warm() for _ in range(clients)))
+        budget = max_requests
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            nonlocal budget
+            while budget > 0 and time.perf_counter() < deadline:
+                budget -= 1
+                await send(record=True)
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        stats.elapsed = time.perf_counter() - start
+    return stats
+

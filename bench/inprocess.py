@@ -1,0 +1,46 @@
+"""The in-process limits: the same step in a plain Python loop, with no HTTP.
+
+- ``engine``: the service's own engine on the parsed body, validate then run, as a worker
+  does (no JSON parsing or rendering, no event loop, no thread hop);
+- ``torch``: the workload's raw torch step on tensors already built, nothing encoded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from bench.stats import Stats
+from bench.workloads import Workload
+from service.engine.specs import StepRequest
+from service.engine.step import run
+
+
+def loop(step: Callable[[], object], *, seconds: float, iterations: int, warmup: int = 2) -> Stats:
+    """Call ``step`` one at a time until ``iterations`` calls or ``seconds`` have passed."""
+    for _ in range(warmup):
+        step()
+    stats = Stats()
+    start = time.perf_counter()
+    deadline = start + seconds
+    while stats.ok < iterations and time.perf_counter() < deadline:
+        began = time.perf_counter()
+        step()
+        stats.latencies.append(time.perf_counter() - began)
+    stats.elapsed = time.perf_counter() - start
+    return stats
+
+
+def engine_step(workload: Workload) -> Callable[[], object]:
+    body = workload.body
+
+    def step() -> object:
+        return run("step", StepRequest.model_validate(body))
+
+    return step
+
+
+LOOPS: dict[str, Callable[[Workload], Callable[[], object]]] = {
+    "engine": engine_step,
+    "torch": lambda workload: workload.torch_step,
+}

@@ -1,0 +1,141 @@
+"""The HTTP targets, each run as a real uvicorn subprocess on a free 127.0.0.1 port.
+
+``running(target)`` starts one, waits until it answers its readiness path, yields its base
+URL, and terminates it (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.config import ROOT
+from bench.driver import LOOPBACK
+from bench.workloads import Workload
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    summary: str
+    command: Callable[[int], list[str]]
+    ready_path: str
+    accepts: Callable[[Workload], bool]
+    checked: bool = True
+    """Its answers must be the workload's answer (the floor's constant is not)."""
+
+
+def _uvicorn(app: str) -> Callable[[int], list[str]]:
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable,
+            *("-m", "uvicorn", app, "--host", LOOPBACK, "--port", str(port)),
+            *("--log-level", "warning", "--no-access-log"),
+        ]
+
+    return command
+
+
+def _gradsvc(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("gradsvc")
+    entry = [str(script)] if script.exists() else [sys.executable, "-m", "service"]
+    return [*entry, "serve", "--host", LOOPBACK, "--port", str(port), "--log-level", "warning"]
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        name="floor",
+        summary="`bench/floor.py` under uvicorn: reads the body, answers a constant",
+        command=_uvicorn("bench.floor:app"),
+        ready_path="/healthz",
+        accepts=lambda workload: True,
+        checked=False,
+    ),
+    Target(
+        name="peer",
+        summary="`bench/naive_peer.py` under uvicorn: the endpoint a user would write",
+        command=_uvicorn("bench.naive_peer:app"),
+        ready_path="/healthz",
+        accepts=lambda workload: workload.list_only,
+    ),
+    Target(
+        name="service",
+        summary="`gradsvc serve` with its defaults (compute threads: min(4, cores))",
+        command=_gradsvc,
+        ready_path="/readyz",
+        accepts=lambda workload: True,
+    ),
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerError(f"exited with {process.returncode}:\n{_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return
+            time.sleep(0.1)
+    raise ServerError(f"not ready after {timeout:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> int:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@contextlib.contextmanager
+def running(target: Target, *, timeout: float = 90.0) -> Iterator[str]:
+    """Start ``target`` on a free loopback port; yield ``http://127.0.0.1:PORT``."""
+    port = free_port()
+    base = f"http://{LOOPBACK}:{port}"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        log = Path(tmp) / f"{target.name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                target.command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+            try:
+                try:
+                    _wait_ready(process, base + target.ready_path, timeout, log)
+                except ServerError as exc:
+                    raise ServerError(f"{target.name}: {exc}") from None
+                yield base
+            finally:
+                code = _stop(process)
+        if code not in (0, -15):
+            print(f"warning: {target.name} exited with {code}:\n{_tail(log)}", file=sys.stderr)

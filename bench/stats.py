@@ -1,0 +1,46 @@
+"""What one measured row yields: completed requests, errors, wall time, latencies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per successful request (or loop iteration)."""
+    errors: int = 0
+    elapsed: float = 0.0
+    """Wall seconds from the first timed request to the last answer."""
+    first_error: str | None = None
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        """Successful requests per second."""
+        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        """The nearest-rank ``q`` quantile (0 < q <= 1) of the latencies, in milliseconds."""
+        if not self.latencies:
+            return math.nan
+        ordered = sorted(self.latencies)
+        rank = max(1, math.ceil(q * len(ordered)))
+        return 1000.0 * ordered[rank - 1]
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentile_ms(0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile_ms(0.99)
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = message[:300]
