@@ -76,4 +76,3 @@ async def load(
         await asyncio.gather(*(worker() for _ in range(clients)))
         stats.elapsed = time.perf_counter() - start
     return stats
-

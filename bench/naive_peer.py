@@ -50,7 +50,9 @@ def step(body: dict[str, Any]) -> dict[str, Any]:
         raise HTTPException(422, "only 'w * x + 1' and sequential models")
     out = forward(x)
     loss = (
-        0.5 * ((out - y) ** 2).mean() if body["loss"] == "squared" else nn.functional.mse_loss(out, y)
+        0.5 * ((out - y) ** 2).mean()
+        if body["loss"] == "squared"
+        else nn.functional.mse_loss(out, y)
     )
     loss.backward()
     torch.optim.SGD(params.values(), lr=body["optimizer"]["lr"]).step()

@@ -134,7 +134,7 @@ def mlp(encoding: str) -> Workload:
     else:
         body["batch"] = {"x": _b64(x), "y": _b64(y)}
         body["encoding"] = "b64"
-        summary = f"{shape}; tensors as b64 both ways (`\"encoding\": \"b64\"`)"
+        summary = f'{shape}; tensors as b64 both ways (`"encoding": "b64"`)'
     return Workload(
         name=f"mlp-{encoding}",
         summary=summary,

@@ -1,0 +1,95 @@
+"""docs/benchmarks.md: one run's figures, with what each row and ratio means."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bench import report
+from bench.config import Config
+from bench.servers import Target
+from bench.workloads import Workload
+
+CAUTION = """\
+**Only the ratios are to be trusted.** These figures come from one run on a shared machine:
+absolute requests per second and milliseconds move from run to run (neighbours, CPU
+frequency, the load generator sharing the same cores as the server), so compare rows of the
+same run with each other, never with another run or another machine."""
+
+RATIOS = """\
+- **service / floor**: the service's throughput as a fraction of what bare HTTP (uvicorn +
+  FastAPI returning a constant, body read) reaches under the same driver.
+- **service / peer**: above 1×, the service serves more steps per second than the naive
+  endpoint a user would write; below 1×, fewer.
+- **engine / service**: steps per second of the engine in a plain loop over steps per second
+  through HTTP: the cost of HTTP, JSON parsing and rendering, and the hop to a compute thread
+  (1× would be no overhead).
+- **torch / engine**: the engine's own cost over raw torch: validation, building the model
+  from its spec, decoding and checking tensors, encoding the answer."""
+
+CAVEATS = """\
+- The driver (async httpx, bodies encoded once beforehand) runs on the same cores as the
+  server; where the server is fast (the floor, the seed), part of what is measured is the
+  driver, which caps the floor and so flatters `service / floor`.
+- HTTP p50 and p99 are what a client sees with all clients in flight, queueing included; the
+  in-process rows run one call at a time. The slow rows (the MLP in list form) complete few
+  requests, so their p99 is close to their maximum.
+- The in-process loops run in the benchmark's own process with torch's default threads; the
+  service shares the cores between its compute threads."""
+
+
+def render(
+    config: Config,
+    machine: dict[str, str],
+    workloads: Sequence[Workload],
+    targets: Sequence[Target],
+    results: report.Results,
+    stages: dict[str, dict[str, float]],
+) -> str:
+    rows = [report.Row(t.name, "HTTP", t.summary) for t in targets] + list(report.IN_PROCESS)
+    load = (
+        f"{config.clients} concurrent clients (async httpx), at most {config.seconds:g} s or "
+        f"{config.max_requests} requests per HTTP row after {config.warmup} untimed request "
+        f"per client; in-process loops at most {config.loop_seconds:g} s or "
+        f"{config.loop_iterations} calls"
+    )
+    parts = [
+        "# Benchmarks",
+        f"Written by `make bench` (`.venv/bin/python -m bench`) on {machine['date']}; "
+        "regenerate it rather than edit it."
+        + (" **Quick mode (`BENCH_QUICK=1`): smoke figures only.**" if config.quick else ""),
+        CAUTION,
+        "## Reproduce",
+        "    make bench                                # about 2-3 minutes; rewrites this file\n"
+        "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT",
+        "Knobs: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` (per HTTP row, default 8), "
+        "`BENCH_OUT` (report path). Every server listens on 127.0.0.1 only, on a free port, "
+        "as a real uvicorn process that is started, waited for, loaded and terminated.",
+        "## Machine and load",
+        "\n".join(f"- {key}: {value}" for key, value in machine.items()) + f"\n- load: {load}",
+        "## Ratios (throughput, same run)",
+        report.ratios_table(workloads, results),
+        RATIOS,
+        "## Results",
+        report.results_table(workloads, results, rows),
+    ]
+    errors = report.errors_text(results)
+    if errors:
+        parts += ["Errors:", errors]
+    parts += [
+        "## Where a service request's time goes",
+        "Each stage of one request timed on its own in this process (median): the body parsed "
+        "as FastAPI parses it (standard-library `json`, on the event loop), validated, run "
+        "(build, decode, compute, encode; on a compute thread), rendered (orjson). "
+        "`parse (orjson)` is for comparison only: the service does not use it for requests.",
+        report.breakdown_table(workloads, stages),
+        "## Rows",
+        "\n".join(f"- **{row.name}** ({row.kind}): {row.summary}." for row in rows),
+        "## Workloads",
+        "\n".join(f"- **{w.name}**: {w.summary}." for w in workloads)
+        + "\n\nEvery answer from the peer and the service is checked against the engine's loss "
+        "for the same body before the row is loaded. The peer reads JSON lists only, as a "
+        "naive endpoint does, so it has no b64 row.",
+        "## Caveats",
+        CAVEATS,
+    ]
+    return "\n\n".join(parts) + "\n"

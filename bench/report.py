@@ -1,0 +1,192 @@
+"""Tables for the terminal and docs/benchmarks.md, from one run's measurements."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+
+import torch
+
+from bench.config import ROOT
+from bench.stats import Stats
+from bench.workloads import Workload
+
+Results = dict[tuple[str, str], Stats]
+"""(workload name, row name) -> stats; rows are the targets' names, "engine" and "torch"."""
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str
+    summary: str
+
+
+IN_PROCESS: tuple[Row, ...] = (
+    Row(
+        "engine",
+        "in-process",
+        "`service.engine.step.run` on `StepRequest.model_validate(body)` in a Python loop, one "
+        "call at a time: the service's work without HTTP, JSON parsing or rendering",
+    ),
+    Row(
+        "torch",
+        "in-process",
+        "the same math in raw torch (fresh parameters, forward, loss, backward, SGD step) on "
+        "tensors already built, nothing decoded or encoded",
+    ),
+)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown pipe table, padded so that it also reads well in a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "| " + " | ".join("-" * (w - 1) + (":" if i else "-") for i, w in enumerate(widths)) + " |"
+    )
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _num(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(top: Stats | None, bottom: Stats | None) -> str:
+    if top is None or bottom is None or bottom.rate == 0 or top.rate == 0:
+        return "–"
+    return f"{top.rate / bottom.rate:.2f}×"
+
+
+def results_table(workloads: Sequence[Workload], results: Results, rows: Sequence[Row]) -> str:
+    headers = ["workload", "row", "kind", "req/s", "p50 ms", "p99 ms", "n", "errors"]
+    body = []
+    for workload in workloads:
+        for row in rows:
+            stats = results.get((workload.name, row.name))
+            if stats is None:
+                continue
+            body.append(
+                [
+                    workload.name,
+                    row.name,
+                    row.kind,
+                    _num(stats.rate),
+                    _num(stats.p50_ms),
+                    _num(stats.p99_ms),
+                    str(stats.ok),
+                    str(stats.errors),
+                ]
+            )
+    return table(headers, body)
+
+
+RATIO_HEADERS = (
+    "workload",
+    "service / floor",
+    "service / peer",
+    "engine / service",
+    "torch / engine",
+)
+
+
+def ratios_table(workloads: Sequence[Workload], results: Results) -> str:
+    body = []
+    for workload in workloads:
+        get = results.get
+        name = workload.name
+        body.append(
+            [
+                name,
+                _ratio(get((name, "service")), get((name, "floor"))),
+                _ratio(get((name, "service")), get((name, "peer"))),
+                _ratio(get((name, "engine")), get((name, "service"))),
+                _ratio(get((name, "torch")), get((name, "engine"))),
+            ]
+        )
+    return table(RATIO_HEADERS, body)
+
+
+def breakdown_table(workloads: Sequence[Workload], stages: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(stages.values())))
+    body = [[w.name, *(_num(stages[w.name][s]) for s in names)] for w in workloads]
+    return table(["workload (median ms)", *names], body)
+
+
+def errors_text(results: Results) -> str:
+    lines = [
+        f"- {workload} / {row}: {stats.errors} errors; first: {stats.first_error}"
+        for (workload, row), stats in results.items()
+        if stats.errors
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    info = {
+        "cores": str(os.cpu_count()),
+        "cpu": _cpu_model() or platform.processor() or "unknown",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads by default)",
+    }
+    for package in ("fastapi", "uvicorn", "httpx", "pydantic"):
+        info[package] = metadata.version(package)
+    commit = _git_commit()
+    if commit:
+        info["commit"] = commit
+    info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    )
+    return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
