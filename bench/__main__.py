@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
 import httpx
+import torch
 
 from bench import breakdown, document, inprocess, report
 from bench.config import Config
 from bench.driver import HEADERS, check_loopback, load
-from bench.servers import TARGETS, Target, running
+from bench.servers import TARGETS, Server, ServerError, Target, running
 from bench.stats import Stats
 from bench.workloads import Workload, build_all
+
+Servers = dict[str, Server | str]
+"""Target name -> the running server, or why it did not start."""
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class WrongAnswer(RuntimeError):
+    pass
 
 
 def verify(base: str, workload: Workload) -> None:
@@ -28,51 +37,80 @@ def verify(base: str, workload: Workload) -> None:
         url, content=workload.raw, headers=HEADERS, timeout=120.0, trust_env=False
     )
     if response.status_code != 200:
-        raise SystemExit(f"{url} {workload.name}: HTTP {response.status_code}: {response.text}")
+        raise WrongAnswer(f"HTTP {response.status_code}: {response.text[:300]}")
     problem = workload.check(response.json())
     if problem:
-        raise SystemExit(f"{url} {workload.name}: wrong answer: {problem}")
+        raise WrongAnswer(f"wrong answer: {problem}")
 
 
-def measure_target(config: Config, target: Target, workloads: list[Workload]) -> report.Results:
+def start_all(stack: contextlib.ExitStack) -> Servers:
+    """Every target, started side by side (idle ones cost nothing), so that a workload's rows
+    are measured one right after the other. A target that does not start gets an error in
+    its rows instead of figures."""
+    servers: Servers = {}
+    for target in TARGETS:
+        log(f"{target.name}: starting")
+        try:
+            servers[target.name] = stack.enter_context(running(target))
+        except ServerError as exc:
+            log(str(exc))
+            servers[target.name] = str(exc)
+    return servers
+
+
+def measure_workload(
+    config: Config, workload: Workload, servers: Servers
+) -> tuple[report.Results, dict[str, float]]:
+    """The workload's HTTP rows, back to back, then its in-process loops and breakdown."""
     results: report.Results = {}
-    chosen = [w for w in workloads if target.accepts(w)]
-    log(f"{target.name}: starting")
-    with running(target) as base:
-        for workload in chosen:
-            if target.checked:
-                verify(base, workload)
-            stats = asyncio.run(
-                load(
-                    base + workload.path,
-                    workload.raw,
-                    clients=config.clients,
-                    max_requests=config.max_requests,
-                    seconds=config.seconds,
-                    warmup=config.warmup,
-                )
-            )
-            results[(workload.name, target.name)] = stats
-            log(f"  {workload.name}: {_line(stats)}")
-    return results
+    for target in TARGETS:
+        if not target.accepts(workload):
+            continue
+        server = servers[target.name]
+        if isinstance(server, str):
+            stats = Stats()
+            stats.error(server)
+        else:
+            stats = measure_row(config, target, server, workload)
+        results[(workload.name, target.name)] = stats
+    for name, make in inprocess.LOOPS.items():
+        stats = inprocess.loop(
+            make(workload), seconds=config.loop_seconds, iterations=config.loop_iterations
+        )
+        results[(workload.name, name)] = stats
+        log(f"  {workload.name} {name}: {_line(stats)}")
+    stages = breakdown.stages(workload, seconds=0.3 if config.quick else 1.5)
+    return results, stages
 
 
-def measure_in_process(config: Config, workloads: list[Workload]) -> report.Results:
-    results: report.Results = {}
-    for workload in workloads:
-        for name, make in inprocess.LOOPS.items():
-            stats = inprocess.loop(
-                make(workload), seconds=config.loop_seconds, iterations=config.loop_iterations
-            )
-            results[(workload.name, name)] = stats
-            log(f"{name}: {workload.name}: {_line(stats)}")
-    return results
+def measure_row(config: Config, target: Target, server: Server, workload: Workload) -> Stats:
+    if target.checked:
+        try:
+            verify(server.base, workload)
+        except (WrongAnswer, httpx.HTTPError) as exc:
+            stats = Stats()
+            stats.error(f"{target.name} {workload.name}: {exc}")
+            log(f"  {workload.name} {target.name}: {stats.first_error}")
+            return stats
+    stats = asyncio.run(
+        load(
+            server.base + workload.path,
+            workload.raw,
+            clients=config.clients,
+            max_requests=config.max_requests,
+            seconds=config.seconds,
+            warmup=config.warmup,
+            server_cpu=server.cpu_seconds,
+        )
+    )
+    log(f"  {workload.name} {target.name}: {_line(stats)}")
+    return stats
 
 
 def _line(stats: Stats) -> str:
     return (
         f"{stats.rate:.1f}/s, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms, "
-        f"n={stats.ok}, errors={stats.errors}"
+        f"CPU {stats.cpu_ms:.2f} ms/req, n={stats.ok}, errors={stats.errors}"
     )
 
 
@@ -80,14 +118,20 @@ def main() -> int:
     started = time.monotonic()
     config = Config.from_env()
     log(f"bench: {'quick' if config.quick else 'full'} run, {config.clients} clients")
+    torch.set_num_threads(inprocess.service_torch_threads())
     workloads = build_all()
-    results = measure_in_process(config, workloads)
-    stage_seconds = 0.3 if config.quick else 1.5
-    stages = {w.name: breakdown.stages(w, seconds=stage_seconds) for w in workloads}
-    for target in TARGETS:
-        results |= measure_target(config, target, workloads)
+    results: report.Results = {}
+    stages: dict[str, dict[str, float]] = {}
+    with contextlib.ExitStack() as stack:
+        servers = start_all(stack)
+        for workload in workloads:
+            log(f"{workload.name}:")
+            results_w, stages[workload.name] = measure_workload(config, workload, servers)
+            results |= results_w
     rows = [report.Row(t.name, "HTTP", t.summary) for t in TARGETS] + list(report.IN_PROCESS)
     print(report.ratios_table(workloads, results))
+    print()
+    print(report.cpu_ratios_table(workloads, results))
     print()
     print(report.results_table(workloads, results, rows))
     print()

@@ -26,6 +26,13 @@ RATIOS = """\
 - **torch / engine**: the engine's own cost over raw torch: validation, building the model
   from its spec, decoding and checking tensors, encoding the answer."""
 
+CPU_RATIOS = """\
+The same comparisons in CPU time per request of the serving process (the server's user and
+system time from /proc, all its threads; for the loops, this process's), which neighbours
+disturb less than wall time. Each cell is how many times the second's CPU the first spends
+on one request: **service / engine** is what HTTP and JSON add, **engine / torch** what the
+engine adds over raw torch."""
+
 CAVEATS = """\
 - The driver (async httpx, bodies encoded once beforehand) runs on the same cores as the
   server; where the server is fast (the floor, the seed), part of what is measured is the
@@ -69,8 +76,13 @@ def render(
         "## Ratios (throughput, same run)",
         report.ratios_table(workloads, results),
         RATIOS,
+        "## Ratios (CPU per request, same run)",
+        report.cpu_ratios_table(workloads, results),
+        CPU_RATIOS,
         "## Results",
         report.results_table(workloads, results, rows),
+        "`CPU ms/req`: the serving process's CPU per request (server, or the loop's process); "
+        "`driver CPU ms/req`: the load generator's, which competes for the same cores.",
     ]
     errors = report.errors_text(results)
     if errors:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -34,10 +35,12 @@ async def load(
     seconds: float,
     warmup: int = 1,
     timeout: float = 60.0,
+    server_cpu: Callable[[], float] | None = None,
 ) -> Stats:
     """POST ``body`` to ``url`` from ``clients`` concurrent clients until ``max_requests``
     have been sent or ``seconds`` have passed; a non-200 answer or a transport error counts
-    as an error. Each client first sends ``warmup`` untimed requests."""
+    as an error. Each client first sends ``warmup`` untimed requests. ``server_cpu`` reads
+    the server's CPU seconds, so that the row can say what each request cost it."""
     check_loopback(url)
     stats = Stats()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -64,6 +67,8 @@ async def load(
 
         await asyncio.gather(*(warm() for _ in range(clients)))
         budget = max_requests
+        cpu_before = server_cpu() if server_cpu else float("nan")
+        driver_before = time.process_time()
         start = time.perf_counter()
         deadline = start + seconds
 
@@ -75,4 +80,6 @@ async def load(
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         stats.elapsed = time.perf_counter() - start
+        stats.driver_cpu = time.process_time() - driver_before
+        stats.cpu = (server_cpu() if server_cpu else float("nan")) - cpu_before
     return stats

@@ -3,17 +3,28 @@
 - ``engine``: the service's own engine on the parsed body, validate then run, as a worker
   does (no JSON parsing or rendering, no event loop, no thread hop);
 - ``torch``: the workload's raw torch step on tensors already built, nothing encoded.
+
+Both run with as many torch threads as each of the service's compute threads gets, so that a
+call does the same work in the same way as in the service.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 from bench.stats import Stats
 from bench.workloads import Workload
+from service.config import Settings
 from service.engine.specs import StepRequest
 from service.engine.step import run
+
+
+def service_torch_threads() -> int:
+    """Torch threads per compute thread of a default ``gradsvc serve``: the cores shared
+    between the compute threads, as ``service.workers.pool.ComputePool`` shares them."""
+    return max(1, (os.cpu_count() or 1) // Settings().compute_threads)
 
 
 def loop(step: Callable[[], object], *, seconds: float, iterations: int, warmup: int = 2) -> Stats:
@@ -21,6 +32,7 @@ def loop(step: Callable[[], object], *, seconds: float, iterations: int, warmup:
     for _ in range(warmup):
         step()
     stats = Stats()
+    cpu_before = time.process_time()
     start = time.perf_counter()
     deadline = start + seconds
     while stats.ok < iterations and time.perf_counter() < deadline:
@@ -28,6 +40,7 @@ def loop(step: Callable[[], object], *, seconds: float, iterations: int, warmup:
         step()
         stats.latencies.append(time.perf_counter() - began)
     stats.elapsed = time.perf_counter() - start
+    stats.cpu = time.process_time() - cpu_before
     return stats
 
 

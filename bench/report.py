@@ -71,14 +71,20 @@ def _num(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _ratio(top: Stats | None, bottom: Stats | None) -> str:
-    if top is None or bottom is None or bottom.rate == 0 or top.rate == 0:
+def _ratio(top: Stats | None, bottom: Stats | None, measure: str = "rate") -> str:
+    if top is None or bottom is None:
         return "–"
-    return f"{top.rate / bottom.rate:.2f}×"
+    a, b = getattr(top, measure), getattr(bottom, measure)
+    if not (a > 0 and b > 0):  # also NaN
+        return "–"
+    return f"{a / b:.2f}×"
 
 
 def results_table(workloads: Sequence[Workload], results: Results, rows: Sequence[Row]) -> str:
-    headers = ["workload", "row", "kind", "req/s", "p50 ms", "p99 ms", "n", "errors"]
+    headers = [
+        *("workload", "row", "kind", "req/s", "p50 ms", "p99 ms"),
+        *("CPU ms/req", "driver CPU ms/req", "n", "errors"),
+    ]
     body = []
     for workload in workloads:
         for row in rows:
@@ -93,6 +99,8 @@ def results_table(workloads: Sequence[Workload], results: Results, rows: Sequenc
                     _num(stats.rate),
                     _num(stats.p50_ms),
                     _num(stats.p99_ms),
+                    _num(stats.cpu_ms),
+                    _num(stats.driver_cpu_ms),
                     str(stats.ok),
                     str(stats.errors),
                 ]
@@ -100,30 +108,37 @@ def results_table(workloads: Sequence[Workload], results: Results, rows: Sequenc
     return table(headers, body)
 
 
-RATIO_HEADERS = (
-    "workload",
-    "service / floor",
-    "service / peer",
-    "engine / service",
-    "torch / engine",
-)
+RATE_PAIRS = (("service", "floor"), ("service", "peer"), ("engine", "service"), ("torch", "engine"))
+"""Requests per second, first over second."""
+CPU_PAIRS = (("service", "floor"), ("service", "peer"), ("service", "engine"), ("engine", "torch"))
+"""CPU milliseconds per request of the serving process, first over second."""
+
+
+def _pairs_table(
+    workloads: Sequence[Workload], results: Results, pairs: Sequence[tuple[str, str]], measure: str
+) -> str:
+    body = [
+        [
+            w.name,
+            *(
+                _ratio(results.get((w.name, a)), results.get((w.name, b)), measure)
+                for a, b in pairs
+            ),
+        ]
+        for w in workloads
+    ]
+    return table(["workload", *(f"{a} / {b}" for a, b in pairs)], body)
 
 
 def ratios_table(workloads: Sequence[Workload], results: Results) -> str:
-    body = []
-    for workload in workloads:
-        get = results.get
-        name = workload.name
-        body.append(
-            [
-                name,
-                _ratio(get((name, "service")), get((name, "floor"))),
-                _ratio(get((name, "service")), get((name, "peer"))),
-                _ratio(get((name, "engine")), get((name, "service"))),
-                _ratio(get((name, "torch")), get((name, "engine"))),
-            ]
-        )
-    return table(RATIO_HEADERS, body)
+    """Throughput: how many times as many requests per second the first serves."""
+    return _pairs_table(workloads, results, RATE_PAIRS, "rate")
+
+
+def cpu_ratios_table(workloads: Sequence[Workload], results: Results) -> str:
+    """CPU per request: how many times the second's CPU one request costs the first (the
+    serving process only; the driver's CPU is not counted)."""
+    return _pairs_table(workloads, results, CPU_PAIRS, "cpu_ms")
 
 
 def breakdown_table(workloads: Sequence[Workload], stages: dict[str, dict[str, float]]) -> str:
@@ -147,7 +162,7 @@ def machine() -> dict[str, str]:
         "cpu": _cpu_model() or platform.processor() or "unknown",
         "os": platform.platform(),
         "python": platform.python_version(),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads by default)",
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads in the loops)",
     }
     for package in ("fastapi", "uvicorn", "httpx", "pydantic"):
         info[package] = metadata.version(package)

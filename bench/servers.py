@@ -1,12 +1,14 @@
 """The HTTP targets, each run as a real uvicorn subprocess on a free 127.0.0.1 port.
 
-``running(target)`` starts one, waits until it answers its readiness path, yields its base
-URL, and terminates it (SIGTERM, then SIGKILL after a grace period).
+``running(target)`` starts one, waits until it answers its readiness path, yields a
+``Server`` (its base URL and a probe of its CPU time), and terminates it (SIGTERM, then
+SIGKILL after a grace period).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -39,7 +41,8 @@ def _uvicorn(app: str) -> Callable[[int], list[str]]:
     def command(port: int) -> list[str]:
         return [
             sys.executable,
-            *("-m", "uvicorn", app, "--host", LOOPBACK, "--port", str(port)),
+            *("-m", "uvicorn", app, "--app-dir", str(ROOT)),
+            *("--host", LOOPBACK, "--port", str(port)),
             *("--log-level", "warning", "--no-access-log"),
         ]
 
@@ -76,6 +79,24 @@ TARGETS: tuple[Target, ...] = (
         accepts=lambda workload: True,
     ),
 )
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str
+    """``http://127.0.0.1:PORT``"""
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server process so far (all its threads); NaN
+        where /proc cannot say."""
+        try:
+            with open(f"/proc/{self.pid}/stat", encoding="ascii") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return math.nan
+        # After the command name: state is field 3, utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -118,8 +139,9 @@ def _stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> int:
 
 
 @contextlib.contextmanager
-def running(target: Target, *, timeout: float = 90.0) -> Iterator[str]:
-    """Start ``target`` on a free loopback port; yield ``http://127.0.0.1:PORT``."""
+def running(target: Target, *, timeout: float = 90.0) -> Iterator[Server]:
+    """Start ``target`` on a free loopback port; yield it, ready. It runs in a scratch
+    directory, so that whatever it writes there (the service's default store) is removed."""
     port = free_port()
     base = f"http://{LOOPBACK}:{port}"
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -127,14 +149,14 @@ def running(target: Target, *, timeout: float = 90.0) -> Iterator[str]:
         log = Path(tmp) / f"{target.name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                target.command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                target.command(port), cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT
             )
             try:
                 try:
                     _wait_ready(process, base + target.ready_path, timeout, log)
                 except ServerError as exc:
                     raise ServerError(f"{target.name}: {exc}") from None
-                yield base
+                yield Server(base, process.pid)
             finally:
                 code = _stop(process)
         if code not in (0, -15):

@@ -1,4 +1,8 @@
-"""What one measured row yields: completed requests, errors, wall time, latencies."""
+"""What one measured row yields: completed requests, errors, wall time, latencies, and the
+CPU seconds spent by the process that served them and by the driver.
+
+CPU per request moves less than wall time when neighbours load a shared machine, so it is
+reported next to the rates."""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ class Stats:
     elapsed: float = 0.0
     """Wall seconds from the first timed request to the last answer."""
     first_error: str | None = None
+    cpu: float = math.nan
+    """CPU seconds of the serving process (the server, or this process for a loop)."""
+    driver_cpu: float = math.nan
+    """CPU seconds of the load generator (HTTP rows only)."""
 
     @property
     def ok(self) -> int:
@@ -23,6 +31,17 @@ class Stats:
     def rate(self) -> float:
         """Successful requests per second."""
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    def per_request_ms(self, seconds: float) -> float:
+        return 1000.0 * seconds / self.ok if self.ok else math.nan
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.per_request_ms(self.cpu)
+
+    @property
+    def driver_cpu_ms(self) -> float:
+        return self.per_request_ms(self.driver_cpu)
 
     def percentile_ms(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the latencies, in milliseconds."""

@@ -10,9 +10,13 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import docs, problems
-from service.api.routes import compute, ops
+from service.api.idempotency import InFlight
+from service.api.ordering import SessionLocks
+from service.api.routes import compute, ops, sessions
 from service.config import Settings
+from service.store import open_store
 from service.workers.pool import ComputePool
+from service.workers.sessions import Sessions
 
 DESCRIPTION = """\
 Forward passes, gradients and optimizer steps for small PyTorch models, over HTTP.
@@ -34,11 +38,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store = open_store(settings.store)
+        app.state.sessions = Sessions(app.state.store, app.state.limits)
         app.state.pool = ComputePool(settings.compute_threads, settings.queue_size)
+        app.state.locks = SessionLocks()
+        app.state.inflight = InFlight()
         try:
             yield
         finally:
             app.state.pool.close()
+            app.state.store.close()
 
     app = FastAPI(
         title="gradsvc",
@@ -53,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limits = settings.limits()
     problems.install(app)
     app.include_router(compute.router)
+    app.include_router(sessions.router)
     app.include_router(ops.router)
     docs.install(app)
     _add_problem_schema(app)

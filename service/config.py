@@ -21,6 +21,10 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
+    store: str = Field(
+        default="sqlite:///data/gradsvc.db",
+        description="sqlite:///path, memory:// or redis://host:port/db",
+    )
     log_level: str = Field(default="info", description="uvicorn's log level")
     compute_threads: int = Field(
         default_factory=_default_threads, ge=1, le=256, description="computations run at once"
@@ -30,6 +34,9 @@ class Settings(BaseSettings):
     )
     max_tensor_elements: int = Field(
         default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor"
+    )
+    max_activation_elements: int = Field(
+        default=_DEFAULT.activation_elements, ge=1, description="elements a model may compute"
     )
     max_model_elements: int = Field(
         default=_DEFAULT.model_elements, ge=1, description="parameters in one model"
@@ -54,6 +61,7 @@ class Settings(BaseSettings):
         return Limits(
             tensor_elements=self.max_tensor_elements,
             model_elements=self.max_model_elements,
+            activation_elements=self.max_activation_elements,
             expression_length=self.max_expression_length,
             expression_depth=self.max_expression_depth,
             expression_nodes=self.max_expression_nodes,

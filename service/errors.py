@@ -8,8 +8,11 @@
     │   ├── ExpressionError         (422 invalid-expression) grammar, limits, unknown names
     │   ├── SpecError               (422 invalid-spec)       models, layers, losses, optimizers
     │   ├── ShapeError              (422 shape-mismatch)     batch does not fit the model
-    │   └── NonFinite               (422 non-finite)         a result JSON cannot carry
-    ├── NotFound                    (404 not-found)
+    │   ├── NonFinite               (422 non-finite)         a result JSON cannot carry
+    │   └── KeyReused               (422 idempotency-key-reused)  same key, another request
+    ├── NotFound                    (404 not-found)          also: another key's session
+    ├── Conflict                    (409 conflict)           the same key still in flight
+    ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
     └── Unavailable                 (503 unavailable)        queue full or draining; Retry-After
 
 ``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
@@ -68,6 +71,23 @@ class ShapeError(InvalidInput):
 class NonFinite(InvalidInput):
     type = "non-finite"
     title = "Result is not finite"
+
+
+class KeyReused(InvalidInput):
+    type = "idempotency-key-reused"
+    title = "Idempotency-Key reused for another request"
+
+
+class Conflict(GradsvcError):
+    status = 409
+    type = "conflict"
+    title = "Conflict"
+
+
+class PreconditionFailed(GradsvcError):
+    status = 412
+    type = "precondition-failed"
+    title = "Precondition failed"
 
 
 class NotFound(GradsvcError):

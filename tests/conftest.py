@@ -32,8 +32,10 @@ def seed_step() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def app_settings() -> Settings:
-    return Settings(compute_threads=2, queue_size=16)
+def app_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A real SQLite file, as in production, in a temporary folder."""
+    db = tmp_path_factory.mktemp("store") / "gradsvc.db"
+    return Settings(compute_threads=2, queue_size=16, store=f"sqlite:///{db}")
 
 
 @pytest.fixture(scope="session")

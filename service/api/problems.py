@@ -100,6 +100,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
             f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
         )
     slug = phrase.lower().replace(" ", "-")
+    if status == 400 and "parsing the body" in str(exc.detail):
+        # FastAPI's word for a body that is not UTF-8 or nests too deep for the JSON parser.
+        slug, phrase, detail = "malformed-json", "Malformed JSON", "the body is not valid JSON"
     return problem(status, slug, phrase, detail, headers=headers or None)
 
 

@@ -112,3 +112,53 @@ FORWARD_EXAMPLES = {
         {"model": SEED_MODEL, "batch": {"x": [1, 2, 3]}},
     ),
 }
+
+
+class Session(BaseModel):
+    id: str
+    name: str | None
+    model: dict[str, Any]
+    loss: Any
+    optimizer: dict[str, Any]
+    device: str
+    step: int = Field(description="optimizer steps applied so far")
+    version: int = Field(description='moves on every change; the ETag is "<id>:<version>"')
+    params: dict[str, Tensor]
+    created_at: str
+    updated_at: str
+
+
+class SessionList(BaseModel):
+    items: list[Session]
+    next: str | None = Field(description="pass as ?cursor= for the next page; null at the end")
+
+
+class SessionStepResponse(StepResponse):
+    step: int = Field(description="the session's step after this one")
+
+
+class HistoryItem(BaseModel):
+    step: int
+    loss: float
+    grad_norm: float
+    at: str
+
+
+class History(BaseModel):
+    items: list[HistoryItem]
+    next: str | None
+
+
+SESSION_EXAMPLES = {
+    "seed": _example(
+        "The notebook's w, loss and optimizer",
+        {"model": SEED_MODEL, "loss": "squared", "optimizer": _SGD, "name": "notebook"},
+    ),
+}
+SESSION_STEP_EXAMPLES = {
+    "first": _example("The notebook's first sample (1, 3)", {"batch": {"x": 1, "y": 3}}),
+    "second": _example("The notebook's second sample (2, 5)", {"batch": {"x": 2, "y": 5}}),
+    "explain": _example(
+        "A sample, with the chain rule shown", {"batch": {"x": 1, "y": 3}, "explain": True}
+    ),
+}

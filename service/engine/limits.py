@@ -21,6 +21,8 @@ class Limits:
     """Layers of a sequential model."""
     layer_width: int = 16_384
     """``in_features``/``out_features`` of a linear layer; ``normalized_shape`` elements."""
+    activation_elements: int = 16_000_000
+    """Elements of any tensor a model computes (outputs and every intermediate value)."""
     tensor_dims: int = 8
     """Dimensions of any one tensor."""
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from service.engine import specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import decode
-from service.errors import GradsvcError, ShapeError
+from service.errors import GradsvcError, InvalidInput, ShapeError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,21 +76,21 @@ def _has_float_literal(y: Any) -> bool:
 
 
 def _check_classes(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    classes = out.shape[-1] if out.ndim >= 1 else 0
+    """torch's layout: outputs [C] or [N, C, d1, ...]; class targets [] or [N, d1, ...]."""
+    if out.ndim == 0:
+        raise ShapeError("cross_entropy needs one output per class; the model gives a number")
+    class_dim = 1 if out.ndim >= 2 else 0
+    classes = out.shape[class_dim]
     if y.dtype == torch.int64:
-        expected = out.shape[:-1]
+        expected = out.shape[:class_dim] + out.shape[class_dim + 1 :]
         if y.shape != expected:
             raise ShapeError(
                 f"class targets must have shape {list(expected)} "
-                f"for outputs of shape {list(out.shape)}",
-                loc=("batch", "y"),
+                f"for outputs of shape {list(out.shape)}"
             )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise ShapeError(f"class targets must lie in [0, {classes})", loc=("batch", "y"))
+            raise InvalidInput(f"class targets must lie in [0, {classes})")
         return y
     if y.shape != out.shape:
-        raise ShapeError(
-            f"probability targets must have the output's shape {list(out.shape)}",
-            loc=("batch", "y"),
-        )
+        raise ShapeError(f"probability targets must have the output's shape {list(out.shape)}")
     return y

@@ -29,9 +29,12 @@ L = TypeVar("L", bound=nn.Linear)
 class ExpressionModule(nn.Module):
     """Evaluates a parsed expression over its parameters and the batch's named inputs."""
 
-    def __init__(self, expression: Expression, params: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, expression: Expression, params: dict[str, torch.Tensor], limits: Limits
+    ) -> None:
         super().__init__()
         self.expression = expression
+        self.limits = limits
         self.param_names = tuple(params)
         for name, value in params.items():
             self.register_parameter(name, nn.Parameter(value))
@@ -64,6 +67,8 @@ class ExpressionModule(nn.Module):
                 tracer.leaf(node.text, "const", value)
         else:
             args = [self._eval(child, env, dtype, cache, tracer) for child in node.children]
+            if len(args) > 1:  # broadcasting and matmul can grow: measure before computing
+                _check_activation(node.apply(*(a.to("meta") for a in args)).shape, self.limits)
             value = node.apply(*args)
             if tracer is not None:
                 names = [child.text for child in node.children]
@@ -132,6 +137,9 @@ class Model:
     dtype: torch.dtype
     inputs: tuple[str, ...]
     in_features: int | None = None
+    widest: int = 1
+    """The most features any layer computes per row."""
+    limits: Limits = DEFAULT_LIMITS
 
     @property
     def has_dropout(self) -> bool:
@@ -186,6 +194,8 @@ class Model:
             x = inputs["x"]
             if self.in_features is not None:
                 x = self._features(x)
+            rows = x.numel() // max(1, x.shape[-1]) if x.ndim else 1
+            _check_activation((rows, self.widest), self.limits)
             return self.module(x, tracer)  # type: ignore[no-any-return]
         except GradsvcError:
             raise
@@ -207,6 +217,15 @@ class Model:
         return x
 
 
+def _check_activation(shape: tuple[int, ...] | torch.Size, limits: Limits) -> None:
+    numel = math.prod(shape)
+    if numel > limits.activation_elements:
+        raise ShapeError(
+            f"the model would compute a tensor of {numel} elements on this batch; "
+            f"the limit is {limits.activation_elements}"
+        )
+
+
 def _fit_batch(out: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     """Drop leading size-1 dimensions that come from parameters alone (w of shape [1] times a
     0-d x is one number, not a list of one), so the output has the batch's shape."""
@@ -226,6 +245,7 @@ def build(
         model = _BUILDERS[spec.type](spec, limits)
     except GradsvcError as exc:
         raise exc.at("model") from None
+    model.limits = limits
     names = model.named_parameters()
     for name in spec.frozen:
         if name not in names:
@@ -259,7 +279,7 @@ def _build_expression(spec: specs.ExpressionModel, limits: Limits) -> Model:
         total += params[name].numel()
         _check_model_size(total, limits)
     inputs = tuple(n for n in expression.names if n not in params)
-    return Model(spec, ExpressionModule(expression, params), dtype, inputs)
+    return Model(spec, ExpressionModule(expression, params, limits), dtype, inputs)
 
 
 def _build_linear(spec: specs.LinearModel, limits: Limits) -> Model:
@@ -272,7 +292,8 @@ def _build_linear(spec: specs.LinearModel, limits: Limits) -> Model:
     generator = torch.Generator().manual_seed(spec.seed)
     _reset(module, generator)
     _apply_params(module, spec.params, dtype, generator, limits)
-    return Model(spec, module, dtype, ("x",), in_features=spec.in_features)
+    widest = max(spec.in_features, spec.out_features)
+    return Model(spec, module, dtype, ("x",), in_features=spec.in_features, widest=widest)
 
 
 def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
@@ -317,7 +338,10 @@ def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
     for child in module.children():
         _reset(child, generator)
     _apply_params(module, spec.params, dtype, generator, limits)
-    return Model(spec, module, dtype, ("x",), in_features=in_features)
+    widths = [w for layer in spec.layers for w in _widths(layer)]
+    return Model(
+        spec, module, dtype, ("x",), in_features=in_features, widest=max(widths, default=1)
+    )
 
 
 def _uninitialised(cls: type[L], spec: specs.LinearLayer, dtype: torch.dtype) -> L:
@@ -411,7 +435,7 @@ def _initial(
     tensor = torch.empty(shape, dtype=dtype)
     try:
         _INITS[pspec.init](tensor, pspec, generator)
-    except ValueError as exc:
+    except (ValueError, RuntimeError, OverflowError) as exc:
         raise SpecError(
             f"cannot initialise {name} with {pspec.init}: {_first_line(exc)}", loc=("params", name)
         ) from None
@@ -426,6 +450,12 @@ _INITS: dict[str, Callable[[torch.Tensor, specs.ParamSpec, torch.Generator], obj
     "xavier_uniform": lambda t, p, g: nn.init.xavier_uniform_(t, p.gain, generator=g),
     "kaiming_uniform": lambda t, p, g: nn.init.kaiming_uniform_(t, p.a, generator=g),
 }
+
+
+def _widths(layer: Any) -> list[int]:
+    if isinstance(layer, specs.LinearLayer):
+        return [layer.in_features, layer.out_features]
+    return []
 
 
 def _linear_size(layer: specs.LinearLayer) -> int:

@@ -224,3 +224,36 @@ class GradientsRequest(ForwardRequest):
 
 class StepRequest(GradientsRequest):
     optimizer: OptimizerSpec
+
+
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$")]
+
+
+class SessionSpec(Spec):
+    """What a session is: its model, loss and optimizer, and where it runs."""
+
+    model: ModelSpec
+    loss: LossName | LossSpec
+    optimizer: OptimizerSpec
+    device: Device = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+
+
+class SessionCreate(SessionSpec):
+    name: str | None = Field(default=None, max_length=200)
+
+
+class SessionBatchRequest(Spec):
+    batch: Batch
+    encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
+
+
+class SessionGradientsRequest(SessionBatchRequest):
+    explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
+
+
+class SessionPatch(Spec):
+    name: str | None = Field(default=None, max_length=200)
+    optimizer: dict[str, Any] | None = Field(
+        default=None, description='hyper-parameters to change, e.g. {"lr": 0.01}; not the type'
+    )
+    params: dict[str, Tensor] | None = Field(default=None, description="new parameter values")

@@ -17,7 +17,7 @@ from service.engine import losses, models, optimizers, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import encode
 from service.engine.trace import TraceNode, Tracer
-from service.errors import NonFinite
+from service.errors import NonFinite, ShapeError
 
 Kind = Literal["forward", "gradients", "step"]
 _RNG_LOCK = threading.Lock()
@@ -75,7 +75,11 @@ def gradients(
     with torch.enable_grad():
         outputs = model.forward(inputs, tracer)
         y_t = losses.target(loss_spec, y, outputs, limits)
-        loss = losses.loss_fn(loss_spec)(outputs, y_t)
+        try:
+            loss = losses.loss_fn(loss_spec)(outputs, y_t)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            detail = str(exc).split("\n", 1)[0][:300]
+            raise ShapeError(f"the loss cannot be computed: {detail}", loc=("batch", "y")) from None
         if tracer is not None:
             out_name = tracer.nodes[-1].node
             tracer.leaf("y", "target", y_t)

@@ -139,11 +139,27 @@ SHAPE = "shape-mismatch"
 NONFINITE = "non-finite"
 MALFORMED = "malformed-json"
 
+# The problem types the service documents (app.DESCRIPTION, the OpenAPI document); a client
+# can only dispatch on these. "internal" is documented, but never for a client's mistake.
+DOCUMENTED_TYPES = {
+    "validation-error",
+    "malformed-json",
+    "invalid-input",
+    "invalid-tensor",
+    "invalid-expression",
+    "invalid-spec",
+    "shape-mismatch",
+    "non-finite",
+    "not-found",
+    "method-not-allowed",
+    "unavailable",
+}
+
 STEP, GRADIENTS, FORWARD = "/v1/step", "/v1/gradients", "/v1/forward"
 
 # (id, path, request kwargs, expected status, expected problem type or None where unclear)
 CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
-    # --- the body as a whole ----------------------------------------------------------------
+    # --- the body as a whole ---------------------------------------------------
     ("malformed-json-truncated", STEP, text('{"model": '), 400, MALFORMED),
     ("malformed-json-trailing-comma", STEP, text('{"batch": {"x": 1},}'), 400, MALFORMED),
     ("malformed-json-single-quotes", STEP, text("{'batch': 1}"), 400, MALFORMED),
@@ -160,7 +176,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
     ("optimizer-sent-to-gradients", GRADIENTS, js(seed()), 422, V),
     ("encoding-unknown", STEP, js({**seed(), "encoding": "hex"}), 422, V),
     ("explain-not-bool", STEP, js({**seed(), "explain": "maybe"}), 422, V),
-    # --- model --------------------------------------------------------------------------------
+    # --- model -----------------------------------------------------------------
     ("model-missing", STEP, js(edit(seed(), "model", DELETE)), 422, V),
     ("model-string", STEP, js(edit(seed(), "model", "w * x + 1")), 422, V),
     ("model-type-missing", STEP, js(edit(seed(), "model/type", DELETE)), 422, V),
@@ -257,7 +273,50 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
     ("frozen-string", STEP, js(edit(seed(), "model/frozen", "w")), 422, V),
     ("frozen-unknown-parameter", STEP, js(edit(seed(), "model/frozen", ["v"])), 422, SPEC),
     ("frozen-everything", STEP, js(edit(seed(), "model/frozen", ["w"])), 422, SPEC),
-    # --- linear and sequential -----------------------------------------------------------------
+    (
+        "param-uniform-bounds-reversed",
+        GRADIENTS,
+        js(
+            edit(
+                linear(params={"weight": {"shape": [1, 2], "init": "uniform", "a": 5, "b": 1}}),
+                "optimizer",
+                DELETE,
+            )
+        ),
+        422,
+        None,
+    ),
+    (
+        "param-uniform-bounds-beyond-float32",
+        GRADIENTS,
+        js(
+            edit(
+                linear(
+                    params={"weight": {"shape": [1, 2], "init": "uniform", "a": -1e308, "b": 1e308}}
+                ),
+                "optimizer",
+                DELETE,
+            )
+        ),
+        422,
+        None,
+    ),
+    (
+        "param-xavier-gain-beyond-float32",
+        GRADIENTS,
+        js(
+            edit(
+                linear(
+                    params={"weight": {"shape": [1, 2], "init": "xavier_uniform", "gain": 1e308}}
+                ),
+                "optimizer",
+                DELETE,
+            )
+        ),
+        422,
+        None,
+    ),
+    # --- linear and sequential -------------------------------------------------
     ("linear-unknown-field", STEP, js(linear(activation="relu")), 422, V),
     ("linear-in-features-zero", STEP, js(linear(0)), 422, V),
     ("linear-in-features-fractional", STEP, js(edit(linear(), "model/in_features", 2.5)), 422, V),
@@ -325,7 +384,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         422,
         SPEC,
     ),
-    # --- loss -----------------------------------------------------------------------------------
+    # --- loss ------------------------------------------------------------------
     ("loss-missing", GRADIENTS, js(edit(seed_gradients(), "loss", DELETE)), 422, V),
     ("loss-number", STEP, js(edit(seed(), "loss", 5)), 422, V),
     ("loss-unknown", STEP, js(edit(seed(), "loss", "hinge")), 422, V),
@@ -351,7 +410,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         422,
         V,
     ),
-    # --- optimizer --------------------------------------------------------------------------------
+    # --- optimizer -------------------------------------------------------------
     ("optimizer-missing", STEP, js(edit(seed(), "optimizer", DELETE)), 422, V),
     ("optimizer-string", STEP, js(edit(seed(), "optimizer", "sgd")), 422, V),
     ("optimizer-type-missing", STEP, js(edit(seed(), "optimizer", {"lr": 0.1})), 422, V),
@@ -406,7 +465,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         V,
     ),
     ("clip-grad-norm-zero", STEP, js(edit(seed(), "optimizer/clip_grad_norm", 0)), 422, V),
-    # --- batch ----------------------------------------------------------------------------------
+    # --- batch -----------------------------------------------------------------
     ("batch-missing", STEP, js(edit(seed(), "batch", DELETE)), 422, V),
     ("batch-not-object", STEP, js(edit(seed(), "batch", [1, 3])), 422, V),
     ("batch-unknown-field", STEP, js(edit(seed(), "batch/z", 1)), 422, V),
@@ -455,7 +514,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         422,
         SHAPE,
     ),
-    # --- tensor object forms -----------------------------------------------------------------
+    # --- tensor object forms ---------------------------------------------------
     (
         "data-length-mismatch",
         STEP,
@@ -543,14 +602,44 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         TENSOR,
     ),
     ("b64-not-string", STEP, js(edit(seed(), "batch/x", {"shape": [1], "b64": 1234})), 422, TENSOR),
-    # --- shapes ----------------------------------------------------------------------------------
+    # --- shapes ----------------------------------------------------------------
     ("x-features-mismatch-linear", STEP, js(edit(linear(3), "batch/x", [[1.0, 2.0]])), 422, SHAPE),
     ("y-shape-mismatch", STEP, js(edit(seed(), "batch/y", [3.0, 4.0])), 422, SHAPE),
     ("y-shape-mismatch-linear", STEP, js(edit(linear(), "batch/y", [[1.0, 2.0, 3.0]])), 422, SHAPE),
     ("y-ragged", STEP, js(edit(seed(), "batch/y", [[1.0], [1.0, 2.0]])), 422, TENSOR),
-    ("cross-entropy-class-out-of-range", STEP, js(classifier([3])), 422, SHAPE),
-    ("cross-entropy-class-negative", STEP, js(classifier([-1])), 422, SHAPE),
+    ("cross-entropy-class-out-of-range", STEP, js(classifier([3])), 422, "invalid-input"),
+    ("cross-entropy-class-negative", STEP, js(classifier([-1])), 422, "invalid-input"),
     ("cross-entropy-class-shape", STEP, js(classifier([[0]])), 422, SHAPE),
+    (
+        "cross-entropy-0d-output-probability-target",
+        GRADIENTS,
+        js(
+            {
+                "model": {
+                    "type": "expression",
+                    "expression": "w * x",
+                    "params": {"w": {"value": 1.0}},
+                },
+                "loss": "cross_entropy",
+                "batch": {"x": 1.0, "y": 0.5},
+            }
+        ),
+        422,
+        SHAPE,
+    ),
+    (
+        "cross-entropy-3d-output-class-target",
+        GRADIENTS,
+        js(
+            edit(
+                edit(classifier([[0] * 5] * 2), "batch/x", [[[1.0, 1.0]] * 5] * 2),
+                "optimizer",
+                DELETE,
+            )
+        ),
+        422,
+        SHAPE,
+    ),
     ("inputs-missing", STEP, js(expression("a * x + b", {"x": 1.0}, a=[1.0])), 422, SHAPE),
     (
         "inputs-unknown",
@@ -562,7 +651,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
     ("inputs-given-as-one-tensor", STEP, js(expression("a * x + b", 1.0, a=[1.0])), 422, SHAPE),
     ("matmul-shapes", STEP, js(expression("w @ x", [1.0, 2.0], w=[1.0, 2.0, 3.0])), 422, SHAPE),
     ("broadcast-shapes", STEP, js(expression("w * x", [1.0, 2.0], w=[1.0, 2.0, 3.0])), 422, SHAPE),
-    # --- results that JSON cannot carry ------------------------------------------------------------
+    # --- results that JSON cannot carry ----------------------------------------
     (
         "forward-log-zero",
         FORWARD,
@@ -632,6 +721,7 @@ def test_invalid_request_is_a_problem(
     body = assert_problem(response, status)
     if type_ is not None:
         assert body["type"] == type_, body
+    assert body["type"] in DOCUMENTED_TYPES, body
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
     assert "Traceback" not in response.text
@@ -668,12 +758,26 @@ def test_deeply_nested_json_is_a_client_error(client: TestClient) -> None:
     assert response.status_code < 500, response.text
     problem = assert_problem(response)
     assert response.status_code in {400, 413, 422}, problem
+    assert problem["type"] in DOCUMENTED_TYPES, problem
 
 
 def test_wrong_content_type_is_a_client_error(client: TestClient) -> None:
     response = client.post(STEP, **text(json.dumps(seed()), "text/plain"))
     problem = assert_problem(response)
     assert response.status_code in {415, 422}, problem
+    assert problem["type"] in DOCUMENTED_TYPES, problem
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [classifier([3]), classifier([-1]), classifier([[0]]), edit(seed(), "batch/y", [3.0, 4.0])],
+    ids=["class-out-of-range", "class-negative", "class-shape", "shape"],
+)
+def test_target_errors_point_at_batch_y(client: TestClient, request_body: dict[str, Any]) -> None:
+    body = assert_problem(client.post(STEP, json=request_body), 422)
+    # A class index out of range is a bad value, a target of the wrong shape a bad shape.
+    assert body["type"] in (SHAPE, "invalid-input"), body
+    assert [e["loc"] for e in body["errors"]] == [["body", "batch", "y"]], body
 
 
 def test_corpus_is_large_enough() -> None:

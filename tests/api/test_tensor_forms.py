@@ -1,4 +1,4 @@
-"""Over HTTP, the three tensor forms give identical answers, and "encoding": "b64" answers in b64."""
+"""Over HTTP the three tensor forms give identical answers; "encoding": "b64" answers in b64."""
 
 from __future__ import annotations
 

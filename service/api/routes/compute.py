@@ -4,17 +4,50 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body
+import orjson
+from fastapi import APIRouter, Body, Depends, Response
 
 from service.api import schemas
-from service.api.deps import LimitsDep, PoolDep
+from service.api.deps import InFlightDep, LimitsDep, PoolDep, StoreDep
+from service.api.idempotency import IdemDep
 from service.api.problems import responses
-from service.api.responses import FastJSONResponse
+from service.api.responses import respond
 from service.engine import specs
-from service.engine.step import run
+from service.engine.step import Kind, run
+from service.workers.sessions import Answer, remembered
 
 router = APIRouter(prefix="/v1", tags=["compute"])
-PROBLEMS = responses(400, 422, 503)
+PROBLEMS = responses(400, 409, 422, 503)
+
+
+class Compute:
+    """What every stateless route needs, gathered by FastAPI from the request."""
+
+    def __init__(
+        self,
+        pool: PoolDep,
+        limits: LimitsDep,
+        store: StoreDep,
+        idem: IdemDep,
+        inflight: InFlightDep,
+    ) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.store = store
+        self.idem = idem
+        self.inflight = inflight
+
+    async def __call__(self, kind: Kind, body: specs.ForwardRequest) -> Response:
+        limits = self.limits
+
+        def compute() -> Answer:
+            return Answer(200, orjson.dumps(run(kind, body, limits)))
+
+        async with self.inflight.hold(self.idem):
+            return respond(await self.pool.run(remembered, self.store, self.idem, compute))
+
+
+ComputeDep = Annotated[Compute, Depends()]
 
 
 @router.post(
@@ -25,10 +58,9 @@ PROBLEMS = responses(400, 422, 503)
 )
 async def forward(
     body: Annotated[specs.ForwardRequest, Body(openapi_examples=schemas.FORWARD_EXAMPLES)],
-    pool: PoolDep,
-    limits: LimitsDep,
-) -> FastJSONResponse:
-    return FastJSONResponse(await pool.run(run, "forward", body, limits))
+    compute: ComputeDep,
+) -> Response:
+    return await compute("forward", body)
 
 
 @router.post(
@@ -40,10 +72,9 @@ async def forward(
 )
 async def gradients(
     body: Annotated[specs.GradientsRequest, Body(openapi_examples=schemas.GRADIENTS_EXAMPLES)],
-    pool: PoolDep,
-    limits: LimitsDep,
-) -> FastJSONResponse:
-    return FastJSONResponse(await pool.run(run, "gradients", body, limits))
+    compute: ComputeDep,
+) -> Response:
+    return await compute("gradients", body)
 
 
 @router.post(
@@ -60,7 +91,6 @@ async def gradients(
 )
 async def step(
     body: Annotated[specs.StepRequest, Body(openapi_examples=schemas.STEP_EXAMPLES)],
-    pool: PoolDep,
-    limits: LimitsDep,
-) -> FastJSONResponse:
-    return FastJSONResponse(await pool.run(run, "step", body, limits))
+    compute: ComputeDep,
+) -> Response:
+    return await compute("step", body)

@@ -1,0 +1,116 @@
+"""A session's state ↔ bytes: safetensors for the tensors, JSON in its metadata for the rest.
+
+Never pickle. The same bytes are the store's record and the checkpoint a client downloads;
+reading them back validates every name, shape and dtype against the model the specs build,
+so a checkpoint that lies is a 422, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from service.engine.models import Model
+from service.errors import InvalidInput
+
+PARAM = "param."
+OPT = "opt."
+MAX_METADATA = 1_000_000
+
+
+def dump(model: Model, optimizer: torch.optim.Optimizer, metadata: dict[str, str]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {
+        PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
+    }
+    extra: dict[str, Any] = {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            name = f"{OPT}{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous()
+            else:
+                extra[name] = value
+    return save(tensors, metadata={**metadata, "optimizer_extra": json.dumps(extra)})
+
+
+def read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a state file, or InvalidInput if it is not one."""
+    if len(data) < 8:
+        raise InvalidInput("not a safetensors file")
+    header = int.from_bytes(data[:8], "little")
+    if header > MAX_METADATA or header + 8 > len(data):
+        raise InvalidInput("not a safetensors file (its header size is wrong)")
+    try:
+        tensors = load(data)
+        raw = json.loads(data[8 : 8 + header]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"not a valid safetensors file: {str(exc)[:200]}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise InvalidInput("the file's metadata must map names to strings")
+    return tensors, raw
+
+
+def restore(model: Model, optimizer: torch.optim.Optimizer, data: bytes) -> dict[str, str]:
+    """Load parameters and optimizer state into freshly built ``model`` and ``optimizer``."""
+    tensors, metadata = read(data)
+    params = model.named_parameters()
+    expected = {PARAM + n for n in params}
+    present = {k for k in tensors if k.startswith(PARAM)}
+    if present != expected:
+        raise InvalidInput(
+            f"the file's parameters ({', '.join(sorted(present)) or 'none'}) are not the model's "
+            f"({', '.join(sorted(expected))})"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = tensors[PARAM + name]
+            if value.shape != p.shape or value.dtype != p.dtype:
+                raise InvalidInput(
+                    f"{name}: the file holds {value.dtype} {list(value.shape)}, the model "
+                    f"{p.dtype} {list(p.shape)}"
+                )
+            if p.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise InvalidInput(f"{name}: the file holds values that are not finite")
+            p.copy_(value)
+    _restore_optimizer(optimizer, tensors, metadata)
+    return metadata
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    try:
+        extra = json.loads(metadata.get("optimizer_extra", "{}"))
+    except ValueError:
+        raise InvalidInput("the file's optimizer metadata is not JSON") from None
+    if not isinstance(extra, dict):
+        raise InvalidInput("the file's optimizer metadata must be an object")
+    groups = optimizer.state_dict()["param_groups"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *extra.items()]:
+        if not name.startswith(OPT):
+            continue
+        index_text, _, key = name[len(OPT) :].partition(".")
+        if not index_text.isdigit() or not key or int(index_text) >= len(params):
+            raise InvalidInput(f"the file's optimizer state names an unknown slot: {name}")
+        if not isinstance(value, torch.Tensor | int | float | type(None)):
+            raise InvalidInput(f"the file's optimizer state {name} has an unknown type")
+        index = int(index_text)
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[index].shape:
+            raise InvalidInput(f"the file's optimizer state {name} has the wrong shape")
+        state.setdefault(index, {})[key] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise InvalidInput(f"the file's optimizer state does not fit: {str(exc)[:200]}") from None
+
+
+def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:
+    """The same tensors with more metadata (a checkpoint is the state plus its specs)."""
+    tensors, metadata = read(data)
+    return save(tensors, metadata={**metadata, **extra})

@@ -1,0 +1,105 @@
+"""An in-memory store: for tests and throwaway use. Same semantics, no durability."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from service.store.base import (
+    IDEMPOTENCY_TTL,
+    Commit,
+    Cursor,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionRecord,
+)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, SessionRecord] = {}
+        self._history: dict[str, list[HistoryRow]] = {}
+        self._idem: dict[tuple[str, str], IdempotencyRecord] = {}
+
+    def _key_taken(self, idem: IdempotencyRecord | None) -> bool:
+        if idem is None:
+            return False
+        old = self._idem.get((idem.owner, idem.key))
+        return old is not None and old.created_at + IDEMPOTENCY_TTL > idem.created_at
+
+    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+        with self._lock:
+            if record.id in self._sessions or self._key_taken(idem):
+                return Commit.CONFLICT
+            self._sessions[record.id] = record
+            self._history[record.id] = []
+            if idem is not None:
+                self._idem[(idem.owner, idem.key)] = idem
+            return Commit.OK
+
+    def get(self, owner: str, session_id: str) -> SessionRecord | None:
+        record = self._sessions.get(session_id)
+        return record if record is not None and record.owner == owner else None
+
+    def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
+        with self._lock:
+            mine = sorted(
+                (r for r in self._sessions.values() if r.owner == owner),
+                key=lambda r: (r.created_at, r.id),
+            )
+        if after is not None:
+            mine = [r for r in mine if (r.created_at, r.id) > after]
+        return mine[:limit]
+
+    def commit(
+        self,
+        record: SessionRecord,
+        expected_version: int,
+        history: HistoryRow | None = None,
+        idem: IdempotencyRecord | None = None,
+    ) -> Commit:
+        with self._lock:
+            current = self._sessions.get(record.id)
+            if current is None or current.owner != record.owner:
+                return Commit.GONE
+            if current.version != expected_version or self._key_taken(idem):
+                return Commit.CONFLICT
+            self._sessions[record.id] = replace(record, version=expected_version + 1)
+            if history is not None:
+                self._history[record.id].append(history)
+            if idem is not None:
+                self._idem[(idem.owner, idem.key)] = idem
+            return Commit.OK
+
+    def delete(self, owner: str, session_id: str) -> bool:
+        with self._lock:
+            if self.get(owner, session_id) is None:
+                return False
+            del self._sessions[session_id]
+            del self._history[session_id]
+            return True
+
+    def history(
+        self, owner: str, session_id: str, limit: int, after_step: int = 0
+    ) -> list[HistoryRow]:
+        if self.get(owner, session_id) is None:
+            return []
+        return [h for h in self._history.get(session_id, []) if h.step > after_step][:limit]
+
+    def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
+        record = self._idem.get((owner, key))
+        return record if record is not None and record.created_at + IDEMPOTENCY_TTL > now else None
+
+    def remember(self, idem: IdempotencyRecord) -> bool:
+        with self._lock:
+            if self._key_taken(idem):
+                return False
+            self._idem[(idem.owner, idem.key)] = idem
+            return True
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,335 @@
+"""Redis: for several replicas sharing one store. Every multi-key write is one Lua script.
+
+Keys, all under ``prefix``::
+
+    s:{id}                  hash: the session (owner, name?, spec, state, step, version, ...)
+    h:{id}                  sorted set: history rows scored by step
+    o:{owner}               sorted set: the owner's sessions, all scored 0 so that they sort
+                            by member: created_at as 8 order-preserving bytes, then the id;
+                            so (created_at, id) order is lexicographic and a cursor is one
+                            exclusive ZRANGEBYLEX bound, with no offsets to drift
+    i:{len(owner)}:{owner}:{key}
+                            hash: an idempotency record, with a Redis TTL of 24 h
+
+A script runs atomically on the server, so ``commit`` is a compare-and-set on the session's
+version that writes the session, its history row and the idempotency record together, or
+nothing. Whether an idempotency key is taken is decided by the records' ``created_at``, as in
+the other stores; the Redis TTL only reclaims the space.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import cast
+
+import redis
+
+from service.store.base import (
+    IDEMPOTENCY_TTL,
+    Commit,
+    Cursor,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionRecord,
+)
+
+_OK, _CONFLICT, _GONE = 0, 1, 2
+_RESULTS = {_OK: Commit.OK, _CONFLICT: Commit.CONFLICT, _GONE: Commit.GONE}
+_ROW = struct.Struct(">qddd")
+"""A history row as a sorted-set member: step, loss, grad_norm, at; floats exactly."""
+_STAMP = struct.Struct(">Q")
+_SIGN_BIT, _ALL_BITS = 1 << 63, (1 << 64) - 1
+
+# ARGV[1] is the TTL in seconds; ARGV[2] the new record's created_at; then field/value pairs.
+_LUA_IDEM = """
+local function idem_taken(key, ttl, created_at)
+  local old = redis.call('HGET', key, 'created_at')
+  return old and tonumber(old) + tonumber(ttl) > tonumber(created_at)
+end
+local function idem_put(key, ttl, first, last)
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(ARGV, first, last))
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
+# KEYS: session, history, owner index[, idem]. ARGV: ttl, idem created_at, the index member,
+# the number of session field/value items n, n items, then the idem's field/value items.
+_CREATE = (
+    _LUA_IDEM
+    + """
+local idem = KEYS[4]
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
+local n = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
+redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[3])
+if idem then idem_put(idem, ARGV[1], 5 + n, #ARGV) end
+return 0
+"""
+)
+
+# KEYS: session, history[, idem]. ARGV: ttl, idem created_at, owner, expected version,
+# has name ('1' or '0'), has history ('1' or '0'), history step, history member,
+# the number of session field/value items n, n items, then the idem's field/value items.
+_COMMIT = (
+    _LUA_IDEM
+    + """
+local idem = KEYS[3]
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 2 end
+if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then return 1 end
+if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
+local n = tonumber(ARGV[9])
+redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n))
+if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8]) end
+if idem then idem_put(idem, ARGV[1], 10 + n, #ARGV) end
+return 0
+"""
+)
+
+# KEYS: session, history, owner index. ARGV: owner.
+_DELETE = """
+local found = redis.call('HMGET', KEYS[1], 'owner', 'index')
+if found[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], found[2])
+return 1
+"""
+
+# KEYS: idem. ARGV: ttl, created_at, the idem's field/value items.
+_REMEMBER = (
+    _LUA_IDEM
+    + """
+if idem_taken(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+idem_put(KEYS[1], ARGV[1], 3, #ARGV)
+return 1
+"""
+)
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "gradsvc:") -> None:
+        self.prefix = prefix
+        # Bytes in, bytes out: state and bodies must round-trip exactly.
+        self._redis = redis.Redis.from_url(url, decode_responses=False)
+        self._ttl = math.ceil(IDEMPOTENCY_TTL)
+        self._create = self._redis.register_script(_CREATE)
+        self._commit = self._redis.register_script(_COMMIT)
+        self._delete = self._redis.register_script(_DELETE)
+        self._remember = self._redis.register_script(_REMEMBER)
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self.prefix}s:{session_id}"
+
+    def _history_key(self, session_id: str) -> str:
+        return f"{self.prefix}h:{session_id}"
+
+    def _owner_key(self, owner: str) -> str:
+        return f"{self.prefix}o:{owner}"
+
+    def _idem_key(self, owner: str, key: str) -> str:
+        # The owner's length keeps ("a:b", "c") and ("a", "b:c") apart.
+        return f"{self.prefix}i:{len(owner)}:{owner}:{key}"
+
+    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+        fields = _session_fields(record)
+        keys = [
+            self._session_key(record.id),
+            self._history_key(record.id),
+            self._owner_key(record.owner),
+        ]
+        args: list[str | bytes | int] = [self._ttl, _idem_created(idem)]
+        args += [_index_member(record.created_at, record.id), len(fields), *fields]
+        if idem is not None:
+            keys.append(self._idem_key(idem.owner, idem.key))
+            args += _idem_fields(idem)
+        return _RESULTS[int(self._create(keys=keys, args=args))]
+
+    def get(self, owner: str, session_id: str) -> SessionRecord | None:
+        raw = cast(dict[bytes, bytes], self._redis.hgetall(self._session_key(session_id)))
+        return _session(session_id, raw, owner)
+
+    def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
+        found: list[SessionRecord] = []
+        bound = b"-" if after is None else b"(" + _index_member(*after)
+        while len(found) < limit:
+            members = cast(
+                list[bytes],
+                self._redis.zrangebylex(
+                    self._owner_key(owner), bound, b"+", start=0, num=limit - len(found)
+                ),
+            )
+            if not members:
+                break
+            ids = [m[_STAMP.size :].decode() for m in members]
+            with self._redis.pipeline(transaction=True) as pipe:
+                for sid in ids:
+                    pipe.hgetall(self._session_key(sid))
+                raws = cast(list[dict[bytes, bytes]], pipe.execute())
+            # A session deleted since the index was read is skipped; the next ones fill in.
+            found += [
+                r for sid, raw in zip(ids, raws, strict=True) if (r := _session(sid, raw, owner))
+            ]
+            bound = b"(" + members[-1]
+        return found
+
+    def commit(
+        self,
+        record: SessionRecord,
+        expected_version: int,
+        history: HistoryRow | None = None,
+        idem: IdempotencyRecord | None = None,
+    ) -> Commit:
+        fields: list[str | bytes | int] = [
+            "spec",
+            record.spec,
+            "state",
+            record.state,
+            "step",
+            record.step,
+            "version",
+            expected_version + 1,
+            "updated_at",
+            repr(record.updated_at),
+        ]
+        if record.name is not None:
+            fields += ["name", record.name]
+        keys = [self._session_key(record.id), self._history_key(record.id)]
+        args: list[str | bytes | int] = [self._ttl, _idem_created(idem), record.owner]
+        args += [expected_version, "0" if record.name is None else "1"]
+        if history is None:
+            args += ["0", 0, b""]
+        else:
+            member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at)
+            args += ["1", history.step, member]
+        args += [len(fields), *fields]
+        if idem is not None:
+            keys.append(self._idem_key(idem.owner, idem.key))
+            args += _idem_fields(idem)
+        return _RESULTS[int(self._commit(keys=keys, args=args))]
+
+    def delete(self, owner: str, session_id: str) -> bool:
+        keys = [
+            self._session_key(session_id),
+            self._history_key(session_id),
+            self._owner_key(owner),
+        ]
+        return bool(self._delete(keys=keys, args=[owner]))
+
+    def history(
+        self, owner: str, session_id: str, limit: int, after_step: int = 0
+    ) -> list[HistoryRow]:
+        if limit <= 0:
+            return []
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._session_key(session_id), "owner")
+            pipe.zrangebyscore(
+                self._history_key(session_id), f"({after_step}", "+inf", start=0, num=limit
+            )
+            found_owner, members = cast(tuple[bytes | None, list[bytes]], pipe.execute())
+        if found_owner is None or found_owner.decode() != owner:
+            return []
+        return [HistoryRow(*_ROW.unpack(m)) for m in members]
+
+    def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
+        raw = cast(dict[bytes, bytes], self._redis.hgetall(self._idem_key(owner, key)))
+        if not raw:
+            return None
+        record = IdempotencyRecord(
+            owner=raw[b"owner"].decode(),
+            key=raw[b"key"].decode(),
+            fingerprint=raw[b"fingerprint"].decode(),
+            status=int(raw[b"status"]),
+            body=raw[b"body"],
+            headers=raw[b"headers"].decode(),
+            created_at=float(raw[b"created_at"]),
+        )
+        return record if record.created_at + IDEMPOTENCY_TTL > now else None
+
+    def remember(self, idem: IdempotencyRecord) -> bool:
+        keys = [self._idem_key(idem.owner, idem.key)]
+        args: list[str | bytes | int] = [self._ttl, _idem_created(idem), *_idem_fields(idem)]
+        return bool(self._remember(keys=keys, args=args))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _session_fields(r: SessionRecord) -> list[str | bytes | int]:
+    fields: list[str | bytes | int] = [
+        "owner",
+        r.owner,
+        "spec",
+        r.spec,
+        "state",
+        r.state,
+        "step",
+        r.step,
+        "version",
+        r.version,
+        "created_at",
+        repr(r.created_at),
+        "updated_at",
+        repr(r.updated_at),
+        "index",
+        _index_member(r.created_at, r.id),
+    ]
+    if r.name is not None:
+        fields += ["name", r.name]
+    return fields
+
+
+def _index_member(created_at: float, session_id: str) -> bytes:
+    """created_at as bytes that sort as the floats do, then the id: (created_at, id) order."""
+    (bits,) = _STAMP.unpack(struct.pack(">d", created_at + 0.0))  # + 0.0: no -0.0
+    bits = bits ^ _ALL_BITS if bits & _SIGN_BIT else bits | _SIGN_BIT
+    return _STAMP.pack(bits) + session_id.encode()
+
+
+def _session(session_id: str, raw: dict[bytes, bytes], owner: str) -> SessionRecord | None:
+    if not raw or raw[b"owner"].decode() != owner:
+        return None
+    name = raw.get(b"name")
+    return SessionRecord(
+        id=session_id,
+        owner=owner,
+        name=None if name is None else name.decode(),
+        spec=raw[b"spec"].decode(),
+        state=raw[b"state"],
+        step=int(raw[b"step"]),
+        version=int(raw[b"version"]),
+        created_at=float(raw[b"created_at"]),
+        updated_at=float(raw[b"updated_at"]),
+    )
+
+
+def _idem_created(idem: IdempotencyRecord | None) -> str:
+    return "0" if idem is None else repr(idem.created_at)
+
+
+def _idem_fields(i: IdempotencyRecord) -> list[str | bytes | int]:
+    return [
+        "owner",
+        i.owner,
+        "key",
+        i.key,
+        "fingerprint",
+        i.fingerprint,
+        "status",
+        i.status,
+        "body",
+        i.body,
+        "headers",
+        i.headers,
+        "created_at",
+        repr(i.created_at),
+    ]

@@ -1,0 +1,204 @@
+"""SQLite, the default store: one file, WAL, ``synchronous=FULL``, ``BEGIN IMMEDIATE``.
+
+A commit is one transaction: the version compare-and-set on the session row, the history
+row and the idempotency record. Nothing is acknowledged before it returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from service.store.base import (
+    IDEMPOTENCY_TTL,
+    Commit,
+    Cursor,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionRecord,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, spec TEXT NOT NULL,
+    state BLOB NOT NULL, step INTEGER NOT NULL, version INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, created_at, id);
+CREATE TABLE IF NOT EXISTS history (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    step INTEGER NOT NULL, loss REAL NOT NULL, grad_norm REAL NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (session_id, step)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
+    body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
+"""
+_COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at"
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _key_taken(self, db: sqlite3.Connection, idem: IdempotencyRecord | None) -> bool:
+        if idem is None:
+            return False
+        row = db.execute(
+            "SELECT created_at FROM idempotency WHERE owner = ? AND key = ?", (idem.owner, idem.key)
+        ).fetchone()
+        return row is not None and row[0] + IDEMPOTENCY_TTL > idem.created_at
+
+    @staticmethod
+    def _put_idem(db: sqlite3.Connection, idem: IdempotencyRecord | None) -> None:
+        if idem is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    idem.owner,
+                    idem.key,
+                    idem.fingerprint,
+                    idem.status,
+                    idem.body,
+                    idem.headers,
+                    idem.created_at,
+                ),
+            )
+
+    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+        with self._write() as db:
+            if self._key_taken(db, idem):
+                return Commit.CONFLICT
+            try:
+                db.execute(
+                    f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", _row(record)
+                )
+            except sqlite3.IntegrityError:
+                return Commit.CONFLICT
+            self._put_idem(db, idem)
+        return Commit.OK
+
+    def get(self, owner: str, session_id: str) -> SessionRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            ).fetchone()
+        return SessionRecord(*row) if row else None
+
+    def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
+        created, sid = after if after is not None else (-1.0, "")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? AND (created_at, id) > (?, ?) "
+                "ORDER BY created_at, id LIMIT ?",
+                (owner, created, sid, limit),
+            ).fetchall()
+        return [SessionRecord(*row) for row in rows]
+
+    def commit(
+        self,
+        record: SessionRecord,
+        expected_version: int,
+        history: HistoryRow | None = None,
+        idem: IdempotencyRecord | None = None,
+    ) -> Commit:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT version FROM sessions WHERE id = ? AND owner = ?", (record.id, record.owner)
+            ).fetchone()
+            if row is None:
+                return Commit.GONE
+            if row[0] != expected_version or self._key_taken(db, idem):
+                return Commit.CONFLICT
+            db.execute(
+                "UPDATE sessions SET name = ?, spec = ?, state = ?, step = ?, version = ?, "
+                "updated_at = ? WHERE id = ?",
+                (
+                    record.name,
+                    record.spec,
+                    record.state,
+                    record.step,
+                    expected_version + 1,
+                    record.updated_at,
+                    record.id,
+                ),
+            )
+            if history is not None:
+                db.execute(
+                    "INSERT INTO history VALUES (?, ?, ?, ?, ?)",
+                    (record.id, history.step, history.loss, history.grad_norm, history.at),
+                )
+            self._put_idem(db, idem)
+        return Commit.OK
+
+    def delete(self, owner: str, session_id: str) -> bool:
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            )
+            return cursor.rowcount > 0
+
+    def history(
+        self, owner: str, session_id: str, limit: int, after_step: int = 0
+    ) -> list[HistoryRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT h.step, h.loss, h.grad_norm, h.at FROM history h JOIN sessions s "
+                "ON s.id = h.session_id WHERE s.id = ? AND s.owner = ? AND h.step > ? "
+                "ORDER BY h.step LIMIT ?",
+                (session_id, owner, after_step, limit),
+            ).fetchall()
+        return [HistoryRow(*row) for row in rows]
+
+    def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT owner, key, fingerprint, status, body, headers, created_at "
+                "FROM idempotency WHERE owner = ? AND key = ? AND created_at > ?",
+                (owner, key, now - IDEMPOTENCY_TTL),
+            ).fetchone()
+        return IdempotencyRecord(*row) if row else None
+
+    def remember(self, idem: IdempotencyRecord) -> bool:
+        with self._write() as db:
+            if self._key_taken(db, idem):
+                return False
+            self._put_idem(db, idem)
+            return True
+
+    def ping(self) -> bool:
+        with self._lock:
+            return bool(self._db.execute("SELECT 1").fetchone() == (1,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _row(r: SessionRecord) -> tuple[object, ...]:
+    return (r.id, r.owner, r.name, r.spec, r.state, r.step, r.version, r.created_at, r.updated_at)

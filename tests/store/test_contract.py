@@ -1,0 +1,329 @@
+"""The SessionStore contract, the same for every store: memory, sqlite and redis."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import redis
+
+from service.store.base import (
+    IDEMPOTENCY_TTL,
+    Commit,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionRecord,
+    SessionStore,
+)
+from service.store.redis import RedisStore, _index_member
+from tests.store.conftest import StoreFactory
+
+ALICE, BOB = "alice", "bob"
+EVERY_BYTE = bytes(range(256)) + b"\x00\r\n" + os.urandom(4096)
+
+
+def session(
+    sid: str = "s1", owner: str = ALICE, created_at: float | None = None, **changes: object
+) -> SessionRecord:
+    now = time.time() if created_at is None else created_at
+    record = SessionRecord(
+        id=sid,
+        owner=owner,
+        name="first ✓",
+        spec='{"model": {"type": "linear"}, "device": "cpu"}',
+        state=EVERY_BYTE,
+        step=0,
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+    return replace(record, **changes)
+
+
+def idem(key: str = "k1", owner: str = ALICE, created_at: float | None = None) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        owner=owner,
+        key=key,
+        fingerprint=f"POST /v1/sessions sha256:{key}",
+        status=201,
+        body=b'{"id": "s1"}\x00\xff' + EVERY_BYTE,
+        headers='{"Location": "/v1/sessions/s1", "ETag": "\\"1\\""}',
+        created_at=time.time() if created_at is None else created_at,
+    )
+
+
+def row(step: int) -> HistoryRow:
+    return HistoryRow(step=step, loss=1.0 / (step + 3), grad_norm=0.1 * step, at=time.time())
+
+
+def stepped(record: SessionRecord, state: bytes = b"next") -> SessionRecord:
+    """The record after one step: what a worker commits."""
+    return replace(record, state=state, step=record.step + 1, updated_at=time.time())
+
+
+def test_create_and_get_round_trip_bytes_exactly(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    got = store.get(ALICE, "s1")
+    assert got == record
+    assert got is not None and got.state == EVERY_BYTE
+    unnamed = session("s2", name=None, state=b"", created_at=1_700_000_000.123456789)
+    assert store.create(unnamed) is Commit.OK
+    assert store.get(ALICE, "s2") == unnamed
+    assert store.get(ALICE, "missing") is None
+    assert store.ping() is True
+
+
+def test_create_refuses_an_id_that_exists(store: SessionStore) -> None:
+    original = session()
+    assert store.create(original) is Commit.OK
+    assert store.create(session(state=b"other")) is Commit.CONFLICT
+    assert store.create(session(owner=BOB)) is Commit.CONFLICT
+    assert store.get(ALICE, "s1") == original
+    assert store.get(BOB, "s1") is None
+
+
+def test_another_owner_sees_nothing(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.commit(stepped(record), 1, history=row(1)) is Commit.OK
+    mine = store.get(ALICE, "s1")
+    assert mine is not None
+    assert store.get(BOB, "s1") is None
+    assert store.commit(replace(stepped(mine), owner=BOB), mine.version) is Commit.GONE
+    assert store.history(BOB, "s1", 10) == []
+    assert store.sessions(BOB, 10) == []
+    assert store.delete(BOB, "s1") is False
+    assert store.get(ALICE, "s1") == mine
+    assert [h.step for h in store.history(ALICE, "s1", 10)] == [1]
+    assert store.sessions(ALICE, 10) == [mine]
+
+
+def test_sessions_page_in_creation_order(store: SessionStore) -> None:
+    base = time.time()
+    # Two pairs share a created_at: those are ordered by id.
+    stamps = {"g": 0.0, "c": 1.0, "a": 2.0, "f": 2.0, "b": 3.0, "e": 3.0, "d": 4.0}
+    for sid, offset in stamps.items():
+        assert store.create(session(sid, created_at=base + offset)) is Commit.OK
+    assert store.create(session("z", owner=BOB, created_at=base + 1.5)) is Commit.OK
+    expected = ["g", "c", "a", "f", "b", "e", "d"]
+
+    seen: list[str] = []
+    pages = 0
+    after = None
+    while True:
+        page = store.sessions(ALICE, 3, after)
+        if not page:
+            break
+        pages += 1
+        assert len(page) <= 3
+        seen += [r.id for r in page]
+        after = (page[-1].created_at, page[-1].id)
+    assert seen == expected
+    assert pages == 3
+    assert [r.id for r in store.sessions(BOB, 3)] == ["z"]
+
+
+def test_a_cursor_on_a_deleted_session_still_continues(store: SessionStore) -> None:
+    base = time.time()
+    for i, sid in enumerate(["a", "b", "c", "d", "e", "f", "g"]):
+        assert store.create(session(sid, created_at=base + (i // 2))) is Commit.OK
+    first = store.sessions(ALICE, 3)
+    assert [r.id for r in first] == ["a", "b", "c"]
+    assert store.delete(ALICE, "c") is True
+    assert store.delete(ALICE, "d") is True
+    cursor = (first[-1].created_at, first[-1].id)
+    assert [r.id for r in store.sessions(ALICE, 3, cursor)] == ["e", "f", "g"]
+    assert [r.id for r in store.sessions(ALICE, 10)] == ["a", "b", "e", "f", "g"]
+
+
+def test_commit_is_a_compare_and_set(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.commit(stepped(record, b"one"), 1, history=row(1)) is Commit.OK
+    current = store.get(ALICE, "s1")
+    assert current is not None
+    assert (current.version, current.step, current.state) == (2, 1, b"one")
+
+    stale = store.commit(stepped(record, b"stale"), 1, history=row(1), idem=idem("late"))
+    assert stale is Commit.CONFLICT
+    assert store.get(ALICE, "s1") == current
+    assert [h.step for h in store.history(ALICE, "s1", 10)] == [1]
+    assert store.idempotency(ALICE, "late", time.time()) is None
+    assert store.remember(idem("late")) is True  # the key was not taken either
+
+    assert store.commit(stepped(session("nope")), 1) is Commit.GONE
+    assert store.get(ALICE, "nope") is None
+
+
+def test_commit_writes_state_history_and_idempotency_together(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    answer = idem("step-1")
+    history = row(1)
+    new = replace(stepped(record, EVERY_BYTE[::-1]), name=None)
+    assert store.commit(new, 1, history=history, idem=answer) is Commit.OK
+    assert store.get(ALICE, "s1") == replace(new, version=2)
+    assert store.history(ALICE, "s1", 10) == [history]
+    assert store.idempotency(ALICE, "step-1", time.time()) == answer
+    # A commit without history (a PATCH) adds no row.
+    renamed = replace(new, name="renamed")
+    assert store.commit(renamed, 2) is Commit.OK
+    assert store.get(ALICE, "s1") == replace(renamed, version=3)
+    assert store.history(ALICE, "s1", 10) == [history]
+
+
+def test_a_taken_idempotency_key_is_a_conflict(store: SessionStore) -> None:
+    assert store.create(session("s1"), idem("k")) is Commit.OK
+    assert store.create(session("s2"), idem("k")) is Commit.CONFLICT
+    assert store.get(ALICE, "s2") is None
+    assert [r.id for r in store.sessions(ALICE, 10)] == ["s1"]
+
+    record = store.get(ALICE, "s1")
+    assert record is not None
+    assert store.commit(stepped(record), record.version, row(1), idem("k")) is Commit.CONFLICT
+    assert store.get(ALICE, "s1") == record
+    assert store.history(ALICE, "s1", 10) == []
+
+    assert store.remember(idem("k")) is False
+    kept = store.idempotency(ALICE, "k", time.time())
+    assert kept is not None and kept.fingerprint == idem("k").fingerprint
+
+    # Keys are per owner: Bob's "k" is another key.
+    assert store.remember(idem("k", owner=BOB)) is True
+    assert store.create(session("s3", owner=BOB), idem("k2", owner=BOB)) is Commit.OK
+
+
+def test_remember_stores_an_answer(store: SessionStore) -> None:
+    answer = idem("r")
+    assert store.remember(answer) is True
+    assert store.idempotency(ALICE, "r", time.time()) == answer
+    assert store.idempotency(BOB, "r", time.time()) is None
+    assert store.idempotency(ALICE, "other", time.time()) is None
+
+
+def test_idempotency_records_expire_after_the_ttl(store: SessionStore) -> None:
+    now = time.time()
+    old = idem("k", created_at=now - IDEMPOTENCY_TTL - 1)
+    assert store.remember(old) is True
+    assert store.idempotency(ALICE, "k", now) is None
+    assert store.idempotency(ALICE, "k", now - IDEMPOTENCY_TTL / 2) == old
+
+    fresh = idem("k", created_at=now)
+    assert store.remember(fresh) is True
+    assert store.idempotency(ALICE, "k", now) == fresh
+
+    assert store.remember(idem("c", created_at=now - IDEMPOTENCY_TTL - 1)) is True
+    assert store.create(session("s1"), idem("c", created_at=now)) is Commit.OK
+    assert store.remember(idem("m", created_at=now - IDEMPOTENCY_TTL - 1)) is True
+    record = store.get(ALICE, "s1")
+    assert record is not None
+    assert store.commit(stepped(record), 1, row(1), idem("m", created_at=now)) is Commit.OK
+    assert store.idempotency(ALICE, "m", now) == idem("m", created_at=now)
+
+
+def test_history_pages_by_step(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    rows = []
+    for step in range(1, 8):
+        rows.append(row(step))
+        assert store.commit(stepped(record), record.version, rows[-1]) is Commit.OK
+        current = store.get(ALICE, "s1")
+        assert current is not None
+        record = current
+    assert store.history(ALICE, "s1", 3) == rows[:3]
+    assert store.history(ALICE, "s1", 3, after_step=3) == rows[3:6]
+    assert store.history(ALICE, "s1", 3, after_step=6) == rows[6:]
+    assert store.history(ALICE, "s1", 3, after_step=7) == []
+    assert store.history(ALICE, "s1", 100) == rows
+
+
+def test_delete_removes_the_session_and_its_history(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.commit(stepped(record), 1, row(1)) is Commit.OK
+    assert store.delete(ALICE, "s1") is True
+    assert store.get(ALICE, "s1") is None
+    assert store.history(ALICE, "s1", 10) == []
+    assert store.sessions(ALICE, 10) == []
+    assert store.delete(ALICE, "s1") is False
+    assert store.commit(stepped(record), 2) is Commit.GONE
+    # The id can be used again, and the new session starts with no history.
+    assert store.create(session()) is Commit.OK
+    assert store.history(ALICE, "s1", 10) == []
+
+
+def test_concurrent_steps_each_apply_once(store_factory: StoreFactory) -> None:
+    first = store_factory()
+    assert first.create(session(state=b"0")) is Commit.OK
+    threads, steps = 8, 50
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        store = store_factory()
+        try:
+            for _ in range(steps):
+                while True:
+                    record = store.get(ALICE, "s1")
+                    assert record is not None
+                    new = replace(stepped(record), state=str(record.step + 1).encode())
+                    result = store.commit(new, record.version, row(record.step + 1))
+                    if result is Commit.OK:
+                        break
+                    assert result is Commit.CONFLICT
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    final = first.get(ALICE, "s1")
+    assert final is not None
+    assert (final.step, final.state, final.version) == (400, b"400", 401)
+    history = first.history(ALICE, "s1", 1000)
+    assert [h.step for h in history] == list(range(1, threads * steps + 1))
+
+
+def test_redis_idempotency_records_carry_a_ttl(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert store.remember(idem("t")) is True
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        assert len(keys) == 1
+        assert IDEMPOTENCY_TTL - 60 < client.ttl(keys[0]) <= IDEMPOTENCY_TTL
+        client.delete(*keys)
+    finally:
+        client.close()
+        store.close()
+
+
+def test_redis_delete_leaves_no_keys_behind(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        record = session()
+        assert store.create(record) is Commit.OK
+        assert store.commit(stepped(record), 1, row(1)) is Commit.OK
+        assert len(list(client.scan_iter(match=f"{prefix}*"))) == 3  # session, history, index
+        assert store.delete(ALICE, "s1") is True
+        assert list(client.scan_iter(match=f"{prefix}*")) == []
+    finally:
+        client.close()
+        store.close()
+
+
+def test_redis_index_members_sort_as_created_at_then_id() -> None:
+    stamps = [-1e300, -2.5, -1.0, -0.0, 0.0, 1e-300, 1.0, 1.5, 1_700_000_000.25, 1e300]
+    pairs = [(t, sid) for t in stamps for sid in ("", "a", "a\x00", "ab", "b", "é")]
+    members = sorted(pairs, key=lambda p: _index_member(*p))
+    assert members == sorted(pairs)
