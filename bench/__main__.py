@@ -117,6 +117,7 @@ def _line(stats: Stats) -> str:
 def main() -> int:
     started = time.monotonic()
     config = Config.from_env()
+    load_at_start = report.load_average()
     log(f"bench: {'quick' if config.quick else 'full'} run, {config.clients} clients")
     torch.set_num_threads(inprocess.service_torch_threads())
     workloads = build_all()
@@ -140,7 +141,9 @@ def main() -> int:
     if errors:
         print("\nErrors:\n" + errors)
     if config.out is not None:
-        text = document.render(config, report.machine(), workloads, TARGETS, results, stages)
+        text = document.render(
+            config, report.machine(load_at_start), workloads, TARGETS, results, stages
+        )
         config.out.parent.mkdir(parents=True, exist_ok=True)
         config.out.write_text(text, encoding="utf-8")
         log(f"wrote {config.out}")

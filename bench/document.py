@@ -34,14 +34,20 @@ on one request: **service / engine** is what HTTP and JSON add, **engine / torch
 engine adds over raw torch."""
 
 CAVEATS = """\
+- All three servers run side by side (idle ones cost nothing), and each workload's rows are
+  measured one right after the other, so that a neighbour's burst hits a workload's rows
+  alike rather than one row only.
 - The driver (async httpx, bodies encoded once beforehand) runs on the same cores as the
   server; where the server is fast (the floor, the seed), part of what is measured is the
-  driver, which caps the floor and so flatters `service / floor`.
+  driver, which caps the floor and so flatters `service / floor`. `driver CPU ms/req` shows
+  how much.
 - HTTP p50 and p99 are what a client sees with all clients in flight, queueing included; the
   in-process rows run one call at a time. The slow rows (the MLP in list form) complete few
   requests, so their p99 is close to their maximum.
-- The in-process loops run in the benchmark's own process with torch's default threads; the
-  service shares the cores between its compute threads."""
+- The in-process loops run with as many torch threads as each of the service's compute
+  threads gets, one call at a time, whereas the service runs several compute threads at
+  once: for compute-bound rows `engine / service` can fall below 1×; the CPU ratio
+  `service / engine` is the like-for-like measure of what HTTP adds."""
 
 
 def render(

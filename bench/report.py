@@ -156,19 +156,31 @@ def errors_text(results: Results) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, str]:
+def load_average() -> str:
+    """The 1-minute load average, or "unknown"."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
+def machine(load_at_start: str) -> dict[str, str]:
     info = {
         "cores": str(os.cpu_count()),
         "cpu": _cpu_model() or platform.processor() or "unknown",
         "os": platform.platform(),
         "python": platform.python_version(),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads in the loops)",
+        "torch": f"{torch.__version__} (intra-op threads in the loops: {torch.get_num_threads()})",
     }
     for package in ("fastapi", "uvicorn", "httpx", "pydantic"):
         info[package] = metadata.version(package)
     commit = _git_commit()
     if commit:
         info["commit"] = commit
+    info["load average (1 min)"] = (
+        f"{load_at_start} at the start, {load_average()} at the end: other work on the "
+        "machine, which moves absolute figures"
+    )
     info["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return info
 

@@ -71,7 +71,7 @@ def _seed_torch() -> float:
     x = torch.tensor(1.0, dtype=torch.float64)
     y = torch.tensor(3.0, dtype=torch.float64)
     loss = 0.5 * ((w * x + 1 - y) ** 2).mean()
-    loss.backward()
+    torch.autograd.backward(loss)
     torch.optim.SGD([w], lr=0.1).step()
     return loss.item()
 
@@ -108,7 +108,7 @@ def _mlp_torch(x: torch.Tensor, y: torch.Tensor) -> TorchStep:
     def step() -> float:
         model = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
         loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        torch.autograd.backward(loss)
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         return loss.item()
 

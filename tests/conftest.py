@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from tests.redis_server import redis_url  # noqa: F401 (a fixture for every test folder)
 
 SEED_STEP: dict[str, Any] = {
     "model": {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 from service.store.base import (
     Commit,
     HistoryRow,
@@ -12,7 +14,8 @@ from service.store.base import (
 
 
 def open_store(url: str) -> SessionStore:
-    """``memory://``, ``sqlite:///path`` (relative) or ``sqlite:////abs/path``, ``redis://...``."""
+    """``memory://``, ``sqlite:///path`` (relative) or ``sqlite:////abs/path``,
+    ``redis://host:port/db[?prefix=NAME]``."""
     if url == "memory://" or url.startswith("memory:"):
         from service.store.memory import MemoryStore
 
@@ -24,7 +27,14 @@ def open_store(url: str) -> SessionStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore
 
-        return RedisStore(url)
+        # ?prefix=NAME keeps several deployments (or test runs) apart in one Redis database.
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        prefix = dict(query).get("prefix", "gradsvc")
+        rest = urlunsplit(
+            parts._replace(query=urlencode([kv for kv in query if kv[0] != "prefix"]))
+        )
+        return RedisStore(rest, prefix=f"{prefix}:")
     raise ValueError(
         f"unknown store {url!r}: use memory://, sqlite:///path or redis://host:port/db"
     )
