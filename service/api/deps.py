@@ -1,8 +1,13 @@
-"""Named dependencies: what a route needs from the running app."""
+"""Named dependencies: what a route needs from the running app.
+
+All ``async def``: a plain ``def`` dependency costs a trip through FastAPI's thread pool on
+every request, for what is only an attribute read.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -15,33 +20,17 @@ from service.workers.pool import ComputePool
 from service.workers.sessions import Sessions
 
 
-def _pool(request: Request) -> ComputePool:
-    pool: ComputePool = request.app.state.pool
-    return pool
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _limits(request: Request) -> Limits:
-    limits: Limits = request.app.state.limits
-    return limits
-
-
-PoolDep = Annotated[ComputePool, Depends(_pool)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
-LimitsDep = Annotated[Limits, Depends(_limits)]
-
-
-def _state(name: str) -> object:
-    def get(request: Request) -> object:
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    async def get(request: Request) -> Any:
         return getattr(request.app.state, name)
 
+    get.__name__ = f"app_state_{name}"
     return get
 
 
+PoolDep = Annotated[ComputePool, Depends(_state("pool"))]
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+LimitsDep = Annotated[Limits, Depends(_state("limits"))]
 SessionsDep = Annotated[Sessions, Depends(_state("sessions"))]
 StoreDep = Annotated[SessionStore, Depends(_state("store"))]
 LocksDep = Annotated[SessionLocks, Depends(_state("locks"))]

@@ -64,6 +64,8 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.int64 and tensor.dtype.is_floating_point:
         if not bool((tensor == tensor.round()).all()):
             raise TensorError("int64 tensor holds non-integral values")
+        if tensor.numel() and float(tensor.abs().max()) >= 2.0**63:
+            raise TensorError("integer out of range for int64")
     if tensor.dtype == dtype:
         return tensor
     converted = tensor.to(dtype)

@@ -9,14 +9,17 @@ from fastapi import APIRouter, Body, Depends, Response
 
 from service.api import schemas
 from service.api.deps import InFlightDep, LimitsDep, PoolDep, StoreDep
-from service.api.idempotency import IdemDep
+from service.api.idempotency import IdemDep, InFlight
 from service.api.problems import responses
-from service.api.responses import respond
+from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
+from service.engine.limits import Limits
 from service.engine.step import Kind, run
-from service.workers.sessions import Answer, remembered
+from service.store import SessionStore
+from service.workers.pool import ComputePool
+from service.workers.sessions import Answer, Idem, remembered
 
-router = APIRouter(prefix="/v1", tags=["compute"])
+router = APIRouter(prefix="/v1", tags=["compute"], route_class=FastJSONRoute)
 PROBLEMS = responses(400, 409, 422, 503)
 
 
@@ -25,11 +28,11 @@ class Compute:
 
     def __init__(
         self,
-        pool: PoolDep,
-        limits: LimitsDep,
-        store: StoreDep,
-        idem: IdemDep,
-        inflight: InFlightDep,
+        pool: ComputePool,
+        limits: Limits,
+        store: SessionStore,
+        idem: Idem | None,
+        inflight: InFlight,
     ) -> None:
         self.pool = pool
         self.limits = limits
@@ -47,7 +50,13 @@ class Compute:
             return respond(await self.pool.run(remembered, self.store, self.idem, compute))
 
 
-ComputeDep = Annotated[Compute, Depends()]
+async def _compute(
+    pool: PoolDep, limits: LimitsDep, store: StoreDep, idem: IdemDep, inflight: InFlightDep
+) -> Compute:
+    return Compute(pool, limits, store, idem, inflight)
+
+
+ComputeDep = Annotated[Compute, Depends(_compute)]
 
 
 @router.post(

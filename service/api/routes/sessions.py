@@ -15,13 +15,13 @@ from service.api.deps import InFlightDep, LocksDep, PoolDep, SessionsDep
 from service.api.idempotency import IdemDep, InFlight
 from service.api.ordering import SessionLocks
 from service.api.problems import responses
-from service.api.responses import respond
+from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.errors import InvalidInput, NotFound
 from service.workers.pool import ComputePool
 from service.workers.sessions import Idem, Sessions, etag, iso
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=FastJSONRoute)
 SessionId = Annotated[str, Path(description="a session id, as returned by POST /v1/sessions")]
 IfMatch = Annotated[
     str | None,
