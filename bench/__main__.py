@@ -12,7 +12,7 @@ import torch
 
 from bench import breakdown, document, inprocess, report
 from bench.config import Config
-from bench.driver import HEADERS, check_loopback, load
+from bench.driver import HEADERS, WrongAnswer, check_loopback, load
 from bench.servers import TARGETS, Server, ServerError, Target, running
 from bench.stats import Stats
 from bench.workloads import Workload, build_all
@@ -23,10 +23,6 @@ Servers = dict[str, Server | str]
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class WrongAnswer(RuntimeError):
-    pass
 
 
 def verify(base: str, workload: Workload) -> None:

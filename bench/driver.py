@@ -1,5 +1,6 @@
 """The load generator: a fixed number of concurrent async httpx clients, bounded in requests
-and in time, against 127.0.0.1 only.
+and in time, against 127.0.0.1 only; one URL, or several taken in turn (the sessions of a
+stateful row).
 
 Bodies are encoded once, before timing, so that the driver's own cost per request is the HTTP
 round trip and reading the answer. The driver shares this machine's cores with the server:
@@ -9,8 +10,9 @@ a fast server is partly measured through the driver, so compare rows, not absolu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -20,6 +22,10 @@ LOOPBACK = "127.0.0.1"
 HEADERS = {"content-type": "application/json"}
 
 
+class WrongAnswer(RuntimeError):
+    """A target answered, but not what the workload expects: its row is not loaded."""
+
+
 def check_loopback(url: str) -> None:
     host = httpx.URL(url).host
     if host != LOOPBACK:
@@ -27,7 +33,7 @@ def check_loopback(url: str) -> None:
 
 
 async def load(
-    url: str,
+    url: str | Sequence[str],
     body: bytes,
     *,
     clients: int,
@@ -36,12 +42,18 @@ async def load(
     warmup: int = 1,
     timeout: float = 60.0,
     server_cpu: Callable[[], float] | None = None,
+    store_cpu: Callable[[], float] | None = None,
 ) -> Stats:
     """POST ``body`` to ``url`` from ``clients`` concurrent clients until ``max_requests``
     have been sent or ``seconds`` have passed; a non-200 answer or a transport error counts
-    as an error. Each client first sends ``warmup`` untimed requests. ``server_cpu`` reads
-    the server's CPU seconds, so that the row can say what each request cost it."""
-    check_loopback(url)
+    as an error. Given several URLs, each request takes the next one, round-robin across all
+    clients. Each client first sends ``warmup`` untimed requests. ``server_cpu`` (and
+    ``store_cpu``, for a store in its own process) read CPU seconds, so that the row can say
+    what each request cost."""
+    urls = [url] if isinstance(url, str) else list(url)
+    for each in urls:
+        check_loopback(each)
+    turn = itertools.cycle(urls)
     stats = Stats()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(trust_env=False, timeout=timeout, limits=limits) as client:
@@ -49,12 +61,13 @@ async def load(
         async def send(record: bool) -> None:
             started = time.perf_counter()
             try:
-                response = await client.post(url, content=body, headers=HEADERS)
+                response = await client.post(next(turn), content=body, headers=HEADERS)
             except httpx.HTTPError as exc:
                 if record:
                     stats.error(f"{type(exc).__name__}: {exc}")
                 return
             if not record:
+                stats.untimed_ok += int(response.status_code == 200)
                 return
             if response.status_code == 200:
                 stats.latencies.append(time.perf_counter() - started)
@@ -68,6 +81,7 @@ async def load(
         await asyncio.gather(*(warm() for _ in range(clients)))
         budget = max_requests
         cpu_before = server_cpu() if server_cpu else float("nan")
+        store_before = store_cpu() if store_cpu else float("nan")
         driver_before = time.process_time()
         start = time.perf_counter()
         deadline = start + seconds
@@ -82,4 +96,5 @@ async def load(
         stats.elapsed = time.perf_counter() - start
         stats.driver_cpu = time.process_time() - driver_before
         stats.cpu = (server_cpu() if server_cpu else float("nan")) - cpu_before
+        stats.store_cpu = (store_cpu() if store_cpu else float("nan")) - store_before
     return stats

@@ -55,6 +55,17 @@ def _gradsvc(port: int) -> list[str]:
     return [*entry, "serve", "--host", LOOPBACK, "--port", str(port), "--log-level", "warning"]
 
 
+def gradsvc_with_store(name: str, summary: str, store_url: str) -> Target:
+    """``gradsvc serve --store store_url``, defaults otherwise: a stateful row's server."""
+    return Target(
+        name=name,
+        summary=summary,
+        command=lambda port: [*_gradsvc(port), "--store", store_url],
+        ready_path="/readyz",
+        accepts=lambda workload: False,
+    )
+
+
 TARGETS: tuple[Target, ...] = (
     Target(
         name="floor",
@@ -88,15 +99,19 @@ class Server:
     pid: int
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the server process so far (all its threads); NaN
-        where /proc cannot say."""
-        try:
-            with open(f"/proc/{self.pid}/stat", encoding="ascii") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return math.nan
-        # After the command name: state is field 3, utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads); NaN where /proc
+    cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -115,19 +130,19 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log:
     with httpx.Client(trust_env=False, timeout=2.0) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise ServerError(f"exited with {process.returncode}:\n{_tail(log)}")
+                raise ServerError(f"exited with {process.returncode}:\n{tail(log)}")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(url).status_code == 200:
                     return
             time.sleep(0.1)
-    raise ServerError(f"not ready after {timeout:.0f} s:\n{_tail(log)}")
+    raise ServerError(f"not ready after {timeout:.0f} s:\n{tail(log)}")
 
 
-def _tail(log: Path, lines: int = 20) -> str:
+def tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> int:
+def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> int:
     if process.poll() is None:
         process.terminate()
         try:
@@ -158,6 +173,6 @@ def running(target: Target, *, timeout: float = 90.0) -> Iterator[Server]:
                     raise ServerError(f"{target.name}: {exc}") from None
                 yield Server(base, process.pid)
             finally:
-                code = _stop(process)
+                code = stop(process)
         if code not in (0, -15):
-            print(f"warning: {target.name} exited with {code}:\n{_tail(log)}", file=sys.stderr)
+            print(f"warning: {target.name} exited with {code}:\n{tail(log)}", file=sys.stderr)

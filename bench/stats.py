@@ -22,6 +22,10 @@ class Stats:
     """CPU seconds of the serving process (the server, or this process for a loop)."""
     driver_cpu: float = math.nan
     """CPU seconds of the load generator (HTTP rows only)."""
+    store_cpu: float = math.nan
+    """CPU seconds of a store that runs as its own process (redis-server); NaN otherwise."""
+    untimed_ok: int = 0
+    """Successful untimed (warm-up) requests: they change state on a stateful row too."""
 
     @property
     def ok(self) -> int:
@@ -42,6 +46,16 @@ class Stats:
     @property
     def driver_cpu_ms(self) -> float:
         return self.per_request_ms(self.driver_cpu)
+
+    @property
+    def store_cpu_ms(self) -> float:
+        return self.per_request_ms(self.store_cpu)
+
+    @property
+    def serving_cpu_ms(self) -> float:
+        """CPU per request of everything that serves it: the server and its store process."""
+        store = 0.0 if math.isnan(self.store_cpu) else self.store_cpu
+        return self.per_request_ms(self.cpu + store)
 
     def percentile_ms(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the latencies, in milliseconds."""

@@ -206,6 +206,7 @@ class Batch(Spec):
 
 
 Encoding = Literal["list", "b64"]
+Kind = Literal["forward", "gradients", "step"]
 ENCODING_DESCRIPTION = (
     'response tensors as nested lists, or all in the {"dtype","shape","b64"} form'
 )

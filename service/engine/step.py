@@ -9,17 +9,17 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from service.engine import losses, models, optimizers, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
+from service.engine.specs import Kind
 from service.engine.tensors import encode
 from service.engine.trace import TraceNode, Tracer
 from service.errors import NonFinite, ShapeError
 
-Kind = Literal["forward", "gradients", "step"]
 _RNG_LOCK = threading.Lock()
 
 
@@ -161,37 +161,63 @@ def _check_finite(what: str, tensor: torch.Tensor) -> None:
         raise NonFinite(f"{what} is not finite (NaN or Infinity): JSON cannot carry it")
 
 
+def compute(
+    kind: Kind,
+    model: models.Model,
+    inputs: models.Inputs,
+    y: Any,
+    *,
+    loss: specs.LossName | specs.LossSpec | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    clip_grad_norm: float | None = None,
+    explain: bool = False,
+    seed: int = 0,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Result:
+    """One forward, gradients or step on a built model, dropout seeded with ``seed``."""
+    with seeded(model, seed):
+        if kind == "forward":
+            return forward(model, inputs)
+        assert loss is not None
+        loss_spec = losses.normalise(loss)
+        if kind == "gradients":
+            return gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+        assert optimizer is not None
+        return step(
+            model,
+            loss_spec,
+            optimizer,
+            inputs,
+            y,
+            clip_grad_norm=clip_grad_norm,
+            explain=explain,
+            limits=limits,
+        )
+
+
 def run(
     kind: Kind, request: specs.ForwardRequest, limits: Limits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
     """A whole stateless request: build, compute, encode. Fresh optimizer state every time."""
     model = models.build(request.model, limits)
     inputs = model.decode_inputs(request.batch.x, limits)
-    b64 = request.encoding == "b64"
-    with seeded(model, request.model.seed):
-        if kind == "forward":
-            return {"outputs": encode(forward(model, inputs).outputs, b64)}
-        assert isinstance(request, specs.GradientsRequest)
-        loss_spec = losses.normalise(request.loss)
-        explain = request.explain
-        if kind == "gradients":
-            result = gradients(
-                model, loss_spec, inputs, request.batch.y, explain=explain, limits=limits
-            )
-        else:
-            assert isinstance(request, specs.StepRequest)
-            optimizer = optimizers.build(request.optimizer, model.trainable().values())
-            result = step(
-                model,
-                loss_spec,
-                optimizer,
-                inputs,
-                request.batch.y,
-                clip_grad_norm=request.optimizer.clip_grad_norm,
-                explain=explain,
-                limits=limits,
-            )
-    return encode_result(result, b64)
+    optimizer, clip = None, None
+    if isinstance(request, specs.StepRequest):
+        optimizer = optimizers.build(request.optimizer, model.trainable().values())
+        clip = request.optimizer.clip_grad_norm
+    result = compute(
+        kind,
+        model,
+        inputs,
+        request.batch.y,
+        loss=getattr(request, "loss", None),
+        optimizer=optimizer,
+        clip_grad_norm=clip,
+        explain=getattr(request, "explain", False),
+        seed=request.model.seed,
+        limits=limits,
+    )
+    return encode_result(result, request.encoding == "b64")
 
 
 def encode_result(result: Result, b64: bool) -> dict[str, Any]:

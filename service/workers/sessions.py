@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.engine import losses, models, optimizers, specs, state
+from service.engine import models, optimizers, specs, state
 from service.engine.limits import Limits
-from service.engine.step import Result, encode_result, forward, gradients, seeded, step
+from service.engine.specs import Kind
+from service.engine.step import compute, encode_result
 from service.engine.tensors import decode, encode
 from service.errors import (
     GradsvcError,
@@ -224,7 +225,7 @@ class Sessions:
 
     def run(
         self,
-        kind: Literal["step", "gradients", "forward"],
+        kind: Kind,
         owner: str,
         session_id: str,
         request: specs.SessionBatchRequest,
@@ -255,7 +256,7 @@ class Sessions:
 
     def _compute(
         self,
-        kind: str,
+        kind: Kind,
         record: SessionRecord,
         request: specs.SessionBatchRequest,
     ) -> tuple[Answer, SessionRecord | None, HistoryRow | None]:
@@ -264,26 +265,18 @@ class Sessions:
         inputs = model.decode_inputs(request.batch.x, self.limits)
         b64 = request.encoding == "b64"
         explain = isinstance(request, specs.SessionGradientsRequest) and request.explain
-        loss_spec = losses.normalise(spec.loss)
-        result: Result
-        with seeded(model, spec.model.seed + record.step):
-            if kind == "forward":
-                result = forward(model, inputs)
-            elif kind == "gradients":
-                result = gradients(
-                    model, loss_spec, inputs, request.batch.y, explain=explain, limits=self.limits
-                )
-            else:
-                result = step(
-                    model,
-                    loss_spec,
-                    optimizer,
-                    inputs,
-                    request.batch.y,
-                    clip_grad_norm=spec.optimizer.clip_grad_norm,
-                    explain=explain,
-                    limits=self.limits,
-                )
+        result = compute(
+            kind,
+            model,
+            inputs,
+            request.batch.y,
+            loss=spec.loss,
+            optimizer=optimizer,
+            clip_grad_norm=spec.optimizer.clip_grad_norm,
+            explain=explain,
+            seed=spec.model.seed + record.step,
+            limits=self.limits,
+        )
         if kind != "step":
             return self._answer(200, encode_result(result, b64), record), None, None
         now = time.time()

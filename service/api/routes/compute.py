@@ -14,7 +14,8 @@ from service.api.problems import responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.limits import Limits
-from service.engine.step import Kind, run
+from service.engine.specs import Kind
+from service.engine.step import run
 from service.store import SessionStore
 from service.workers.pool import ComputePool
 from service.workers.sessions import Answer, Idem, remembered

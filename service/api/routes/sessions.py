@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 
 from service.api import schemas
 from service.api.auth import PrincipalDep
@@ -17,6 +17,7 @@ from service.api.ordering import SessionLocks
 from service.api.problems import responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
+from service.engine.specs import Kind
 from service.errors import InvalidInput, NotFound
 from service.workers.pool import ComputePool
 from service.workers.sessions import Idem, Sessions, etag, iso
@@ -160,19 +161,51 @@ async def delete(
     return Response(status_code=204)
 
 
-async def _run(
-    kind: Literal["step", "gradients", "forward"],
-    session_id: str,
-    body: specs.SessionBatchRequest,
-    owner: str,
-    idem: Idem | None,
-    if_match: str | None,
-    deps: tuple[Sessions, ComputePool, SessionLocks, InFlight],
-) -> Response:
-    sessions, pool, locks, inflight = deps
-    async with inflight.hold(idem), locks.hold(_checked(session_id)):
-        answer = await pool.run(sessions.run, kind, owner, session_id, body, idem, if_match)
-    return respond(answer)
+class SessionCall:
+    """A step, gradients or forward on one session: one at a time per session, in arrival
+    order, and one request per Idempotency-Key at a time."""
+
+    def __init__(
+        self,
+        owner: str,
+        idem: Idem | None,
+        sessions: Sessions,
+        pool: ComputePool,
+        locks: SessionLocks,
+        inflight: InFlight,
+    ) -> None:
+        self.owner, self.idem, self.sessions = owner, idem, sessions
+        self.pool, self.locks, self.inflight = pool, locks, inflight
+
+    async def __call__(
+        self,
+        kind: Kind,
+        session_id: str,
+        body: specs.SessionBatchRequest,
+        if_match: str | None = None,
+    ) -> Response:
+        async with self.inflight.hold(self.idem), self.locks.hold(_checked(session_id)):
+            answer = await self.pool.run(
+                self.sessions.run, kind, self.owner, session_id, body, self.idem, if_match
+            )
+        return respond(answer)
+
+
+async def _session_call(
+    owner: PrincipalDep,
+    idem: IdemDep,
+    sessions: SessionsDep,
+    pool: PoolDep,
+    locks: LocksDep,
+    inflight: InFlightDep,
+) -> SessionCall:
+    return SessionCall(owner, idem, sessions, pool, locks, inflight)
+
+
+SessionCallDep = Annotated[SessionCall, Depends(_session_call)]
+StepBody = Annotated[
+    specs.SessionGradientsRequest, Body(openapi_examples=schemas.SESSION_STEP_EXAMPLES)
+]
 
 
 @router.post(
@@ -183,21 +216,9 @@ async def _run(
     summary="One optimizer step on the session's state, committed before the answer",
 )
 async def step(
-    session_id: SessionId,
-    body: Annotated[
-        specs.SessionGradientsRequest, Body(openapi_examples=schemas.SESSION_STEP_EXAMPLES)
-    ],
-    owner: PrincipalDep,
-    idem: IdemDep,
-    sessions: SessionsDep,
-    pool: PoolDep,
-    locks: LocksDep,
-    inflight: InFlightDep,
-    if_match: IfMatch = None,
+    session_id: SessionId, body: StepBody, call: SessionCallDep, if_match: IfMatch = None
 ) -> Response:
-    return await _run(
-        "step", session_id, body, owner, idem, if_match, (sessions, pool, locks, inflight)
-    )
+    return await call("step", session_id, body, if_match)
 
 
 @router.post(
@@ -208,20 +229,9 @@ async def step(
     summary="Loss and dL/dθ at the session's parameters; nothing changes",
 )
 async def session_gradients(
-    session_id: SessionId,
-    body: Annotated[
-        specs.SessionGradientsRequest, Body(openapi_examples=schemas.SESSION_STEP_EXAMPLES)
-    ],
-    owner: PrincipalDep,
-    idem: IdemDep,
-    sessions: SessionsDep,
-    pool: PoolDep,
-    locks: LocksDep,
-    inflight: InFlightDep,
+    session_id: SessionId, body: StepBody, call: SessionCallDep
 ) -> Response:
-    return await _run(
-        "gradients", session_id, body, owner, idem, None, (sessions, pool, locks, inflight)
-    )
+    return await call("gradients", session_id, body)
 
 
 @router.post(
@@ -236,16 +246,9 @@ async def session_forward(
         specs.SessionBatchRequest,
         Body(openapi_examples={"first": {"summary": "ŷ at x = 1", "value": {"batch": {"x": 1}}}}),
     ],
-    owner: PrincipalDep,
-    idem: IdemDep,
-    sessions: SessionsDep,
-    pool: PoolDep,
-    locks: LocksDep,
-    inflight: InFlightDep,
+    call: SessionCallDep,
 ) -> Response:
-    return await _run(
-        "forward", session_id, body, owner, idem, None, (sessions, pool, locks, inflight)
-    )
+    return await call("forward", session_id, body)
 
 
 @router.get(
