@@ -10,7 +10,7 @@ import time
 import httpx
 import torch
 
-from bench import breakdown, document, inprocess, report
+from bench import breakdown, document, inprocess, report, stateful, stateful_report
 from bench.config import Config
 from bench.driver import HEADERS, WrongAnswer, check_loopback, load
 from bench.servers import TARGETS, Server, ServerError, Target, running
@@ -119,12 +119,16 @@ def main() -> int:
     workloads = build_all()
     results: report.Results = {}
     stages: dict[str, dict[str, float]] = {}
+    sessions = stateful.Outcome()
     with contextlib.ExitStack() as stack:
         servers = start_all(stack)
         for workload in workloads:
             log(f"{workload.name}:")
             results_w, stages[workload.name] = measure_workload(config, workload, servers)
             results |= results_w
+            if workload.name == stateful_report.SEED:
+                # Right after the stateless seed rows, so that the two are compared closely.
+                sessions = stateful.measure(config, workload.reference_loss, log)
     rows = [report.Row(t.name, "HTTP", t.summary) for t in TARGETS] + list(report.IN_PROCESS)
     print(report.ratios_table(workloads, results))
     print()
@@ -133,12 +137,18 @@ def main() -> int:
     print(report.results_table(workloads, results, rows))
     print()
     print(report.breakdown_table(workloads, stages))
-    errors = report.errors_text(results)
+    print()
+    print(stateful_report.results_table(sessions, results))
+    print()
+    print(stateful_report.ratios_table(sessions, results))
+    errors = "\n".join(
+        e for e in (report.errors_text(results), stateful_report.errors_text(sessions)) if e
+    )
     if errors:
         print("\nErrors:\n" + errors)
     if config.out is not None:
         text = document.render(
-            config, report.machine(load_at_start), workloads, TARGETS, results, stages
+            config, report.machine(load_at_start), workloads, TARGETS, results, stages, sessions
         )
         config.out.parent.mkdir(parents=True, exist_ok=True)
         config.out.write_text(text, encoding="utf-8")

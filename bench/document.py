@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench import report
+from bench import report, stateful_report
 from bench.config import Config
 from bench.servers import Target
+from bench.stateful import Outcome
 from bench.workloads import Workload
 
 CAUTION = """\
@@ -36,7 +37,8 @@ engine adds over raw torch."""
 CAVEATS = """\
 - All three servers run side by side (idle ones cost nothing), and each workload's rows are
   measured one right after the other, so that a neighbour's burst hits a workload's rows
-  alike rather than one row only.
+  alike rather than one row only. The stateful rows follow the stateless seed rows at once;
+  their services (and redis-server) run only for them.
 - The driver (async httpx, bodies encoded once beforehand) runs on the same cores as the
   server; where the server is fast (the floor, the seed), part of what is measured is the
   driver, which caps the floor and so flatters `service / floor`. `driver CPU ms/req` shows
@@ -57,6 +59,7 @@ def render(
     targets: Sequence[Target],
     results: report.Results,
     stages: dict[str, dict[str, float]],
+    sessions: Outcome,
 ) -> str:
     rows = [report.Row(t.name, "HTTP", t.summary) for t in targets] + list(report.IN_PROCESS)
     load = (
@@ -72,7 +75,7 @@ def render(
         + (" **Quick mode (`BENCH_QUICK=1`): smoke figures only.**" if config.quick else ""),
         CAUTION,
         "## Reproduce",
-        "    make bench                                # about 2-3 minutes; rewrites this file\n"
+        "    make bench                                # about 4 minutes; rewrites this file\n"
         "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT",
         "Knobs: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` (per HTTP row, default 8), "
         "`BENCH_OUT` (report path). Every server listens on 127.0.0.1 only, on a free port, "
@@ -85,12 +88,15 @@ def render(
         "## Ratios (CPU per request, same run)",
         report.cpu_ratios_table(workloads, results),
         CPU_RATIOS,
+        *stateful_report.section(sessions, results),
         "## Results",
         report.results_table(workloads, results, rows),
         "`CPU ms/req`: the serving process's CPU per request (server, or the loop's process); "
         "`driver CPU ms/req`: the load generator's, which competes for the same cores.",
     ]
-    errors = report.errors_text(results)
+    errors = "\n".join(
+        e for e in (report.errors_text(results), stateful_report.errors_text(sessions)) if e
+    )
     if errors:
         parts += ["Errors:", errors]
     parts += [

@@ -61,7 +61,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def _num(value: float) -> str:
+def num(value: float) -> str:
     if math.isnan(value):
         return "–"
     if value >= 100:
@@ -71,7 +71,7 @@ def _num(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _ratio(top: Stats | None, bottom: Stats | None, measure: str = "rate") -> str:
+def ratio(top: Stats | None, bottom: Stats | None, measure: str = "rate") -> str:
     if top is None or bottom is None:
         return "–"
     a, b = getattr(top, measure), getattr(bottom, measure)
@@ -96,11 +96,11 @@ def results_table(workloads: Sequence[Workload], results: Results, rows: Sequenc
                     workload.name,
                     row.name,
                     row.kind,
-                    _num(stats.rate),
-                    _num(stats.p50_ms),
-                    _num(stats.p99_ms),
-                    _num(stats.cpu_ms),
-                    _num(stats.driver_cpu_ms),
+                    num(stats.rate),
+                    num(stats.p50_ms),
+                    num(stats.p99_ms),
+                    num(stats.cpu_ms),
+                    num(stats.driver_cpu_ms),
                     str(stats.ok),
                     str(stats.errors),
                 ]
@@ -120,10 +120,7 @@ def _pairs_table(
     body = [
         [
             w.name,
-            *(
-                _ratio(results.get((w.name, a)), results.get((w.name, b)), measure)
-                for a, b in pairs
-            ),
+            *(ratio(results.get((w.name, a)), results.get((w.name, b)), measure) for a, b in pairs),
         ]
         for w in workloads
     ]
@@ -143,7 +140,7 @@ def cpu_ratios_table(workloads: Sequence[Workload], results: Results) -> str:
 
 def breakdown_table(workloads: Sequence[Workload], stages: dict[str, dict[str, float]]) -> str:
     names = list(next(iter(stages.values())))
-    body = [[w.name, *(_num(stages[w.name][s]) for s in names)] for w in workloads]
+    body = [[w.name, *(num(stages[w.name][s]) for s in names)] for w in workloads]
     return table(["workload (median ms)", *names], body)
 
 

@@ -1,7 +1,7 @@
 """The requests the benchmark sends, each with its raw torch equivalent and its answer.
 
 A workload is one stateless ``POST /v1/step`` body. Add a row by adding a builder to
-``ALL``; stateful rows (sessions) can extend ``Workload`` with a set-up step later.
+``ALL``. The stateful rows (``bench.stateful``) step sessions made from ``SEED_BODY``.
 """
 
 from __future__ import annotations

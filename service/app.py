@@ -10,6 +10,8 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import docs, problems
+from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
+from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.ordering import SessionLocks
 from service.api.routes import compute, ops, sessions
@@ -39,9 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = open_store(settings.store)
-        app.state.sessions = Sessions(app.state.store, app.state.limits)
+        app.state.sessions = Sessions(
+            app.state.store, app.state.limits, settings.max_sessions_per_key
+        )
         app.state.pool = ComputePool(settings.compute_threads, settings.queue_size)
         app.state.locks = SessionLocks()
+        rate_limited = keys is not None and settings.rate_limit > 0
+        app.state.buckets = (
+            app.state.store.buckets(settings.rate_limit, settings.rate_burst)
+            if rate_limited
+            else None
+        )
         app.state.inflight = InFlight()
         try:
             yield
@@ -59,14 +69,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         license_info={"name": "MIT"},
     )
     app.state.settings = settings
+    keys = KeyRing.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
+    # Outermost first to see a request: the key (401, 429), then the body's size (413).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys)
     app.include_router(compute.router)
     app.include_router(sessions.router)
     app.include_router(ops.router)
     docs.install(app)
     _add_problem_schema(app)
     return app
+
+
+def _declare_security(schema: dict[str, Any]) -> None:
+    """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
+    problems that the middleware answers before any route runs: 401, 413, 429."""
+    schema["components"]["securitySchemes"] = {
+        "apiKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "an API key, when the service is configured with keys",
+        }
+    }
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path in OPEN_PATHS:
+                continue
+            operation["security"] = [{"apiKey": []}, {}]
+            extra = [401, 429] + ([413] if method in ("post", "patch", "put") else [])
+            for status, entry in problems.responses(*extra).items():
+                operation["responses"].setdefault(str(status), entry)
 
 
 def _add_problem_schema(app: FastAPI) -> None:
@@ -86,6 +120,7 @@ def _add_problem_schema(app: FastAPI) -> None:
                 "DType",
                 {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
             )
+            _declare_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

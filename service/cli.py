@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.config import Settings
 
 
@@ -42,7 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            sys.stderr.write(f"gradsvc: {where + ': ' if where else ''}{message}\n")
+        return 2
     return _serve(settings)
 
 

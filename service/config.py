@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
@@ -25,6 +26,15 @@ class Settings(BaseSettings):
         default="sqlite:///data/gradsvc.db",
         description="sqlite:///path, memory:// or redis://host:port/db",
     )
+    api_keys: str | None = Field(
+        default=None, description="comma-separated API keys (Authorization: Bearer <key>)"
+    )
+    api_keys_file: str | None = Field(
+        default=None, description="file of SHA-256 hex digests of API keys, one per line [label]"
+    )
+    insecure: bool = Field(
+        default=False, description="allow a non-loopback address without API keys"
+    )
     log_level: str = Field(default="info", description="uvicorn's log level")
     compute_threads: int = Field(
         default_factory=_default_threads, ge=1, le=256, description="computations run at once"
@@ -34,6 +44,9 @@ class Settings(BaseSettings):
     )
     max_tensor_elements: int = Field(
         default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor"
+    )
+    max_batch_elements: int = Field(
+        default=_DEFAULT.batch_elements, ge=1, description="elements of a batch's inputs"
     )
     max_activation_elements: int = Field(
         default=_DEFAULT.activation_elements, ge=1, description="elements a model may compute"
@@ -57,14 +70,49 @@ class Settings(BaseSettings):
         default=_DEFAULT.layer_width, ge=1, description="features of a linear layer"
     )
 
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="request body bytes (413 over)"
+    )
+    max_sessions_per_key: int = Field(
+        default=1000, ge=1, description="live sessions per API key (429 over)"
+    )
+    rate_limit: float = Field(
+        default=50.0, ge=0, description="requests per second per API key; 0: off (429 over)"
+    )
+    rate_burst: int = Field(default=100, ge=1, description="requests a key may send at once")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if not self.keyed and not self.insecure and not _loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host} with no API keys: anyone who can reach it "
+                "could use it. Give --api-keys or --api-keys-file, or --insecure for a trusted "
+                "network."
+            )
+        return self
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.api_keys or self.api_keys_file)
+
     def limits(self) -> Limits:
         return Limits(
             tensor_elements=self.max_tensor_elements,
             model_elements=self.max_model_elements,
             activation_elements=self.max_activation_elements,
+            batch_elements=self.max_batch_elements,
             expression_length=self.max_expression_length,
             expression_depth=self.max_expression_depth,
             expression_nodes=self.max_expression_nodes,
             layers=self.max_layers,
             layer_width=self.max_layer_width,
         )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -13,6 +13,7 @@
     ├── NotFound                    (404 not-found)          also: another key's session
     ├── Conflict                    (409 conflict)           the same key still in flight
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
+    ├── TooManyRequests             (429 too-many-requests)  rate or session limit; Retry-After
     └── Unavailable                 (503 unavailable)        queue full or draining; Retry-After
 
 ``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
@@ -88,6 +89,16 @@ class PreconditionFailed(GradsvcError):
     status = 412
     type = "precondition-failed"
     title = "Precondition failed"
+
+
+class TooManyRequests(GradsvcError):
+    status = 429
+    type = "too-many-requests"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class NotFound(GradsvcError):

@@ -6,6 +6,7 @@ URI reference; the OpenAPI document lists them all under the ``Problem`` schema.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -17,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
+from starlette.types import Send
 
-from service.errors import GradsvcError, Unavailable
+from service.errors import GradsvcError
 
 log = logging.getLogger("gradsvc")
 MEDIA_TYPE = "application/problem+json"
@@ -57,9 +59,26 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
+async def send_problem(
+    send: Send,
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """A problem straight from ASGI middleware, before any route runs."""
+    body = json.dumps({"type": type_, "title": title, "status": status, "detail": detail}).encode()
+    raw = [(b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GradsvcError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     errors = [{"loc": ["body", *exc.loc], "msg": exc.detail, "type": exc.type}] if exc.loc else None
     return problem(exc.status, exc.type, exc.title, exc.detail, errors=errors, headers=headers)
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class Limits:
     tensor_elements: int = 4_000_000
     """Elements in any one tensor of a request (inputs, targets, parameter values)."""
+    batch_elements: int = 8_000_000
+    """Elements of a batch's inputs, all of them together."""
     model_elements: int = 10_000_000
     """Parameters of one model, all tensors together."""
     expression_length: int = 1_000

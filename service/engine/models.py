@@ -167,17 +167,22 @@ class Model:
                     f"the model's inputs are {', '.join(self.inputs) or 'none'}",
                     loc=("batch", "x"),
                 )
-            return {
-                name: _decode_at(x[name], self.dtype, limits, "batch", "x", name)
-                for name in self.inputs
-            }
+            return _check_batch(
+                {
+                    name: _decode_at(x[name], self.dtype, limits, "batch", "x", name)
+                    for name in self.inputs
+                },
+                limits,
+            )
         if len(self.inputs) != 1:
             raise ShapeError(
                 f"the model has inputs {', '.join(self.inputs) or '(none)'}: give x as an object "
                 "{name: tensor}",
                 loc=("batch", "x"),
             )
-        return {self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}
+        return _check_batch(
+            {self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}, limits
+        )
 
     def forward(self, inputs: Inputs, tracer: Tracer | None = None) -> torch.Tensor:
         if inputs and all(t.numel() == 0 for t in inputs.values()):
@@ -215,6 +220,16 @@ class Model:
                 loc=("batch", "x"),
             )
         return x
+
+
+def _check_batch(inputs: Inputs, limits: Limits) -> Inputs:
+    total = sum(t.numel() for t in inputs.values())
+    if total > limits.batch_elements:
+        raise ShapeError(
+            f"the batch's inputs hold {total} elements; the limit is {limits.batch_elements}",
+            loc=("batch", "x"),
+        )
+    return inputs
 
 
 def _check_activation(shape: tuple[int, ...] | torch.Size, limits: Limits) -> None:

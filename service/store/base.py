@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.store.ratelimit import Buckets
+
 IDEMPOTENCY_TTL = 24 * 3600.0
 Cursor = tuple[float, str]
 """(created_at, id) of the last session of the previous page."""
@@ -58,10 +60,16 @@ class Commit(enum.Enum):
     CONFLICT = "conflict"
     """The version moved, or the idempotency key was taken, since the caller read."""
     GONE = "gone"
+    FULL = "full"
+    """The owner already has as many sessions as the limit allows."""
 
 
 class SessionStore(Protocol):
-    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit: ...
+    def create(
+        self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
+        """Insert a new session, unless the owner has ``limit`` already (0: no limit)."""
+        ...
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None: ...
 
@@ -87,6 +95,11 @@ class SessionStore(Protocol):
 
     def remember(self, idem: IdempotencyRecord) -> bool:
         """Store an answer that changed no session; False if the key is already taken."""
+        ...
+
+    def buckets(self, rate: float, burst: int) -> Buckets:
+        """Token buckets for rate limits: shared by every process that shares this store
+        where the store can (Redis), else this process's own."""
         ...
 
     def ping(self) -> bool: ...

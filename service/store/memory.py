@@ -13,6 +13,7 @@ from service.store.base import (
     IdempotencyRecord,
     SessionRecord,
 )
+from service.store.ratelimit import MemoryBuckets
 
 
 class MemoryStore:
@@ -28,10 +29,14 @@ class MemoryStore:
         old = self._idem.get((idem.owner, idem.key))
         return old is not None and old.created_at + IDEMPOTENCY_TTL > idem.created_at
 
-    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+    def create(
+        self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
         with self._lock:
             if record.id in self._sessions or self._key_taken(idem):
                 return Commit.CONFLICT
+            if limit and sum(r.owner == record.owner for r in self._sessions.values()) >= limit:
+                return Commit.FULL
             self._sessions[record.id] = record
             self._history[record.id] = []
             if idem is not None:
@@ -97,6 +102,9 @@ class MemoryStore:
                 return False
             self._idem[(idem.owner, idem.key)] = idem
             return True
+
+    def buckets(self, rate: float, burst: int) -> MemoryBuckets:
+        return MemoryBuckets(rate, burst)
 
     def ping(self) -> bool:
         return True

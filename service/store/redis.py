@@ -33,9 +33,10 @@ from service.store.base import (
     IdempotencyRecord,
     SessionRecord,
 )
+from service.store.ratelimit import RedisBuckets
 
-_OK, _CONFLICT, _GONE = 0, 1, 2
-_RESULTS = {_OK: Commit.OK, _CONFLICT: Commit.CONFLICT, _GONE: Commit.GONE}
+_OK, _CONFLICT, _GONE, _FULL = 0, 1, 2, 3
+_RESULTS = {_OK: Commit.OK, _CONFLICT: Commit.CONFLICT, _GONE: Commit.GONE, _FULL: Commit.FULL}
 _ROW = struct.Struct(">qddd")
 """A history row as a sorted-set member: step, loss, grad_norm, at; floats exactly."""
 _STAMP = struct.Struct(">Q")
@@ -55,18 +56,21 @@ end
 """
 
 # KEYS: session, history, owner index[, idem]. ARGV: ttl, idem created_at, the index member,
-# the number of session field/value items n, n items, then the idem's field/value items.
+# the owner's session limit (0: none), the number of session field/value items n, n items,
+# then the idem's field/value items.
 _CREATE = (
     _LUA_IDEM
     + """
 local idem = KEYS[4]
 if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
-local n = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
+local limit = tonumber(ARGV[4])
+if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return 3 end
+local n = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
 redis.call('DEL', KEYS[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[3])
-if idem then idem_put(idem, ARGV[1], 5 + n, #ARGV) end
+if idem then idem_put(idem, ARGV[1], 6 + n, #ARGV) end
 return 0
 """
 )
@@ -121,6 +125,10 @@ class RedisStore:
         self._delete = self._redis.register_script(_DELETE)
         self._remember = self._redis.register_script(_REMEMBER)
 
+    def buckets(self, rate: float, burst: int) -> RedisBuckets:
+        """Rate limits shared by every replica on this Redis."""
+        return RedisBuckets(self._redis, rate, burst, self.prefix)
+
     def _session_key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
 
@@ -134,7 +142,9 @@ class RedisStore:
         # The owner's length keeps ("a:b", "c") and ("a", "b:c") apart.
         return f"{self.prefix}i:{len(owner)}:{owner}:{key}"
 
-    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+    def create(
+        self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
         fields = _session_fields(record)
         keys = [
             self._session_key(record.id),
@@ -142,7 +152,7 @@ class RedisStore:
             self._owner_key(record.owner),
         ]
         args: list[str | bytes | int] = [self._ttl, _idem_created(idem)]
-        args += [_index_member(record.created_at, record.id), len(fields), *fields]
+        args += [_index_member(record.created_at, record.id), limit, len(fields), *fields]
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)

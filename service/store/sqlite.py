@@ -20,6 +20,7 @@ from service.store.base import (
     IdempotencyRecord,
     SessionRecord,
 )
+from service.store.ratelimit import MemoryBuckets
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -90,10 +91,18 @@ class SqliteStore:
                 ),
             )
 
-    def create(self, record: SessionRecord, idem: IdempotencyRecord | None = None) -> Commit:
+    def create(
+        self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
         with self._write() as db:
             if self._key_taken(db, idem):
                 return Commit.CONFLICT
+            if limit:
+                (count,) = db.execute(
+                    "SELECT count(*) FROM sessions WHERE owner = ?", (record.owner,)
+                ).fetchone()
+                if count >= limit:
+                    return Commit.FULL
             try:
                 db.execute(
                     f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", _row(record)
@@ -190,6 +199,10 @@ class SqliteStore:
                 return False
             self._put_idem(db, idem)
             return True
+
+    def buckets(self, rate: float, burst: int) -> MemoryBuckets:
+        # One file serves one machine's processes; each keeps its own buckets.
+        return MemoryBuckets(rate, burst)
 
     def ping(self) -> bool:
         with self._lock:

@@ -33,6 +33,7 @@ from service.errors import (
     NotFound,
     PreconditionFailed,
     SpecError,
+    TooManyRequests,
 )
 from service.store import Commit, HistoryRow, IdempotencyRecord, SessionRecord, SessionStore
 
@@ -102,9 +103,10 @@ def remembered(store: SessionStore, idem: Idem | None, compute: Callable[[], Ans
 
 
 class Sessions:
-    def __init__(self, store: SessionStore, limits: Limits) -> None:
+    def __init__(self, store: SessionStore, limits: Limits, max_per_owner: int = 0) -> None:
         self.store = store
         self.limits = limits
+        self.max_per_owner = max_per_owner
 
     # -- building ---------------------------------------------------------------------------
 
@@ -205,9 +207,17 @@ class Sessions:
                 now,
             )
             answer = self._answer(201, self.view(record), record)
-            outcome = self.store.create(record, idem.record(answer) if idem else None)
+            outcome = self.store.create(
+                record, idem.record(answer) if idem else None, self.max_per_owner
+            )
             if outcome is Commit.OK:
                 return answer
+            if outcome is Commit.FULL:
+                raise TooManyRequests(
+                    f"this key already has {self.max_per_owner} sessions, the limit: "
+                    "delete some first",
+                    retry_after=60,
+                )
             if (stored := replay(self.store, idem)) is not None:
                 return stored
         raise GradsvcError("could not create the session")  # pragma: no cover
