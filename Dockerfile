@@ -1,7 +1,7 @@
 # gradsvc: the REST gradient service in a container.
 #
 #   docker build -t gradsvc .
-#   docker run --rm -p 8000:8000 -v gradsvc-data:/data gradsvc
+#   docker run --rm -p 8000:8000 -e GRADSVC_API_KEYS=change-me -v gradsvc-data:/data gradsvc
 #
 # CPU torch by default (a few hundred MB instead of several GB of CUDA libraries). Two ways to a GPU
 # image, both chosen at build time; run either with `docker run --gpus all ...` on a host with
@@ -23,11 +23,10 @@
 #      Torch still brings its own CUDA libraries, so this only pays off where the base image is
 #      needed for something else (a site policy, other CUDA tools).
 #
-# Security: the service listens on 0.0.0.0 inside the container. Once `gradsvc serve` gains API
-# keys and `--insecure` (a later change: it will then refuse 0.0.0.0 without keys), a deployment
-# must set GRADSVC_API_KEYS or GRADSVC_API_KEYS_FILE (a mounted secret), or GRADSVC_INSECURE=1 on
-# a trusted network only. Until then anyone who can reach the port can use it: publish it only
-# where that is intended. (No such option is passed below: today's CLI would refuse it.)
+# Security: the service listens on 0.0.0.0 inside the container, and so it refuses to start
+# without API keys: give GRADSVC_API_KEYS (comma-separated keys) or GRADSVC_API_KEYS_FILE (a
+# mounted file of SHA-256 digests, e.g. a secret), or GRADSVC_INSECURE=1 on a trusted network:
+#   docker run --rm -p 8000:8000 -e GRADSVC_API_KEYS=change-me -v gradsvc-data:/data gradsvc
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 

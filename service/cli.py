@@ -28,10 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "GRADSVC_" + name.upper()
+        help_text = f"{field.description} [{env}]"
+        if field.annotation is bool:
+            serve.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            continue
         kind: Any = field.annotation if field.annotation in (int, str, float) else str
-        serve.add_argument(
-            flag, dest=name, type=kind, default=None, help=f"{field.description} [{env}]"
-        )
+        serve.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--output", "-o", help="write it to this file instead")
     return parser

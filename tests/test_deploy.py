@@ -145,6 +145,9 @@ def _serve_args(argv: list[str], where: str) -> argparse.Namespace:
     return args
 
 
+OPERATOR_KEYS = {"GRADSVC_API_KEYS": "an-operator-key"}
+
+
 def _check_settings(args: argparse.Namespace, env: dict[str, str], where: str) -> Settings:
     """Every GRADSVC_* variable names a setting (pydantic-settings ignores unknown ones
     silently: a typo would just not apply), and options plus variables validate together."""
@@ -202,7 +205,11 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
 def test_dockerfile_command_is_exec_form_and_a_valid_serve() -> None:
     entrypoint, cmd = _dockerfile_entrypoint_and_cmd()
     args = _serve_args(entrypoint + cmd, "Dockerfile")
-    settings = _check_settings(args, _dockerfile_env(), "Dockerfile")
+    # Without a key the image refuses to serve on 0.0.0.0: that is the point. A deployment
+    # gives one (docker run -e GRADSVC_API_KEYS=...), as here.
+    with pytest.raises(ValueError, match="--api-keys"):
+        _check_settings(args, _dockerfile_env(), "Dockerfile")
+    settings = _check_settings(args, {**_dockerfile_env(), **OPERATOR_KEYS}, "Dockerfile")
     assert settings.host == "0.0.0.0", "inside a container the service must listen on all hosts"
     assert settings.port == 8000
     assert settings.port in _exposed_ports(), "EXPOSE the port the service listens on"
@@ -236,7 +243,7 @@ def test_dockerfile_stops_and_checks_health() -> None:
     assert health is not None, "no HEALTHCHECK"
     entrypoint, cmd = _dockerfile_entrypoint_and_cmd()
     args = _serve_args(entrypoint + cmd, "Dockerfile")
-    port = _check_settings(args, _dockerfile_env(), "Dockerfile").port
+    port = _check_settings(args, {**_dockerfile_env(), **OPERATOR_KEYS}, "Dockerfile").port
     assert f":{port}/healthz" in health.args, health.args
 
 
