@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "GRADSVC_" + name.upper()
-        help_text = f"{field.description} [{env}]"
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, False) else f"; default {default}"
+        help_text = f"{field.description} [{env}{shown}]"
         if field.annotation is bool:
             serve.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
             continue
