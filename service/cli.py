@@ -85,8 +85,13 @@ def _serve(settings: Settings) -> int:
             if sig == signal.SIGTERM and sig in self._captured_signals:
                 self._captured_signals.remove(sig)
 
+    try:
+        app = create_app(settings)
+    except (ValueError, OSError) as exc:  # an unreadable keys file, a store URL we don't know
+        sys.stderr.write(f"gradsvc: {exc}\n")
+        return 2
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

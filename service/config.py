@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
 
 _DEFAULT = Limits()
+STORE_SCHEMES = ("memory://", "sqlite://", "redis://", "rediss://", "unix://")
 
 
 def _default_threads() -> int:
@@ -80,6 +81,13 @@ class Settings(BaseSettings):
         default=50.0, ge=0, description="requests per second per API key; 0: off (429 over)"
     )
     rate_burst: int = Field(default=100, ge=1, description="requests a key may send at once")
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        if not url.startswith(STORE_SCHEMES):
+            raise ValueError(f"unknown store {url!r}: use memory://, sqlite:///path or redis://...")
+        return url
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
