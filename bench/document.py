@@ -75,7 +75,7 @@ def render(
         + (" **Quick mode (`BENCH_QUICK=1`): smoke figures only.**" if config.quick else ""),
         CAUTION,
         "## Reproduce",
-        "    make bench                                # about 4 minutes; rewrites this file\n"
+        "    make bench                                # about 3 minutes; rewrites this file\n"
         "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT",
         "Knobs: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` (per HTTP row, default 8), "
         "`BENCH_OUT` (report path). Every server listens on 127.0.0.1 only, on a free port, "
@@ -102,9 +102,10 @@ def render(
     parts += [
         "## Where a service request's time goes",
         "Each stage of one request timed on its own in this process (median): the body parsed "
-        "as FastAPI parses it (standard-library `json`, on the event loop), validated, run "
+        "as the service parses it (orjson, on the event loop), validated, run "
         "(build, decode, compute, encode; on a compute thread), rendered (orjson). "
-        "`parse (orjson)` is for comparison only: the service does not use it for requests.",
+        "`parse (json)` is for comparison only: the standard library's parser, which FastAPI "
+        "would use by default.",
         report.breakdown_table(workloads, stages),
         "## Rows",
         "\n".join(f"- **{row.name}** ({row.kind}): {row.summary}." for row in rows),

@@ -79,13 +79,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(ops.router)
     docs.install(app)
-    _add_problem_schema(app)
+    _add_problem_schema(app, keyed=settings.keyed)
     return app
 
 
-def _declare_security(schema: dict[str, Any]) -> None:
+def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
     """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
-    problems that the middleware answers before any route runs: 401, 413, 429."""
+    problems that the middleware answers before any route runs: 401, 413, 429.
+
+    With keys configured the key is required; without, it is optional (the empty requirement),
+    which is what the committed document, made with the default settings, says."""
     schema["components"]["securitySchemes"] = {
         "apiKey": {
             "type": "http",
@@ -97,13 +100,13 @@ def _declare_security(schema: dict[str, Any]) -> None:
         for method, operation in operations.items():
             if path in OPEN_PATHS:
                 continue
-            operation["security"] = [{"apiKey": []}, {}]
+            operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
             extra = [401, 429] + ([413] if method in ("post", "patch", "put") else [])
             for status, entry in problems.responses(*extra).items():
                 operation["responses"].setdefault(str(status), entry)
 
 
-def _add_problem_schema(app: FastAPI) -> None:
+def _add_problem_schema(app: FastAPI, *, keyed: bool) -> None:
     """Put the Problem schema in the document so that every route's problem responses resolve."""
     original = app.openapi
 
@@ -120,7 +123,7 @@ def _add_problem_schema(app: FastAPI) -> None:
                 "DType",
                 {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
             )
-            _declare_security(schema)
+            _declare_security(schema, keyed=keyed)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -162,6 +162,18 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         if status in (429, 503):
             out[status]["headers"] = {
-                "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}
+                "Retry-After": {
+                    "required": True,
+                    "schema": {"type": "integer"},
+                    "description": "seconds",
+                }
+            }
+        if status == 401:
+            out[status]["headers"] = {
+                "WWW-Authenticate": {
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": 'the scheme to use: Bearer realm="gradsvc"',
+                }
             }
     return out

@@ -48,24 +48,36 @@ class SqliteStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        # One connection per thread: WAL lets readers go on while another thread's commit
+        # waits for its fsync; SQLite itself serialises the writers (BEGIN IMMEDIATE).
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._conn().executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            with self._all_lock:
+                self._all.append(db)
+        return db
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _key_taken(self, db: sqlite3.Connection, idem: IdempotencyRecord | None) -> bool:
         if idem is None:
@@ -113,20 +125,26 @@ class SqliteStore:
         return Commit.OK
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        row = (
+            self._conn()
+            .execute(
                 f"SELECT {_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
-            ).fetchone()
+            )
+            .fetchone()
+        )
         return SessionRecord(*row) if row else None
 
     def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
         created, sid = after if after is not None else (-1.0, "")
-        with self._lock:
-            rows = self._db.execute(
+        rows = (
+            self._conn()
+            .execute(
                 f"SELECT {_COLUMNS} FROM sessions WHERE owner = ? AND (created_at, id) > (?, ?) "
                 "ORDER BY created_at, id LIMIT ?",
                 (owner, created, sid, limit),
-            ).fetchall()
+            )
+            .fetchall()
+        )
         return [SessionRecord(*row) for row in rows]
 
     def commit(
@@ -175,22 +193,28 @@ class SqliteStore:
     def history(
         self, owner: str, session_id: str, limit: int, after_step: int = 0
     ) -> list[HistoryRow]:
-        with self._lock:
-            rows = self._db.execute(
+        rows = (
+            self._conn()
+            .execute(
                 "SELECT h.step, h.loss, h.grad_norm, h.at FROM history h JOIN sessions s "
                 "ON s.id = h.session_id WHERE s.id = ? AND s.owner = ? AND h.step > ? "
                 "ORDER BY h.step LIMIT ?",
                 (session_id, owner, after_step, limit),
-            ).fetchall()
+            )
+            .fetchall()
+        )
         return [HistoryRow(*row) for row in rows]
 
     def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        row = (
+            self._conn()
+            .execute(
                 "SELECT owner, key, fingerprint, status, body, headers, created_at "
                 "FROM idempotency WHERE owner = ? AND key = ? AND created_at > ?",
                 (owner, key, now - IDEMPOTENCY_TTL),
-            ).fetchone()
+            )
+            .fetchone()
+        )
         return IdempotencyRecord(*row) if row else None
 
     def remember(self, idem: IdempotencyRecord) -> bool:
@@ -205,12 +229,13 @@ class SqliteStore:
         return MemoryBuckets(rate, burst)
 
     def ping(self) -> bool:
-        with self._lock:
-            return bool(self._db.execute("SELECT 1").fetchone() == (1,))
+        return bool(self._conn().execute("SELECT 1").fetchone() == (1,))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._all_lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
 
 
 def _row(r: SessionRecord) -> tuple[object, ...]:
