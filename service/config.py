@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_activation_elements: int = Field(
         default=_DEFAULT.activation_elements, ge=1, description="elements a model may compute"
     )
+    max_explain_elements: int = Field(
+        default=_DEFAULT.explain_elements, ge=1, description="numbers an explained trace shows"
+    )
     max_model_elements: int = Field(
         default=_DEFAULT.model_elements, ge=1, description="parameters in one model"
     )
@@ -109,6 +112,7 @@ class Settings(BaseSettings):
             model_elements=self.max_model_elements,
             activation_elements=self.max_activation_elements,
             batch_elements=self.max_batch_elements,
+            explain_elements=self.max_explain_elements,
             expression_length=self.max_expression_length,
             expression_depth=self.max_expression_depth,
             expression_nodes=self.max_expression_nodes,

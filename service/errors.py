@@ -27,6 +27,12 @@ from collections.abc import Sequence
 Loc = tuple[str | int, ...]
 
 
+def short(value: object, limit: int = 64) -> str:
+    """``repr`` of something a client sent, cut short: an error must not echo a megabyte."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class GradsvcError(Exception):
     status: int = 500
     type: str = "internal"

@@ -79,8 +79,12 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GradsvcError)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    errors = [{"loc": ["body", *exc.loc], "msg": exc.detail, "type": exc.type}] if exc.loc else None
-    return problem(exc.status, exc.type, exc.title, exc.detail, errors=errors, headers=headers)
+    loc = ["body", *(_clip(p) for p in exc.loc)]
+    errors = [{"loc": loc, "msg": exc.detail, "type": exc.type}] if exc.loc else None
+    detail = _clip(exc.detail, 2000)
+    if errors:
+        errors[0]["msg"] = detail
+    return problem(exc.status, exc.type, exc.title, detail, errors=errors, headers=headers)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:
@@ -95,13 +99,23 @@ async def validation_error(request: Request, exc: Exception) -> Response:
             f"the body is not valid JSON: {ctx.get('error', 'parse error')}",
         )
     # No "input": it can be large, and it is the client's own data.
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in raw[:50]]
+    errors = [
+        {"loc": [_clip(p) for p in e["loc"]], "msg": _clip(e["msg"], 500), "type": e["type"]}
+        for e in raw[:50]
+    ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     detail = f"{where}: {first['msg']}" if where else str(first["msg"])
     if len(raw) > 1:
         detail += f" (and {len(raw) - 1} more)"
     return problem(422, "validation-error", "Request validation failed", detail, errors=errors)
+
+
+def _clip(part: Any, limit: int = 64) -> Any:
+    """Keys and messages can carry what the client sent: never echo more than a little."""
+    if isinstance(part, str) and len(part) > limit:
+        return part[: limit - 3] + "..."
+    return part
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.limits import DEFAULT_LIMITS, Limits
-from service.errors import ExpressionError
+from service.errors import ExpressionError, short
 
 Fn = Callable[..., torch.Tensor]
 
@@ -150,7 +150,7 @@ class _Builder:
         name = node.func.id
         if name not in FUNCTIONS:
             raise ExpressionError(
-                f"unknown function {name!r}; allowed: {', '.join(sorted(FUNCTIONS))}"
+                f"unknown function {short(name)}; allowed: {', '.join(sorted(FUNCTIONS))}"
             )
         if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
             raise ExpressionError(f"{name}() takes exactly one positional argument")
@@ -158,9 +158,9 @@ class _Builder:
 
     def _name(self, name: str, text: str) -> Node:
         if name.startswith("_"):
-            raise ExpressionError(f"names may not start with '_': {name!r}")
+            raise ExpressionError(f"names may not start with '_': {short(name)}")
         if name in FUNCTIONS:
-            raise ExpressionError(f"{name!r} is a function; call it as {name}(...)")
+            raise ExpressionError(f"{short(name)} is a function; call it as {name}(...)")
         if name not in self.names:
             self.names.append(name)
         return Node("name", text)

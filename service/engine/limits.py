@@ -25,6 +25,8 @@ class Limits:
     """``in_features``/``out_features`` of a linear layer; ``normalized_shape`` elements."""
     activation_elements: int = 16_000_000
     """Elements of any tensor a model computes (outputs and every intermediate value)."""
+    explain_elements: int = 1_000_000
+    """Elements an explained answer's trace may show: values, dL/dnode and local derivatives."""
     tensor_dims: int = 8
     """Dimensions of any one tensor."""
 

@@ -20,7 +20,7 @@ from service.engine.expression import Expression, Node, parse
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import DTYPES, decode, is_tensor_form
 from service.engine.trace import Tracer, elementwise_locals
-from service.errors import GradsvcError, InvalidInput, ShapeError, SpecError, TensorError
+from service.errors import GradsvcError, InvalidInput, ShapeError, SpecError, TensorError, short
 
 Inputs = dict[str, torch.Tensor]
 L = TypeVar("L", bound=nn.Linear)
@@ -76,6 +76,8 @@ class ExpressionModule(nn.Module):
             value = node.apply(*args)
             if tracer is not None:
                 names = [child.text for child in node.children]
+                if node.elementwise:
+                    tracer.spend(value.numel() * len(names))  # before computing them
                 local = (
                     elementwise_locals(node.apply, args, names, value.shape)
                     if node.elementwise
@@ -101,6 +103,7 @@ class TracedSequential(nn.Sequential):
                     tracer.leaf(f"{name}.{pname}", "param", value)
                 local = None
                 if isinstance(layer, self.ELEMENTWISE):
+                    tracer.spend(out.numel())
                     local = elementwise_locals(layer, [x], [previous], out.shape)
                 op = _LAYER_OPS.get(type(layer), type(layer).__name__.lower())
                 tracer.record(name, op, [previous, *params], out, local)
@@ -195,23 +198,32 @@ class Model:
             for name, value in inputs.items():
                 tracer.leaf(name, "input", value)
         try:
-            if isinstance(self.module, ExpressionModule):
-                out = _fit_batch(self.module(inputs, tracer), inputs)
-                if tracer is not None:
-                    tracer.refit(out)
-                return out
-            x = inputs["x"]
-            if self.in_features is not None:
-                x = self._features(x)
-            rows = x.numel() // max(1, x.shape[-1]) if x.ndim else 1
-            _check_activation((rows, self.widest), self.limits)
-            return self.module(x, tracer)  # type: ignore[no-any-return]
+            out = self._forward(inputs, tracer)
         except GradsvcError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ShapeError(
                 f"the model cannot compute on this batch: {_first_line(exc)}"
             ) from None
+        if out.numel() > self.limits.tensor_elements:  # the answer carries them all
+            raise ShapeError(
+                f"the model gives {out.numel()} outputs on this batch; an answer may hold "
+                f"{self.limits.tensor_elements}: send a smaller batch"
+            )
+        return out
+
+    def _forward(self, inputs: Inputs, tracer: Tracer | None) -> torch.Tensor:
+        if isinstance(self.module, ExpressionModule):
+            out = _fit_batch(self.module(inputs, tracer), inputs)
+            if tracer is not None:
+                tracer.refit(out)
+            return out
+        x = inputs["x"]
+        if self.in_features is not None:
+            x = self._features(x)
+        rows = x.numel() // max(1, x.shape[-1]) if x.ndim else 1
+        _check_activation((rows, self.widest), self.limits)
+        return self.module(x, tracer)  # type: ignore[no-any-return]
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         assert self.in_features is not None
@@ -268,7 +280,9 @@ def build(
     names = model.named_parameters()
     for name in spec.frozen:
         if name not in names:
-            raise SpecError(f"frozen names unknown parameter {name!r}", loc=("model", "frozen"))
+            raise SpecError(
+                f"frozen names unknown parameter {short(name)}", loc=("model", "frozen")
+            )
         names[name].requires_grad_(False)
     return model
 
@@ -282,7 +296,8 @@ def _build_expression(spec: specs.ExpressionModel, limits: Limits) -> Model:
     unused = [name for name in spec.params if name not in expression.names]
     if unused:
         raise SpecError(
-            f"parameter(s) not used by the expression: {', '.join(unused)}", loc=("params",)
+            f"parameter(s) not used by the expression: {', '.join(map(short, unused[:5]))}",
+            loc=("params",),
         )
     generator = torch.Generator().manual_seed(spec.seed)
     params: dict[str, torch.Tensor] = {}
@@ -417,7 +432,7 @@ def _apply_params(
     for name, pspec in overrides.items():
         if name not in params:
             raise SpecError(
-                f"unknown parameter {name!r}; the model has {', '.join(params) or 'none'}",
+                f"unknown parameter {short(name)}; the model has {', '.join(params) or 'none'}",
                 loc=("params", name),
             )
         target = params[name]

@@ -47,7 +47,7 @@ def read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = load(data)
         raw = json.loads(data[8 : 8 + header]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError, AttributeError) as exc:
         raise InvalidInput(f"not a valid safetensors file: {str(exc)[:200]}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise InvalidInput("the file's metadata must map names to strings")
@@ -85,7 +85,7 @@ def _restore_optimizer(
 ) -> None:
     try:
         extra = json.loads(metadata.get("optimizer_extra", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidInput("the file's optimizer metadata is not JSON") from None
     if not isinstance(extra, dict):
         raise InvalidInput("the file's optimizer metadata must be an object")

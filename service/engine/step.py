@@ -63,7 +63,7 @@ def gradients(
 ) -> Result:
     """Forward, loss and backward; parameters' ``.grad`` hold dL/dθ afterwards."""
     model.module.train()
-    tracer = Tracer() if explain else None
+    tracer = Tracer(budget=limits.explain_elements) if explain else None
     if tracer is not None:
         # Inputs take part in the graph so that the trace can show dL/dx too.
         inputs = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from service.engine.limits import DEFAULT_LIMITS, Limits
-from service.errors import TensorError
+from service.errors import TensorError, short
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -31,11 +31,10 @@ FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _FORM_KEYS = {"dtype", "shape", "data", "b64"}
 
 
-def dtype_of(name: str) -> torch.dtype:
-    try:
+def dtype_of(name: object) -> torch.dtype:
+    if isinstance(name, str) and name in DTYPES:
         return DTYPES[name]
-    except KeyError:
-        raise TensorError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
+    raise TensorError(f"unknown dtype {short(name)}; expected one of {', '.join(DTYPES)}")
 
 
 def is_tensor_form(value: object) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.errors import InvalidInput
+
 
 @dataclass
 class TraceNode:
@@ -26,8 +28,11 @@ class TraceNode:
 
 @dataclass
 class Tracer:
+    budget: int = 1_000_000
+    """Elements the trace may show in all; past it, the request is refused, not computed."""
     nodes: list[TraceNode] = field(default_factory=list)
     _index: dict[str, TraceNode] = field(default_factory=dict)
+    _shown: int = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -40,6 +45,14 @@ class Tracer:
         if name not in self._index:
             self._add(TraceNode(name, op, [], value))
         return value
+
+    def spend(self, elements: int) -> None:
+        self._shown += elements
+        if self._shown > self.budget:
+            raise InvalidInput(
+                f"the explained answer would show more than {self.budget} numbers: explain a "
+                "smaller batch or model, or leave explain out"
+            )
 
     def record(
         self,
@@ -54,6 +67,7 @@ class Tracer:
 
     def _add(self, node: TraceNode) -> None:
         self.nodes.append(node)
+        self.spend(node.value.numel() * 2)  # its value and dL/dnode
         self._index[node.node] = node
 
     def backward(self, loss: torch.Tensor) -> None:

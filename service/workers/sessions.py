@@ -34,6 +34,7 @@ from service.errors import (
     PreconditionFailed,
     SpecError,
     TooManyRequests,
+    short,
 )
 from service.store import Commit, HistoryRow, IdempotencyRecord, SessionRecord, SessionStore
 
@@ -248,7 +249,7 @@ class Sessions:
             record = self._get(owner, session_id)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
-                    f"the session is at {etag(record)}, not {if_match}: read it again"
+                    f"the session is at {etag(record)}, not {short(if_match)}: read it again"
                 )
             answer, new, history = self._compute(kind, record, request)
             if new is None:  # gradients and forward change nothing
@@ -311,7 +312,7 @@ class Sessions:
             record = self._get(owner, session_id)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
-                    f"the session is at {etag(record)}, not {if_match}: read it again"
+                    f"the session is at {etag(record)}, not {short(if_match)}: read it again"
                 )
             spec = self._spec(record)
             if patch.optimizer is not None:
@@ -379,7 +380,7 @@ def _set_params(model: models.Model, values: dict[str, Any], limits: Limits) -> 
     params = model.named_parameters()
     for name, value in values.items():
         if name not in params:
-            raise SpecError(f"unknown parameter {name!r}", loc=("params", name))
+            raise SpecError(f"unknown parameter {short(name)}", loc=("params", name))
         try:
             tensor = decode(value, model.dtype, limits)
         except GradsvcError as exc:

@@ -81,7 +81,8 @@ def test_batch_elements(edge: TestClient) -> None:
 
 def test_activation_elements(edge: TestClient) -> None:
     def outer(rows: int, cols: int) -> dict[str, Any]:
-        return _forward("u * v", {"u": [[1.0]] * rows, "v": [[1.0] * cols]})
+        # Summed: the 400 products are computed, one number is answered.
+        return _forward("sum(u * v)", {"u": [[1.0]] * rows, "v": [[1.0] * cols]})
 
     _ok(edge.post("/v1/forward", json=outer(20, 20)))  # 400 elements
     assert "limit is 400" in _over(edge.post("/v1/forward", json=outer(20, 21)))
@@ -115,6 +116,12 @@ def test_model_elements_edge(edge: TestClient) -> None:
 def test_expression_limits(edge: TestClient, under: str, over: str, words: str) -> None:
     _ok(edge.post("/v1/forward", json=_forward(under, 1.0)))
     assert words in _over(edge.post("/v1/forward", json=_forward(over, 1.0)))
+
+
+def test_answer_and_explain_sizes(edge: TestClient) -> None:
+    _ok(edge.post("/v1/forward", json=_forward("x * 2", [1.0] * 100)))
+    r = edge.post("/v1/forward", json=_forward("u * v", {"u": [[1.0]] * 10, "v": [[1.0] * 11]}))
+    assert "110 outputs" in _over(r)  # computed within limits, but too big an answer
 
 
 def test_layers_and_width(edge: TestClient) -> None:
@@ -177,3 +184,14 @@ def test_starts_on_a_public_address_when_told_insecure_or_given_keys() -> None:
     for args in (("--insecure",), ("--api-keys", "k")):
         with Server("--host", "0.0.0.0", "--store", "memory://", *args) as server:
             assert server.proc is not None and server.proc.poll() is None
+
+
+def test_explain_budget() -> None:
+    settings = Settings(store="memory://", max_explain_elements=60)
+    body = {**SEED_STEP, "explain": True}
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        _ok(client.post("/v1/step", json=body))  # the seed's trace shows a few dozen numbers
+        body["batch"] = {"x": [1.0] * 20, "y": [3.0] * 20}
+        assert "more than 60 numbers" in _over(client.post("/v1/step", json=body))
+        body.pop("explain")
+        _ok(client.post("/v1/step", json=body))

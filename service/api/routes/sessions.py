@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
@@ -45,9 +46,15 @@ def _cursor(value: Any) -> str:
 
 def _uncursor(cursor: str) -> Any:
     try:
+        if len(cursor) > 512:
+            raise ValueError("too long")
         return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise InvalidInput("cursor is not one this service gave out", loc=("cursor",)) from None
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise _bad_cursor() from None
+
+
+def _bad_cursor() -> InvalidInput:
+    return InvalidInput("cursor is not one this service gave out", loc=("cursor",))
 
 
 COMMON = responses(400, 404, 409, 412, 422, 503)
@@ -112,8 +119,15 @@ async def list_sessions(
     after = None
     if cursor is not None:
         value = _uncursor(cursor)
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)):
-            raise InvalidInput("cursor is not one this service gave out", loc=("cursor",))
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], int | float)
+            and not isinstance(value[0], bool)
+            and math.isfinite(value[0])
+            and isinstance(value[1], str)
+        ):
+            raise _bad_cursor()
         after = (float(value[0]), value[1])
     records = await pool.run(sessions.store.sessions, owner, limit + 1, after)
     items = [await pool.run(sessions.view, r) for r in records[:limit]]
@@ -269,7 +283,7 @@ async def history(
     if cursor is not None:
         value = _uncursor(cursor)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidInput("cursor is not one this service gave out", loc=("cursor",))
+            raise _bad_cursor()
         after = value
     await pool.run(sessions._get, owner, _checked(session_id))
     rows = await pool.run(sessions.store.history, owner, session_id, limit + 1, after)
