@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -124,7 +125,22 @@ def _add_problem_schema(app: FastAPI, *, keyed: bool) -> None:
                 {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
             )
             _declare_security(schema, keyed=keyed)
+            _problem_for_validation(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _problem_for_validation(schema: dict[str, Any]) -> None:
+    """FastAPI declares its own 422 body (HTTPValidationError, application/json) on a route
+    that names none; this app answers every 422 as a problem, so the document says so."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            declared = operation["responses"].get("422", {})
+            if "application/json" in declared.get("content", {}):
+                operation["responses"]["422"] = problems.responses(422)[422]
+    text = json.dumps(schema["paths"])
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{name}" not in text:
+            schema["components"]["schemas"].pop(name, None)

@@ -53,6 +53,9 @@ async def _idem(
         str | None,
         Header(
             alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_KEY,
+            pattern=r"^[\x20-\x7e]+$",
             description="retries with the same key and body get the first answer (24 h)",
         ),
     ] = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import Send
 
 from service.errors import GradsvcError
@@ -79,7 +79,9 @@ async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GradsvcError)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    loc = ["body", *(_clip(p) for p in exc.loc)]
+    # Domain errors point into the body unless they say where else (query, header, path).
+    where = [] if exc.loc and exc.loc[0] in ("query", "header", "path") else ["body"]
+    loc = [*where, *(_clip(p) for p in exc.loc)]
     errors = [{"loc": loc, "msg": exc.detail, "type": exc.type}] if exc.loc else None
     detail = _clip(exc.detail, 2000)
     if errors:
@@ -145,15 +147,34 @@ async def unhandled_error(request: Request, exc: Exception) -> Response:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route accepts at this path (Starlette names only the first route's)."""
-    routes = request.app.router.routes
-    return [
-        method
+    """Every method some route accepts at this path (Starlette names only the first route's).
+
+    Only the routes of the most specific template count: /v1/sessions/restore also fits
+    /v1/sessions/{session_id}, but a GET there is not a GET of the restore resource."""
+    matching = {
+        method: [
+            route
+            for route in _leaves(request.app.router.routes)
+            if route.matches({**request.scope, "method": method})[0] == Match.FULL
+        ]
         for method in _METHODS
-        if any(
-            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
-        )
-    ]
+    }
+    fewest = min((_params(r) for rs in matching.values() for r in rs), default=0)
+    return [method for method, rs in matching.items() if any(_params(r) == fewest for r in rs)]
+
+
+def _leaves(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves: FastAPI keeps an included router as one node of the app's list."""
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None:
+            yield from _leaves(inner)
+        else:
+            yield route
+
+
+def _params(route: BaseRoute) -> int:
+    return str(getattr(route, "path", "")).count("{")
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")

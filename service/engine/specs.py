@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 TENSOR_SCHEMA: dict[str, Any] = {
     "title": "Tensor",
@@ -41,20 +48,45 @@ TensorDType = Literal["float32", "float64", "float16", "bfloat16", "int64"]
 InitName = Literal["zeros", "ones", "normal", "uniform", "xavier_uniform", "kaiming_uniform"]
 Reduction = Literal["mean", "sum"]
 LossName = Literal["squared", "mse", "l1", "huber", "smooth_l1", "bce_with_logits", "cross_entropy"]
-PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _tuple(value: Any) -> Any:
+    """A JSON array for a tuple field: strict pydantic takes only tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+Integral = BeforeValidator(_integral)
+# Bounds a JSON number can carry exactly (RFC 8259 §6); the configured limits are far lower.
+Size = Annotated[int, Field(ge=0, lt=2**31), Integral]
+PositiveInt = Annotated[int, Field(ge=1, lt=2**31), Integral]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    # strict: 0 is not false, false is not 0.0 and "1" is not 1, as the document says.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class ParamSpec(Spec):
     """An initial value (``value``), or a shape and an initialiser (torch.nn.init's)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["value", "shape"],
+                "properties": {"value": {"not": {"type": "null"}}, "shape": {"type": "array"}},
+            }
+        }
+    )
+
     value: Tensor | None = None
-    shape: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=8)
+    shape: list[Size] | None = Field(default=None, max_length=8)
     init: InitName = "zeros"
     mean: float = 0.0
     std: NonNegFloat = 1.0
@@ -71,7 +103,9 @@ class ParamSpec(Spec):
 
 class ModelBase(Spec):
     dtype: DType = "float32"
-    seed: int = Field(default=0, ge=0, lt=2**63, description="seeds random initialisation")
+    seed: Annotated[int, Field(ge=0, lt=2**53), Integral] = Field(
+        default=0, description="seeds random initialisation"
+    )
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     frozen: list[str] = Field(default_factory=list, description="parameters that are not trained")
 
@@ -103,7 +137,7 @@ class GeluLayer(Spec):
 
 class SoftmaxLayer(Spec):
     type: Literal["softmax"]
-    dim: int = -1
+    dim: Annotated[int, Field(ge=-(2**31), lt=2**31), Integral] = -1
 
 
 class LayerNormLayer(Spec):
@@ -152,6 +186,16 @@ class OptimizerBase(Spec):
 
 
 class SGD(OptimizerBase):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"nesterov": {"const": True}}, "required": ["nesterov"]},
+            "then": {
+                "properties": {"momentum": {"exclusiveMinimum": 0}, "dampening": {"const": 0}},
+                "required": ["momentum"],
+            },
+        }
+    )
+
     type: Literal["sgd"]
     lr: NonNegFloat = 1e-3
     momentum: NonNegFloat = 0.0
@@ -168,7 +212,7 @@ class SGD(OptimizerBase):
 class Adam(OptimizerBase):
     type: Literal["adam"]
     lr: NonNegFloat = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_tuple)] = (0.9, 0.999)
     eps: NonNegFloat = 1e-8
     amsgrad: bool = False
 

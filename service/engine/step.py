@@ -16,9 +16,9 @@ import torch
 from service.engine import losses, models, optimizers, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.specs import Kind
-from service.engine.tensors import encode
+from service.engine.tensors import decode, encode
 from service.engine.trace import TraceNode, Tracer
-from service.errors import NonFinite, ShapeError
+from service.errors import GradsvcError, NonFinite, ShapeError
 
 _RNG_LOCK = threading.Lock()
 
@@ -177,6 +177,11 @@ def compute(
     """One forward, gradients or step on a built model, dropout seeded with ``seed``."""
     with seeded(model, seed):
         if kind == "forward":
+            if y is not None:  # unused, but a tensor the request must still get right
+                try:
+                    decode(y, torch.float32, limits)
+                except GradsvcError as exc:
+                    raise exc.at("batch", "y") from None
             return forward(model, inputs)
         assert loss is not None
         loss_spec = losses.normalise(loss)

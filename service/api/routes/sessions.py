@@ -54,7 +54,7 @@ def _uncursor(cursor: str) -> Any:
 
 
 def _bad_cursor() -> InvalidInput:
-    return InvalidInput("cursor is not one this service gave out", loc=("cursor",))
+    return InvalidInput("cursor is not one this service gave out", loc=("query", "cursor"))
 
 
 COMMON = responses(400, 404, 409, 412, 422, 503)
@@ -107,7 +107,7 @@ async def restore(
 
 
 @router.get(
-    "", response_model=schemas.SessionList, responses=responses(422), summary="List sessions"
+    "", response_model=schemas.SessionList, responses=responses(422, 503), summary="List sessions"
 )
 async def list_sessions(
     owner: PrincipalDep,
@@ -136,7 +136,10 @@ async def list_sessions(
 
 
 @router.get(
-    "/{session_id}", response_model=schemas.Session, responses=responses(404), summary="A session"
+    "/{session_id}",
+    response_model=schemas.Session,
+    responses=responses(404, 503),
+    summary="A session",
 )
 async def get(
     session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
@@ -165,7 +168,7 @@ async def patch(
 
 
 @router.delete(
-    "/{session_id}", status_code=204, responses=responses(404), summary="Delete a session"
+    "/{session_id}", status_code=204, responses=responses(404, 503), summary="Delete a session"
 )
 async def delete(
     session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
@@ -268,7 +271,7 @@ async def session_forward(
 @router.get(
     "/{session_id}/history",
     response_model=schemas.History,
-    responses=responses(404, 422),
+    responses=responses(404, 422, 503),
     summary="Loss and gradient norm of every step, oldest first",
 )
 async def history(
@@ -301,7 +304,7 @@ async def history(
             "content": {CHECKPOINT_MEDIA: {"schema": {"type": "string", "format": "binary"}}},
             "description": "a safetensors file: parameters, optimizer state, specs in its metadata",
         },
-        **responses(404),
+        **responses(404, 503),
     },
     response_class=Response,
     summary="Download the session as a safetensors file",
