@@ -123,7 +123,8 @@ class Sessions:
             state.restore(model, optimizer, data)
         return model, optimizer
 
-    def _get(self, owner: str, session_id: str) -> SessionRecord:
+    def fetch(self, owner: str, session_id: str) -> SessionRecord:
+        """The owner's session, or NotFound (another owner's is not found either)."""
         record = self.store.get(owner, session_id)
         if record is None:
             raise NotFound(f"no session {session_id}")
@@ -149,6 +150,11 @@ class Sessions:
             "created_at": iso(record.created_at),
             "updated_at": iso(record.updated_at),
         }
+
+    def read(self, owner: str, session_id: str) -> Answer:
+        """GET /v1/sessions/{id}: the session and its ETag."""
+        record = self.fetch(owner, session_id)
+        return self._answer(200, self.view(record), record)
 
     def _answer(self, status: int, body: dict[str, Any], record: SessionRecord) -> Answer:
         headers = {"ETag": etag(record)}
@@ -224,7 +230,7 @@ class Sessions:
         raise GradsvcError("could not create the session")  # pragma: no cover
 
     def checkpoint(self, owner: str, session_id: str) -> tuple[bytes, SessionRecord]:
-        record = self._get(owner, session_id)
+        record = self.fetch(owner, session_id)
         meta = CheckpointMeta(name=record.name, step=record.step)
         data = state.with_metadata(
             record.state,
@@ -246,7 +252,7 @@ class Sessions:
         for _ in range(MAX_ATTEMPTS):
             if (stored := replay(self.store, idem)) is not None:
                 return stored
-            record = self._get(owner, session_id)
+            record = self.fetch(owner, session_id)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"
@@ -309,7 +315,7 @@ class Sessions:
         if_match: str | None,
     ) -> Answer:
         for _ in range(MAX_ATTEMPTS):
-            record = self._get(owner, session_id)
+            record = self.fetch(owner, session_id)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"

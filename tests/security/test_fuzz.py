@@ -33,6 +33,7 @@ from schemathesis.python import asgi
 
 from service.app import create_app
 from service.config import Settings
+from tests.conftest import SEED_STEP
 
 SEED = 20240607
 # Fuzzing-phase examples per operation (the examples and coverage phases add their own). The
@@ -40,16 +41,7 @@ SEED = 20240607
 MAX_EXAMPLES = {"open": 25, "keyed": 10}
 KEY = "fuzz-key"
 
-SEED_MODEL: dict[str, Any] = {
-    "model": {
-        "type": "expression",
-        "expression": "w * x + 1",
-        "params": {"w": {"value": [1.0]}},
-        "dtype": "float64",
-    },
-    "loss": "squared",
-    "optimizer": {"type": "sgd", "lr": 0.1},
-}
+SEED_MODEL: dict[str, Any] = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
 
 _TMP = tempfile.TemporaryDirectory(prefix="gradsvc-fuzz-")
 

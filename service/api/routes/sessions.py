@@ -144,8 +144,7 @@ async def list_sessions(
 async def get(
     session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
 ) -> Response:
-    record = await pool.run(sessions._get, owner, _checked(session_id))
-    return respond(sessions._answer(200, await pool.run(sessions.view, record), record))
+    return respond(await pool.run(sessions.read, owner, _checked(session_id)))
 
 
 @router.patch(
@@ -288,7 +287,7 @@ async def history(
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _bad_cursor()
         after = value
-    await pool.run(sessions._get, owner, _checked(session_id))
+    await pool.run(sessions.fetch, owner, _checked(session_id))
     rows = await pool.run(sessions.store.history, owner, session_id, limit + 1, after)
     items = [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
