@@ -45,7 +45,7 @@ def seeded(model: models.Model, seed: int) -> Iterator[None]:
 
 
 def forward(model: models.Model, inputs: models.Inputs) -> Result:
-    model.module.eval()
+    model.module.train(False)  # inference mode: dropout off
     with torch.no_grad():
         outputs = model.forward(inputs)
     _check_finite("outputs", outputs)
