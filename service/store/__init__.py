@@ -6,6 +6,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.store.base import (
     Commit,
+    Cursor,
     HistoryRow,
     IdempotencyRecord,
     SessionRecord,
@@ -42,6 +43,7 @@ def open_store(url: str) -> SessionStore:
 
 __all__ = [
     "Commit",
+    "Cursor",
     "HistoryRow",
     "IdempotencyRecord",
     "SessionRecord",

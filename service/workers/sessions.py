@@ -36,7 +36,7 @@ from service.errors import (
     TooManyRequests,
     short,
 )
-from service.store import Commit, HistoryRow, IdempotencyRecord, SessionRecord, SessionStore
+from service.store import Commit, Cursor, HistoryRow, IdempotencyRecord, SessionRecord, SessionStore
 
 MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
@@ -131,6 +131,15 @@ class Sessions:
         return record
 
     # -- views ------------------------------------------------------------------------------
+
+    def page(
+        self, owner: str, limit: int, after: Cursor | None
+    ) -> tuple[list[dict[str, Any]], SessionRecord | None]:
+        """A page of the owner's sessions as views, and the last one if more follow: one trip
+        to the compute pool for the whole page, not one per session."""
+        records = self.store.sessions(owner, limit + 1, after)
+        last = records[limit - 1] if len(records) > limit else None
+        return [self.view(r) for r in records[:limit]], last
 
     def view(self, record: SessionRecord, b64: bool = False) -> dict[str, Any]:
         spec = json.loads(record.spec)

@@ -129,9 +129,7 @@ async def list_sessions(
         ):
             raise _bad_cursor()
         after = (float(value[0]), value[1])
-    records = await pool.run(sessions.store.sessions, owner, limit + 1, after)
-    items = [await pool.run(sessions.view, r) for r in records[:limit]]
-    last = records[limit - 1] if len(records) > limit else None
+    items, last = await pool.run(sessions.page, owner, limit, after)
     return {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
 
 
