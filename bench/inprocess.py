@@ -10,7 +10,6 @@ call does the same work in the same way as in the service.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -19,12 +18,14 @@ from bench.workloads import Workload
 from service.config import Settings
 from service.engine.specs import StepRequest
 from service.engine.step import run
+from service.workers.devices import layout
 
 
 def service_torch_threads() -> int:
-    """Torch threads per compute thread of a default ``gradsvc serve``: the cores shared
-    between the compute threads, as ``service.workers.pool.ComputePool`` shares them."""
-    return max(1, (os.cpu_count() or 1) // Settings().compute_threads)
+    """Torch threads per worker process of a default ``gradsvc serve`` on the CPU, as
+    ``service.workers.devices.layout`` shares the cores between them."""
+    settings = Settings()
+    return layout("cpu", settings.workers_per_device).threads
 
 
 def loop(step: Callable[[], object], *, seconds: float, iterations: int, warmup: int = 2) -> Stats:

@@ -14,12 +14,10 @@ from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
-from service.api.ordering import SessionLocks
 from service.api.routes import compute, ops, sessions
 from service.config import Settings
 from service.store import open_store
-from service.workers.pool import ComputePool
-from service.workers.sessions import Sessions
+from service.workers.pool import WorkerPool
 
 DESCRIPTION = """\
 Forward passes, gradients and optimizer steps for small PyTorch models, over HTTP.
@@ -41,12 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # This process's own store connection is for rate limits and readiness only: sessions
+        # are read and written by the workers (a memory:// store lives in the one worker).
         app.state.store = open_store(settings.store)
-        app.state.sessions = Sessions(
-            app.state.store, app.state.limits, settings.max_sessions_per_key
-        )
-        app.state.pool = ComputePool(settings.compute_threads, settings.queue_size)
-        app.state.locks = SessionLocks()
+        app.state.pool = WorkerPool(settings)
+        await app.state.pool.start()
         rate_limited = keys is not None and settings.rate_limit > 0
         app.state.buckets = (
             app.state.store.buckets(settings.rate_limit, settings.rate_burst)
@@ -57,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.pool.close()
+            await app.state.pool.close()
             app.state.store.close()
 
     app = FastAPI(

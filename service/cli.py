@@ -81,6 +81,9 @@ def _serve(settings: Settings) -> int:
         re-raise the signal after its graceful shutdown, so the exit status said "killed".)"""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            pool = getattr(app.state, "pool", None)
+            if pool is not None:  # new work gets 503 while the work in flight finishes
+                pool.draining = True
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM and sig in self._captured_signals:
                 self._captured_signals.remove(sig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,10 +11,6 @@ from service.engine.limits import Limits
 
 _DEFAULT = Limits()
 STORE_SCHEMES = ("memory://", "sqlite://", "redis://", "rediss://", "unix://")
-
-
-def _default_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 2)))
 
 
 class Settings(BaseSettings):
@@ -37,11 +32,36 @@ class Settings(BaseSettings):
         default=False, description="allow a non-loopback address without API keys"
     )
     log_level: str = Field(default="info", description="uvicorn's log level")
-    compute_threads: int = Field(
-        default_factory=_default_threads, ge=1, le=256, description="computations run at once"
+    devices: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?(,(cpu|cuda(:\d+)?))*)$",
+        description="compute devices: auto (every CUDA device, else cpu), cpu, cuda:0,cuda:1",
+    )
+    workers_per_device: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="worker processes per device (default: 1 per GPU; one per 2 cores on cpu)",
     )
     queue_size: int = Field(
-        default=64, ge=1, description="computations waiting at most; beyond it: 503 + Retry-After"
+        default=64,
+        ge=1,
+        description="requests queued per worker at most; beyond it: 503 + Retry-After",
+    )
+    compute_timeout: float = Field(
+        default=60.0, gt=0, description="seconds a request may take in a worker (504 over)"
+    )
+    batch_window_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="ms a worker waits to batch steps of like sessions; 0: no batching",
+    )
+    max_batch: int = Field(
+        default=256, ge=1, le=65536, description="session steps in one batched computation"
+    )
+    session_cache: int = Field(
+        default=1024, ge=0, description="sessions a worker keeps built in memory"
     )
     max_tensor_elements: int = Field(
         default=_DEFAULT.tensor_elements, ge=1, description="elements in one tensor"

@@ -14,7 +14,9 @@
     ├── Conflict                    (409 conflict)           the same key still in flight
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
     ├── TooManyRequests             (429 too-many-requests)  rate or session limit; Retry-After
-    └── Unavailable                 (503 unavailable)        queue full or draining; Retry-After
+    ├── Unavailable                 (503 unavailable)        queue full, draining, worker lost
+    ├── ComputeTimeout              (504 compute-timeout)    over --compute-timeout; no change
+    └── OutOfMemory                 (507 out-of-memory)      the device ran out of memory
 
 ``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
 ``application/problem+json`` bodies. ``loc`` points into the request body where it can.
@@ -121,3 +123,15 @@ class Unavailable(GradsvcError):
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class ComputeTimeout(GradsvcError):
+    status = 504
+    type = "compute-timeout"
+    title = "Computation timed out"
+
+
+class OutOfMemory(GradsvcError):
+    status = 507
+    type = "out-of-memory"
+    title = "Out of device memory"

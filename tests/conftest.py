@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,13 +37,23 @@ def seed_step() -> dict[str, Any]:
 def app_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A real SQLite file, as in production, in a temporary folder."""
     db = tmp_path_factory.mktemp("store") / "gradsvc.db"
-    return Settings(compute_threads=2, queue_size=16, store=f"sqlite:///{db}")
+    return Settings(queue_size=16, store=f"sqlite:///{db}")
 
 
 @pytest.fixture(scope="session")
 def client(app_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(app_settings), raise_server_exceptions=False) as c:
+        ready(c)
         yield c
+
+
+def ready(client: TestClient, timeout: float = 60.0) -> TestClient:
+    """Wait until the app's workers are up (/readyz), as a load balancer would."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the workers did not come up"
+        time.sleep(0.05)
+    return client
 
 
 def assert_problem(response: Any, status: int | None = None) -> dict[str, Any]:

@@ -12,12 +12,10 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from service.api.idempotency import InFlight
-from service.api.ordering import SessionLocks
 from service.config import Settings
 from service.engine.limits import Limits
 from service.store import SessionStore
-from service.workers.pool import ComputePool
-from service.workers.sessions import Sessions
+from service.workers.pool import WorkerPool
 
 
 def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
@@ -28,10 +26,8 @@ def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
     return get
 
 
-PoolDep = Annotated[ComputePool, Depends(_state("pool"))]
+PoolDep = Annotated[WorkerPool, Depends(_state("pool"))]
 SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 LimitsDep = Annotated[Limits, Depends(_state("limits"))]
-SessionsDep = Annotated[Sessions, Depends(_state("sessions"))]
 StoreDep = Annotated[SessionStore, Depends(_state("store"))]
-LocksDep = Annotated[SessionLocks, Depends(_state("locks"))]
 InFlightDep = Annotated[InFlight, Depends(_state("inflight"))]

@@ -17,7 +17,7 @@ from fastapi import Depends, Header, Request
 
 from service.api.auth import PrincipalDep
 from service.errors import Conflict, InvalidInput
-from service.workers.sessions import Idem
+from service.workers.jobs import Idem
 
 MAX_KEY = 255
 WAIT_SECONDS = 30.0

@@ -75,18 +75,29 @@ async def send_problem(
     await send({"type": "http.response.body", "body": body})
 
 
+def problem_body(exc: GradsvcError, *prefix: str | int) -> dict[str, Any]:
+    """The problem object for a domain error; ``prefix`` locates it in a larger body."""
+    body: dict[str, Any] = {
+        "type": exc.type,
+        "title": exc.title,
+        "status": exc.status,
+        "detail": _clip(exc.detail, 2000),
+    }
+    if exc.loc:
+        # Domain errors point into the body unless they say where else (query, header, path).
+        where = [] if exc.loc[0] in ("query", "header", "path") else ["body", *prefix]
+        loc = [*where, *(_clip(p) for p in exc.loc)]
+        body["errors"] = [{"loc": loc, "msg": body["detail"], "type": exc.type}]
+    return body
+
+
 async def domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GradsvcError)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    # Domain errors point into the body unless they say where else (query, header, path).
-    where = [] if exc.loc and exc.loc[0] in ("query", "header", "path") else ["body"]
-    loc = [*where, *(_clip(p) for p in exc.loc)]
-    errors = [{"loc": loc, "msg": exc.detail, "type": exc.type}] if exc.loc else None
-    detail = _clip(exc.detail, 2000)
-    if errors:
-        errors[0]["msg"] = detail
-    return problem(exc.status, exc.type, exc.title, detail, errors=errors, headers=headers)
+    return JSONResponse(
+        problem_body(exc), status_code=exc.status, headers=headers, media_type=MEDIA_TYPE
+    )
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:

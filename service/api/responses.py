@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
 
-from service.workers.sessions import Answer
+from service.workers.jobs import Answer
 
 
 class FastJSONResponse(JSONResponse):

@@ -5,7 +5,7 @@ Request bodies are the engine's own specs (``engine.specs``): one definition of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -161,4 +161,50 @@ SESSION_STEP_EXAMPLES = {
     "explain": _example(
         "A sample, with the chain rule shown", {"batch": {"x": 1, "y": 3}, "explain": True}
     ),
+}
+
+
+class Worker(BaseModel):
+    index: int
+    device: str = Field(examples=["cpu", "cuda:0"])
+    pid: int | None = Field(description="null while the process starts")
+    state: Literal["starting", "up", "restarting", "stopped"]
+    queue_depth: int = Field(description="jobs sent to it and not yet answered")
+    sessions_held: int = Field(description="sessions it keeps built in memory")
+    requests_done: int
+    restarts: int
+
+
+class Workers(BaseModel):
+    items: list[Worker]
+
+
+class SessionsStepItem(BaseModel):
+    session: str
+    status: int = Field(description="200, or the status this item's own /step would have had")
+    step: int | None = Field(default=None, description="the session's step after this one")
+    loss: float | None = None
+    grads: dict[str, Tensor] | None = None
+    grad_norm: float | None = None
+    params: dict[str, Tensor] | None = None
+    outputs: Tensor | None = None
+    replayed: bool | None = Field(default=None, description="true: answered from its key")
+    problem: dict[str, Any] | None = Field(default=None, description="a problem, if not 200")
+
+
+class SessionsStepResponse(BaseModel):
+    items: list[SessionsStepItem] = Field(description="in request order")
+
+
+SESSIONS_STEP_EXAMPLES: dict[str, Any] = {
+    "two": {
+        "summary": "two sessions, one step each",
+        "value": {
+            "items": [
+                {"session": "s_first", "batch": {"x": 1, "y": 3}},
+                {"session": "s_second", "batch": {"x": 2, "y": 5}, "idempotency_key": "b-1"},
+            ],
+            "include": ["loss", "params"],
+        },
+    }
 }

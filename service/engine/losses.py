@@ -49,7 +49,8 @@ def target(
         raise ShapeError("this call needs a target: batch.y", loc=("batch", "y"))
     try:
         if spec.type == "cross_entropy":
-            return _check_classes(_class_or_probs(y, out, limits), out)
+            classes = _check_classes(_class_or_probs(y, out, limits), out)
+            return classes.to(out.device) if out.device.type != "cpu" else classes
         raw = decode(y, out.dtype, limits)
     except GradsvcError as exc:
         raise exc.at("batch", "y") from None
@@ -60,7 +61,7 @@ def target(
                 loc=("batch", "y"),
             )
         raw = raw.reshape(out.shape)
-    return raw
+    return raw.to(out.device) if out.device.type != "cpu" else raw
 
 
 def _class_or_probs(y: Any, out: torch.Tensor, limits: Limits) -> torch.Tensor:

@@ -147,6 +147,7 @@ class Model:
     widest: int = 1
     """The most features any layer computes per row."""
     limits: Limits = DEFAULT_LIMITS
+    device: torch.device = torch.device("cpu")
 
     @property
     def has_dropout(self) -> bool:
@@ -174,12 +175,14 @@ class Model:
                     f"the model's inputs are {', '.join(self.inputs) or 'none'}",
                     loc=("batch", "x"),
                 )
-            return _check_batch(
-                {
-                    name: _decode_at(x[name], self.dtype, limits, "batch", "x", name)
-                    for name in self.inputs
-                },
-                limits,
+            return self._placed(
+                _check_batch(
+                    {
+                        name: _decode_at(x[name], self.dtype, limits, "batch", "x", name)
+                        for name in self.inputs
+                    },
+                    limits,
+                )
             )
         if len(self.inputs) != 1:
             raise ShapeError(
@@ -187,9 +190,14 @@ class Model:
                 "{name: tensor}",
                 loc=("batch", "x"),
             )
-        return _check_batch(
-            {self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}, limits
+        return self._placed(
+            _check_batch({self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}, limits)
         )
+
+    def _placed(self, inputs: Inputs) -> Inputs:
+        if self.device.type == "cpu":
+            return inputs
+        return {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
 
     def forward(self, inputs: Inputs, tracer: Tracer | None = None) -> torch.Tensor:
         if inputs and all(t.numel() == 0 for t in inputs.values()):
@@ -270,8 +278,11 @@ def _fit_batch(out: torch.Tensor, inputs: Inputs) -> torch.Tensor:
 def build(
     spec: specs.ExpressionModel | specs.LinearModel | specs.SequentialModel,
     limits: Limits = DEFAULT_LIMITS,
+    device: str = "cpu",
 ) -> Model:
-    """A fresh model from its spec; SpecError (with ``loc`` under ``model``) if it cannot be."""
+    """A fresh model from its spec, its parameters on ``device``; SpecError (with ``loc`` under
+    ``model``) if it cannot be built. Initial values are drawn on the CPU, so a seed gives the
+    same model on every device."""
     try:
         model = _BUILDERS[spec.type](spec, limits)
     except GradsvcError as exc:
@@ -284,6 +295,9 @@ def build(
                 f"frozen names unknown parameter {short(name)}", loc=("model", "frozen")
             )
         names[name].requires_grad_(False)
+    if device != "cpu":
+        model.device = torch.device(device)
+        model.module.to(model.device)
     return model
 
 

@@ -296,6 +296,77 @@ class SessionGradientsRequest(SessionBatchRequest):
     explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
 
 
+Included = Literal["loss", "params", "grads", "outputs"]
+MAX_ITEMS = 4096
+
+
+_FORM_KEYS = frozenset({"dtype", "shape", "data", "b64"})
+_DTYPES = frozenset(TensorDType.__args__)  # type: ignore[attr-defined]
+
+
+def form_error(value: Any) -> str | None:
+    """What is wrong with a tensor's form as the document declares it (number, array, or
+    object), without reading its elements; None if nothing. Elements are the worker's job."""
+    if isinstance(value, bool) or not isinstance(value, int | float | list | dict):
+        return "a tensor is a number, an array or an object"
+    if not isinstance(value, dict):
+        return None
+    if "shape" not in value or not set(value) <= _FORM_KEYS:
+        return 'a tensor object has "shape", and "dtype", "data" or "b64", nothing else'
+    shape = value["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        return "shape is an array of sizes"
+    if "dtype" in value and value["dtype"] not in _DTYPES:
+        return f"dtype is one of {', '.join(sorted(_DTYPES))}"
+    data = value.get("data", [])
+    if not isinstance(data, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in data
+    ):
+        return "data is a flat array of numbers"
+    if "b64" in value and not isinstance(value["b64"], str):
+        return "b64 is a base64 string"
+    return None
+
+
+class SessionsStepItem(Spec):
+    session: str = Field(min_length=1, max_length=64, description="the session's id")
+    batch: Batch
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x20-\x7e]+$",
+        description="this item's own Idempotency-Key: a retry with it is applied once",
+    )
+
+    @model_validator(mode="after")
+    def _forms(self) -> SessionsStepItem:
+        # Items answer one by one, so the request as a whole must at least be well formed.
+        x = self.batch.x
+        named = x if isinstance(x, dict) and "shape" not in x else {"": x}
+        tensors = [(("batch", "x", k) if k else ("batch", "x"), v) for k, v in named.items()]
+        if self.batch.y is not None:
+            tensors.append((("batch", "y"), self.batch.y))
+        for where, value in tensors:
+            if (error := form_error(value)) is not None:
+                raise ValueError(f"{'.'.join(where)}: {error}")
+        return self
+
+
+class SessionsStepRequest(Spec):
+    items: list[SessionsStepItem] = Field(min_length=1, max_length=MAX_ITEMS)
+    include: list[Included] = Field(
+        default=["loss", "params", "grads", "outputs"],
+        description=(
+            "what each item's answer carries besides session, status and step "
+            '("loss" brings grad_norm along)'
+        ),
+    )
+    encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
+
+
 class SessionPatch(Spec):
     name: str | None = Field(default=None, max_length=200)
     optimizer: dict[str, Any] | None = Field(

@@ -6,6 +6,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.store.base import (
     Commit,
+    CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
@@ -43,6 +44,7 @@ def open_store(url: str) -> SessionStore:
 
 __all__ = [
     "Commit",
+    "CommitItem",
     "Cursor",
     "HistoryRow",
     "IdempotencyRecord",

@@ -9,6 +9,7 @@ reads again (and replays the stored answer, or recomputes on the newer state).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +65,16 @@ class Commit(enum.Enum):
     """The owner already has as many sessions as the limit allows."""
 
 
+@dataclass(frozen=True)
+class CommitItem:
+    """One session's commit: ``record`` replaces the session at ``expected_version``."""
+
+    record: SessionRecord
+    expected_version: int
+    history: HistoryRow | None = None
+    idem: IdempotencyRecord | None = None
+
+
 class SessionStore(Protocol):
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
@@ -84,6 +95,11 @@ class SessionStore(Protocol):
         history: HistoryRow | None = None,
         idem: IdempotencyRecord | None = None,
     ) -> Commit: ...
+
+    def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
+        """Several sessions' commits in one transaction (one fsync, one round trip): a group
+        commit. Each item is compared-and-set on its own, with ``commit``'s outcomes."""
+        ...
 
     def delete(self, owner: str, session_id: str) -> bool: ...
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import replace
 
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
+    CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
@@ -64,18 +66,25 @@ class MemoryStore:
         history: HistoryRow | None = None,
         idem: IdempotencyRecord | None = None,
     ) -> Commit:
+        return self.commit_many([CommitItem(record, expected_version, history, idem)])[0]
+
+    def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
         with self._lock:
-            current = self._sessions.get(record.id)
-            if current is None or current.owner != record.owner:
-                return Commit.GONE
-            if current.version != expected_version or self._key_taken(idem):
-                return Commit.CONFLICT
-            self._sessions[record.id] = replace(record, version=expected_version + 1)
-            if history is not None:
-                self._history[record.id].append(history)
-            if idem is not None:
-                self._idem[(idem.owner, idem.key)] = idem
-            return Commit.OK
+            return [self._commit_one(item) for item in items]
+
+    def _commit_one(self, item: CommitItem) -> Commit:
+        record = item.record
+        current = self._sessions.get(record.id)
+        if current is None or current.owner != record.owner:
+            return Commit.GONE
+        if current.version != item.expected_version or self._key_taken(item.idem):
+            return Commit.CONFLICT
+        self._sessions[record.id] = replace(record, version=item.expected_version + 1)
+        if item.history is not None:
+            self._history[record.id].append(item.history)
+        if item.idem is not None:
+            self._idem[(item.idem.owner, item.idem.key)] = item.idem
+        return Commit.OK
 
     def delete(self, owner: str, session_id: str) -> bool:
         with self._lock:

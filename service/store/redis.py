@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import cast
 
 import redis
@@ -28,6 +29,7 @@ import redis
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
+    CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
@@ -193,6 +195,24 @@ class RedisStore:
         history: HistoryRow | None = None,
         idem: IdempotencyRecord | None = None,
     ) -> Commit:
+        keys, args = self._commit_call(CommitItem(record, expected_version, history, idem))
+        return _RESULTS[int(self._commit(keys=keys, args=args))]
+
+    def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
+        # MULTI/EXEC: the scripts run back to back, in one round trip, nothing in between.
+        pipe = self._redis.pipeline(transaction=True)
+        for item in items:
+            keys, args = self._commit_call(item)
+            self._commit(keys=keys, args=args, client=pipe)
+        return [_RESULTS[int(outcome)] for outcome in pipe.execute()]
+
+    def _commit_call(self, item: CommitItem) -> tuple[list[str], list[str | bytes | int]]:
+        record, expected_version, history, idem = (
+            item.record,
+            item.expected_version,
+            item.history,
+            item.idem,
+        )
         fields: list[str | bytes | int] = [
             "spec",
             record.spec,
@@ -219,7 +239,7 @@ class RedisStore:
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)
-        return _RESULTS[int(self._commit(keys=keys, args=args))]
+        return keys, args
 
     def delete(self, owner: str, session_id: str) -> bool:
         keys = [

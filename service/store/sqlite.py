@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
+    CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
@@ -154,33 +155,40 @@ class SqliteStore:
         history: HistoryRow | None = None,
         idem: IdempotencyRecord | None = None,
     ) -> Commit:
+        return self.commit_many([CommitItem(record, expected_version, history, idem)])[0]
+
+    def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
         with self._write() as db:
-            row = db.execute(
-                "SELECT version FROM sessions WHERE id = ? AND owner = ?", (record.id, record.owner)
-            ).fetchone()
-            if row is None:
-                return Commit.GONE
-            if row[0] != expected_version or self._key_taken(db, idem):
-                return Commit.CONFLICT
+            return [self._commit_one(db, item) for item in items]
+
+    def _commit_one(self, db: sqlite3.Connection, item: CommitItem) -> Commit:
+        record, expected = item.record, item.expected_version
+        row = db.execute(
+            "SELECT version FROM sessions WHERE id = ? AND owner = ?", (record.id, record.owner)
+        ).fetchone()
+        if row is None:
+            return Commit.GONE
+        if row[0] != expected or self._key_taken(db, item.idem):
+            return Commit.CONFLICT
+        db.execute(
+            "UPDATE sessions SET name = ?, spec = ?, state = ?, step = ?, version = ?, "
+            "updated_at = ? WHERE id = ?",
+            (
+                record.name,
+                record.spec,
+                record.state,
+                record.step,
+                expected + 1,
+                record.updated_at,
+                record.id,
+            ),
+        )
+        if (history := item.history) is not None:
             db.execute(
-                "UPDATE sessions SET name = ?, spec = ?, state = ?, step = ?, version = ?, "
-                "updated_at = ? WHERE id = ?",
-                (
-                    record.name,
-                    record.spec,
-                    record.state,
-                    record.step,
-                    expected_version + 1,
-                    record.updated_at,
-                    record.id,
-                ),
+                "INSERT INTO history VALUES (?, ?, ?, ?, ?)",
+                (record.id, history.step, history.loss, history.grad_norm, history.at),
             )
-            if history is not None:
-                db.execute(
-                    "INSERT INTO history VALUES (?, ?, ?, ?, ?)",
-                    (record.id, history.step, history.loss, history.grad_norm, history.at),
-                )
-            self._put_idem(db, idem)
+        self._put_idem(db, item.idem)
         return Commit.OK
 
     def delete(self, owner: str, session_id: str) -> bool:

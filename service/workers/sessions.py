@@ -1,21 +1,27 @@
-"""Sessions, executed: load → compute → commit, with the store's compare-and-set.
+"""Sessions, executed in a worker process: load → compute → commit, with the store's
+compare-and-set.
 
-Every function here runs off the event loop (in the compute pool) and returns an ``Answer``:
-the status, the JSON body as bytes and the headers, exactly as they are stored for
-``Idempotency-Key`` replays. A commit that finds the version moved (another request, another
-replica) reads again and recomputes on the newer state; one that finds its idempotency key
-taken replays the stored answer instead. So each step is applied once, in some serial order.
+Every function here returns an ``Answer``: the status, the JSON body as bytes and the headers,
+exactly as they are stored for ``Idempotency-Key`` replays. A commit that finds the version
+moved (another request, another replica) reads again and recomputes on the newer state; one
+that finds its idempotency key taken replays the stored answer instead. So each step is
+applied once, in some serial order.
+
+A worker keeps the sessions it computed built (model and optimizer, on its device), keyed by
+the version it committed; it reloads one from the store only when the stored version is
+newer. Steps that arrive together for sessions of one signature run as one vmapped
+computation (``engine.batching``) and commit in one transaction.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import torch
@@ -23,59 +29,34 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from service.engine import models, optimizers, specs, state
 from service.engine.limits import Limits
-from service.engine.specs import Kind
-from service.engine.step import compute, encode_result
+from service.engine.step import Result, compute, encode_result
 from service.engine.tensors import decode, encode
 from service.errors import (
+    ComputeTimeout,
     GradsvcError,
     InvalidInput,
     KeyReused,
     NotFound,
+    OutOfMemory,
     PreconditionFailed,
     SpecError,
     TooManyRequests,
+    Unavailable,
     short,
 )
-from service.store import Commit, Cursor, HistoryRow, IdempotencyRecord, SessionRecord, SessionStore
+from service.store import (
+    Commit,
+    CommitItem,
+    Cursor,
+    HistoryRow,
+    SessionRecord,
+    SessionStore,
+)
+from service.workers import devices
+from service.workers.jobs import Answer, Idem, RunJob, etag, iso
 
 MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
-
-
-@dataclass
-class Answer:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    replayed: bool = False
-
-
-@dataclass(frozen=True)
-class Idem:
-    """An ``Idempotency-Key`` and what the request was."""
-
-    owner: str
-    key: str
-    fingerprint: str
-
-    def record(self, answer: Answer) -> IdempotencyRecord:
-        return IdempotencyRecord(
-            self.owner,
-            self.key,
-            self.fingerprint,
-            answer.status,
-            answer.body,
-            json.dumps(answer.headers),
-            time.time(),
-        )
-
-
-def etag(record: SessionRecord) -> str:
-    return f'"{record.id}:{record.version}"'
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def replay(store: SessionStore, idem: Idem | None) -> Answer | None:
@@ -103,11 +84,75 @@ def remembered(store: SessionStore, idem: Idem | None, compute: Callable[[], Ans
     raise GradsvcError("could not store the answer")  # pragma: no cover
 
 
+@dataclass
+class Built:
+    """A session's model and optimizer, built, at the store version they stand for."""
+
+    version: int
+    spec: specs.SessionSpec
+    model: models.Model
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class _Prepared:
+    index: int
+    job: RunJob
+    record: SessionRecord
+    built: Built
+    inputs: models.Inputs
+
+    def entry(self) -> batching.Entry:
+        from service.engine import batching
+
+        optimizer = self.built.optimizer if self.job.kind == "step" else None
+        return batching.Entry(self.built.model, optimizer, self.inputs, self.job.request.batch.y)
+
+
+R = TypeVar("R")
+P = ParamSpec("P")
+log = logging.getLogger("gradsvc.worker")
+
+
+def guarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | GradsvcError:
+    """``fn``'s result, or the problem it amounts to: the domain error it raised, 507 for a
+    device out of memory (the worker stays up), 500 for a bug (logged with its traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except GradsvcError as exc:
+        return exc
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return OutOfMemory("the device ran out of memory for this request: send a smaller batch")
+    except MemoryError:
+        return OutOfMemory("the worker ran out of memory for this request: send a smaller batch")
+    except Exception:
+        log.exception("computation failed")
+        return GradsvcError("the computation failed inside the service; this is a bug")
+
+
+def _timed_out() -> ComputeTimeout:
+    return ComputeTimeout("the request ran past the compute timeout; nothing was changed")
+
+
 class Sessions:
-    def __init__(self, store: SessionStore, limits: Limits, max_per_owner: int = 0) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        limits: Limits,
+        max_per_owner: int = 0,
+        *,
+        device: str = "cpu",
+        cache_size: int = 1024,
+        batching: bool = True,
+    ) -> None:
         self.store = store
         self.limits = limits
         self.max_per_owner = max_per_owner
+        self.device = device
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, Built] = OrderedDict()
+        self.batching = batching
 
     # -- building ---------------------------------------------------------------------------
 
@@ -117,7 +162,13 @@ class Sessions:
     def _build(
         self, spec: specs.SessionSpec, data: bytes | None = None
     ) -> tuple[models.Model, torch.optim.Optimizer]:
-        model = models.build(spec.model, self.limits)
+        if (
+            spec.device.startswith("cuda")
+            and spec.device.partition(":")[2]
+            and (int(spec.device.partition(":")[2]) >= devices.cuda_count())
+        ):
+            raise Unavailable(f"this session lives on {spec.device}, which this server lacks")
+        model = models.build(spec.model, self.limits, spec.device)
         optimizer = optimizers.build(spec.optimizer, model.trainable().values())
         if data is not None:
             state.restore(model, optimizer, data)
@@ -173,15 +224,18 @@ class Sessions:
 
     # -- create, restore --------------------------------------------------------------------
 
-    def create(self, owner: str, request: specs.SessionCreate, idem: Idem | None) -> Answer:
+    def create(
+        self, owner: str, session_id: str, request: specs.SessionCreate, idem: Idem | None
+    ) -> Answer:
         if (stored := replay(self.store, idem)) is not None:
             return stored
         spec = specs.SessionSpec.model_validate(request.model_dump(exclude={"name"}))
-        spec = spec.model_copy(update={"device": _device(spec.device)})
+        spec = spec.model_copy(update={"device": self._device(spec.device)})
         model, optimizer = self._build(spec)
-        return self._insert(owner, spec, request.name, 0, state.dump(model, optimizer, {}), idem)
+        data = state.dump(model, optimizer, {})
+        return self._insert(owner, session_id, spec, request.name, 0, data, idem)
 
-    def restore(self, owner: str, data: bytes, idem: Idem | None) -> Answer:
+    def restore(self, owner: str, session_id: str, data: bytes, idem: Idem | None) -> Answer:
         if (stored := replay(self.store, idem)) is not None:
             return stored
         _, metadata = state.read(data)
@@ -194,15 +248,18 @@ class Sessions:
                 f"the checkpoint's metadata is not valid: {'.'.join(map(str, first['loc']))}: "
                 f"{first['msg']}"
             ) from None
-        spec = spec.model_copy(update={"device": _device(spec.device)})
+        spec = spec.model_copy(update={"device": self._device(spec.device)})
         model, optimizer = self._build(spec, data)
-        return self._insert(
-            owner, spec, meta.name, meta.step, state.dump(model, optimizer, {}), idem
-        )
+        dumped = state.dump(model, optimizer, {})
+        return self._insert(owner, session_id, spec, meta.name, meta.step, dumped, idem)
+
+    def _device(self, requested: str) -> str:
+        return devices.session_device(requested, self.device)
 
     def _insert(
         self,
         owner: str,
+        session_id: str,
         spec: specs.SessionSpec,
         name: str | None,
         step_no: int,
@@ -212,7 +269,7 @@ class Sessions:
         for _ in range(MAX_ATTEMPTS):
             now = time.time()
             record = SessionRecord(
-                new_id(),
+                session_id,
                 owner,
                 name,
                 spec.model_dump_json(exclude_defaults=True),
@@ -249,70 +306,209 @@ class Sessions:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def run(
-        self,
-        kind: Kind,
-        owner: str,
-        session_id: str,
-        request: specs.SessionBatchRequest,
-        idem: Idem | None,
-        if_match: str | None,
-    ) -> Answer:
-        for _ in range(MAX_ATTEMPTS):
-            if (stored := replay(self.store, idem)) is not None:
-                return stored
-            record = self.fetch(owner, session_id)
-            if if_match is not None and if_match != etag(record) and if_match != "*":
-                raise PreconditionFailed(
-                    f"the session is at {etag(record)}, not {short(if_match)}: read it again"
-                )
-            answer, new, history = self._compute(kind, record, request)
-            if new is None:  # gradients and forward change nothing
-                if idem is not None and not self.store.remember(idem.record(answer)):
-                    continue
-                return answer
-            outcome = self.store.commit(
-                new, record.version, history, idem.record(answer) if idem else None
-            )
-            if outcome is Commit.OK:
-                return answer
-            if outcome is Commit.GONE:
-                raise NotFound(f"no session {session_id}")
-        raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
+    def run(self, job: RunJob) -> Answer:
+        """A step, gradients or forward on one session."""
+        result = self.run_many([job])[0]
+        if isinstance(result, GradsvcError):
+            raise result
+        return result
 
-    def _compute(
+    def run_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
+        """Jobs in arrival order, each applied exactly as ``run`` would apply it alone.
+
+        They go in rounds: a round takes each session's earliest job not yet done, so one
+        session's jobs keep their order while different sessions' jobs share a round (and,
+        where their signatures match, one vmapped computation and one group commit). A job
+        whose commit lost a race goes again in the next round, on the newer state."""
+        results: list[Answer | GradsvcError | None] = [None] * len(jobs)
+        attempts = [0] * len(jobs)
+        pending = list(range(len(jobs)))
+        while pending:
+            current: list[int] = []
+            later: list[int] = []
+            seen: set[str] = set()
+            for i in pending:
+                (later if jobs[i].session_id in seen else current).append(i)
+                seen.add(jobs[i].session_id)
+            again = self._round(jobs, current, results)
+            for i in again:
+                attempts[i] += 1
+                if attempts[i] >= MAX_ATTEMPTS:  # pragma: no cover
+                    results[i] = GradsvcError("the session kept moving; gave up")
+            pending = sorted(later + [i for i in again if results[i] is None])
+        return [r if r is not None else GradsvcError("not computed") for r in results]
+
+    def _round(
         self,
-        kind: Kind,
-        record: SessionRecord,
-        request: specs.SessionBatchRequest,
-    ) -> tuple[Answer, SessionRecord | None, HistoryRow | None]:
-        spec = self._spec(record)
-        model, optimizer = self._build(spec, record.state)
-        inputs = model.decode_inputs(request.batch.x, self.limits)
-        b64 = request.encoding == "b64"
+        jobs: Sequence[RunJob],
+        indices: list[int],
+        results: list[Answer | GradsvcError | None],
+    ) -> list[int]:
+        """One job per session: prepare, compute (grouped), commit together. The indices of
+        jobs to go again come back."""
+        ready: list[_Prepared] = []
+        for i in indices:
+            try:
+                prepared = self._prepare(i, jobs[i])
+            except GradsvcError as exc:
+                results[i] = exc
+                continue
+            if isinstance(prepared, Answer):
+                results[i] = prepared
+            else:
+                ready.append(prepared)
+        again: list[int] = []
+        commits: list[tuple[_Prepared, Answer, CommitItem]] = []
+        for prepared, outcome in self._computed(ready):
+            job = prepared.job
+            if isinstance(outcome, GradsvcError):
+                if job.kind == "step":
+                    self._evict(job.session_id)
+                results[prepared.index] = outcome
+                continue
+            answer, new, history = self._answered(prepared, outcome)
+            if new is None:  # gradients and forward change nothing
+                if job.idem is not None and not self.store.remember(job.idem.record(answer)):
+                    again.append(prepared.index)
+                else:
+                    results[prepared.index] = answer
+                continue
+            if time.time() > job.deadline:
+                self._evict(job.session_id)
+                results[prepared.index] = _timed_out()
+                continue
+            idem = job.idem.record(answer) if job.idem else None
+            item = CommitItem(new, prepared.record.version, history, idem)
+            commits.append((prepared, answer, item))
+        statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
+        for (prepared, answer, _), status in zip(commits, statuses, strict=True):
+            sid = prepared.job.session_id
+            if status is Commit.OK:
+                self._keep(sid, prepared.record.version + 1, prepared.built)
+                results[prepared.index] = answer
+                continue
+            self._evict(sid)
+            if status is Commit.GONE:
+                results[prepared.index] = NotFound(f"no session {sid}")
+            else:
+                again.append(prepared.index)
+        return again
+
+    def _prepare(self, index: int, job: RunJob) -> _Prepared | Answer:
+        if time.time() > job.deadline:
+            raise _timed_out()
+        if (stored := replay(self.store, job.idem)) is not None:
+            return stored
+        record = self.fetch(job.owner, job.session_id)
+        if job.if_match is not None and job.if_match != etag(record) and job.if_match != "*":
+            raise PreconditionFailed(
+                f"the session is at {etag(record)}, not {short(job.if_match)}: read it again"
+            )
+        built = self._load(record)
+        inputs = built.model.decode_inputs(job.request.batch.x, self.limits)
+        return _Prepared(index, job, record, built, inputs)
+
+    def _computed(
+        self, ready: list[_Prepared]
+    ) -> Iterator[tuple[_Prepared, Result | GradsvcError]]:
+        """Each prepared job with its result: like jobs as one batched call, the rest alone."""
+        groups: dict[Hashable, list[_Prepared]] = {}
+        for prepared in ready:
+            key = self._signature(prepared) if self.batching and len(ready) > 1 else None
+            groups.setdefault(key if key is not None else ("alone", prepared.index), []).append(
+                prepared
+            )
+        for group in groups.values():
+            if len(group) == 1:
+                yield group[0], guarded(self._compute_one, group[0])
+                continue
+            from service.engine import batching
+
+            first = group[0]
+            entries = [p.entry() for p in group]
+            outcomes = guarded(
+                batching.run_group, first.job.kind, first.built.spec, entries, self.limits
+            )
+            if isinstance(outcomes, GradsvcError):
+                for prepared in group:
+                    yield prepared, outcomes
+            else:
+                yield from zip(group, outcomes, strict=True)
+
+    def _signature(self, prepared: _Prepared) -> Hashable | None:
+        try:  # TEMPORARY until engine.batching lands
+            from service.engine import batching
+        except ImportError:
+            return None
+
+        request = prepared.job.request
         explain = isinstance(request, specs.SessionGradientsRequest) and request.explain
-        result = compute(
-            kind,
-            model,
-            inputs,
-            request.batch.y,
+        return batching.signature(prepared.job.kind, prepared.built.spec, prepared.entry(), explain)
+
+    def _compute_one(self, prepared: _Prepared) -> Result:
+        job, built, record = prepared.job, prepared.built, prepared.record
+        spec = built.spec
+        return compute(
+            job.kind,
+            built.model,
+            prepared.inputs,
+            job.request.batch.y,
             loss=spec.loss,
-            optimizer=optimizer,
+            optimizer=built.optimizer,
             clip_grad_norm=spec.optimizer.clip_grad_norm,
-            explain=explain,
+            explain=isinstance(job.request, specs.SessionGradientsRequest) and job.request.explain,
             seed=spec.model.seed + record.step,
             limits=self.limits,
         )
-        if kind != "step":
+
+    def _answered(
+        self, prepared: _Prepared, result: Result
+    ) -> tuple[Answer, SessionRecord | None, HistoryRow | None]:
+        job, record, built = prepared.job, prepared.record, prepared.built
+        b64 = job.request.encoding == "b64"
+        if job.kind != "step":
             return self._answer(200, encode_result(result, b64), record), None, None
         now = time.time()
-        new = replace(
-            record, state=state.dump(model, optimizer, {}), step=record.step + 1, updated_at=now
-        )
+        data = state.dump(built.model, built.optimizer, {})
+        new = replace(record, state=data, step=record.step + 1, updated_at=now)
         assert result.loss is not None and result.grad_norm is not None
         history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
         body = {"step": new.step, **encode_result(result, b64)}
         return self._answer(200, body, replace(new, version=record.version + 1)), new, history
+
+    # -- the cache of built sessions --------------------------------------------------------
+
+    def _load(self, record: SessionRecord) -> Built:
+        cached = self.cache.get(record.id)
+        if cached is not None and cached.version == record.version:
+            self.cache.move_to_end(record.id)
+            return cached
+        spec = self._spec(record)
+        model, optimizer = self._build(spec, record.state)
+        built = Built(record.version, spec, model, optimizer)
+        self._keep(record.id, record.version, built)
+        return built
+
+    def _keep(self, session_id: str, version: int, built: Built) -> None:
+        if self.cache_size <= 0:
+            return
+        built.version = version
+        self.cache[session_id] = built
+        self.cache.move_to_end(session_id)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+    def _evict(self, session_id: str) -> None:
+        self.cache.pop(session_id, None)
+
+    def delete(self, owner: str, session_id: str) -> None:
+        self._evict(session_id)
+        if not self.store.delete(owner, session_id):
+            raise NotFound(f"no session {session_id}")
+
+    def history(self, owner: str, session_id: str, limit: int, after: int) -> list[HistoryRow]:
+        self.fetch(owner, session_id)
+        return self.store.history(owner, session_id, limit, after)
 
     # -- patch, delete, history -------------------------------------------------------------
 
@@ -344,6 +540,7 @@ class Sessions:
                 state=state.dump(model, optimizer, {}),
                 updated_at=time.time(),
             )
+            self._evict(session_id)
             outcome = self.store.commit(new, record.version)
             if outcome is Commit.OK:
                 new = replace(new, version=record.version + 1)
@@ -359,24 +556,6 @@ class CheckpointMeta(specs.Spec):
 
 
 _CHECKPOINT_META = TypeAdapter(CheckpointMeta)
-
-
-def new_id() -> str:
-    return "s_" + secrets.token_urlsafe(16)
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SpecError(
-                "this server has no CUDA device; use device cpu or auto", loc=("device",)
-            )
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise SpecError(f"this server has no device {device}", loc=("device",))
-    return device
 
 
 def _patched_optimizer(spec: specs.SessionSpec, changes: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import SEED_STEP, assert_problem
+from tests.conftest import SEED_STEP, assert_problem, ready
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 SESSION = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
@@ -33,6 +33,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         rate_limit=0,
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready(client)
         yield client
 
 

@@ -47,7 +47,7 @@ _TMP = tempfile.TemporaryDirectory(prefix="gradsvc-fuzz-")
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(compute_threads=2, queue_size=16, **overrides)
+    return Settings(queue_size=16, **overrides)
 
 
 OPEN_APP = create_app(_settings(store=f"sqlite:///{Path(_TMP.name) / 'fuzz.db'}"))

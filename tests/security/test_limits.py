@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import SEED_STEP, assert_problem
+from tests.conftest import SEED_STEP, assert_problem, ready
 from tests.e2e.server import ROOT
 
 KEY = {"Authorization": "Bearer edge-key"}
@@ -36,6 +36,7 @@ LIMITS = {
 def edge() -> Iterator[TestClient]:
     settings = Settings(store="memory://", api_keys="edge-key", rate_limit=0, **LIMITS)
     with TestClient(create_app(settings), raise_server_exceptions=False, headers=KEY) as c:
+        ready(c)
         yield c
 
 
@@ -151,6 +152,7 @@ def test_sessions_per_key(edge: TestClient) -> None:
 def test_requests_per_second_per_key() -> None:
     settings = Settings(store="memory://", api_keys="a,b", rate_limit=0.5, rate_burst=3)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready(client)
         for _ in range(3):
             _ok(client.post("/v1/step", json=SEED_STEP, headers={"Authorization": "Bearer a"}))
         r = client.post("/v1/step", json=SEED_STEP, headers={"Authorization": "Bearer a"})
@@ -190,6 +192,7 @@ def test_explain_budget() -> None:
     settings = Settings(store="memory://", max_explain_elements=60)
     body = {**SEED_STEP, "explain": True}
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready(client)
         _ok(client.post("/v1/step", json=body))  # the seed's trace shows a few dozen numbers
         body["batch"] = {"x": [1.0] * 20, "y": [3.0] * 20}
         assert "more than 60 numbers" in _over(client.post("/v1/step", json=body))

@@ -13,6 +13,7 @@ import redis
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
+    CommitItem,
     HistoryRow,
     IdempotencyRecord,
     SessionRecord,
@@ -174,6 +175,36 @@ def test_commit_writes_state_history_and_idempotency_together(store: SessionStor
     assert store.commit(renamed, 2) is Commit.OK
     assert store.get(ALICE, "s1") == replace(renamed, version=3)
     assert store.history(ALICE, "s1", 10) == [history]
+
+
+def test_commit_many_sets_each_session_on_its_own(store: SessionStore) -> None:
+    """A group commit: one transaction, each item compared-and-set as commit() would."""
+    records = [session(f"g{i}") for i in range(4)]
+    for record in records:
+        assert store.create(record) is Commit.OK
+    assert store.commit(stepped(records[1], b"moved"), 1) is Commit.OK  # g1 is at version 2
+    outcomes = store.commit_many(
+        [
+            CommitItem(stepped(records[0], b"zero"), 1, row(1), idem("g0")),
+            CommitItem(stepped(records[1], b"stale"), 1, row(1), idem("g1")),
+            CommitItem(stepped(session("gone"), b"x"), 1, row(1)),
+            CommitItem(stepped(records[2], b"two"), 1, row(1), idem("g0")),  # key just taken
+            CommitItem(stepped(records[3], b"three"), 1, row(1), idem("g3")),
+        ]
+    )
+    assert outcomes == [Commit.OK, Commit.CONFLICT, Commit.GONE, Commit.CONFLICT, Commit.OK]
+    states = {sid: store.get(ALICE, sid) for sid in ("g0", "g1", "g2", "g3")}
+    assert {sid: (r.state, r.version) for sid, r in states.items() if r} == {
+        "g0": (b"zero", 2),
+        "g1": (b"moved", 2),
+        "g2": (EVERY_BYTE, 1),
+        "g3": (b"three", 2),
+    }
+    assert [h.step for h in store.history(ALICE, "g2", 10)] == []
+    assert [h.step for h in store.history(ALICE, "g3", 10)] == [1]
+    assert store.idempotency(ALICE, "g1", time.time()) is None
+    assert store.idempotency(ALICE, "g3", time.time()) is not None
+    assert store.commit_many([]) == []
 
 
 def test_a_taken_idempotency_key_is_a_conflict(store: SessionStore) -> None:

@@ -4,57 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Body, Depends, Response
 
 from service.api import schemas
-from service.api.deps import InFlightDep, LimitsDep, PoolDep, StoreDep
+from service.api.deps import InFlightDep, PoolDep
 from service.api.idempotency import IdemDep, InFlight
 from service.api.problems import responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
-from service.engine.limits import Limits
 from service.engine.specs import Kind
-from service.engine.step import run
-from service.store import SessionStore
-from service.workers.pool import ComputePool
-from service.workers.sessions import Answer, Idem, remembered
+from service.workers.jobs import Idem
+from service.workers.pool import WorkerPool
 
 router = APIRouter(prefix="/v1", tags=["compute"], route_class=FastJSONRoute)
-PROBLEMS = responses(400, 409, 422, 503)
+PROBLEMS = responses(400, 409, 422, 503, 504, 507)
 
 
 class Compute:
     """What every stateless route needs, gathered by FastAPI from the request."""
 
-    def __init__(
-        self,
-        pool: ComputePool,
-        limits: Limits,
-        store: SessionStore,
-        idem: Idem | None,
-        inflight: InFlight,
-    ) -> None:
-        self.pool = pool
-        self.limits = limits
-        self.store = store
-        self.idem = idem
-        self.inflight = inflight
+    def __init__(self, pool: WorkerPool, idem: Idem | None, inflight: InFlight) -> None:
+        self.pool, self.idem, self.inflight = pool, idem, inflight
 
     async def __call__(self, kind: Kind, body: specs.ForwardRequest) -> Response:
-        limits = self.limits
-
-        def compute() -> Answer:
-            return Answer(200, orjson.dumps(run(kind, body, limits)))
-
         async with self.inflight.hold(self.idem):
-            return respond(await self.pool.run(remembered, self.store, self.idem, compute))
+            return respond(await self.pool.call("stateless", kind, body, self.idem))
 
 
-async def _compute(
-    pool: PoolDep, limits: LimitsDep, store: StoreDep, idem: IdemDep, inflight: InFlightDep
-) -> Compute:
-    return Compute(pool, limits, store, idem, inflight)
+async def _compute(pool: PoolDep, idem: IdemDep, inflight: InFlightDep) -> Compute:
+    return Compute(pool, idem, inflight)
 
 
 ComputeDep = Annotated[Compute, Depends(_compute)]

@@ -1,8 +1,9 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the workers."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastapi import APIRouter
 
@@ -27,7 +28,8 @@ async def healthz() -> schemas.Health:
 )
 async def readyz(pool: PoolDep, store: StoreDep) -> schemas.Health:
     if not pool.ready:
-        raise Unavailable("the compute pool is not running")
+        states = ", ".join(f"{w.index}: {w.state}" for w in pool.workers)
+        raise Unavailable(f"not every worker is up ({states})")
     try:
         reachable = await asyncio.to_thread(store.ping)
     except Exception:  # any failure to reach the store means not ready, whatever its kind
@@ -35,3 +37,15 @@ async def readyz(pool: PoolDep, store: StoreDep) -> schemas.Health:
     if not reachable:
         raise Unavailable("the session store does not answer")
     return schemas.Health(status="ready")
+
+
+@router.get(
+    "/v1/workers",
+    response_model=schemas.Workers,
+    responses=responses(503),
+    summary="The worker processes: device, pid, state, queue depth, sessions held",
+)
+async def workers(pool: PoolDep) -> schemas.Workers:
+    return schemas.Workers(
+        items=[schemas.Worker(**dataclasses.asdict(stats)) for stats in pool.stats()]
+    )

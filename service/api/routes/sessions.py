@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import math
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 
 from service.api import schemas
 from service.api.auth import PrincipalDep
-from service.api.deps import InFlightDep, LocksDep, PoolDep, SessionsDep
+from service.api.deps import InFlightDep, PoolDep
 from service.api.idempotency import IdemDep, InFlight
-from service.api.ordering import SessionLocks
-from service.api.problems import responses
+from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import InvalidInput, NotFound
-from service.workers.pool import ComputePool
-from service.workers.sessions import Idem, Sessions, etag, iso
+from service.errors import GradsvcError, InvalidInput, NotFound
+from service.workers.jobs import Answer, Idem, RunJob, etag, iso, new_id
+from service.workers.pool import WorkerPool
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=FastJSONRoute)
 SessionId = Annotated[str, Path(description="a session id, as returned by POST /v1/sessions")]
@@ -57,7 +59,7 @@ def _bad_cursor() -> InvalidInput:
     return InvalidInput("cursor is not one this service gave out", loc=("query", "cursor"))
 
 
-COMMON = responses(400, 404, 409, 412, 422, 503)
+COMMON = responses(400, 404, 409, 412, 422, 503, 504, 507)
 CHECKPOINT_MEDIA = "application/octet-stream"
 
 
@@ -72,12 +74,12 @@ async def create(
     body: Annotated[specs.SessionCreate, Body(openapi_examples=schemas.SESSION_EXAMPLES)],
     owner: PrincipalDep,
     idem: IdemDep,
-    sessions: SessionsDep,
     pool: PoolDep,
     inflight: InFlightDep,
 ) -> Response:
+    session_id = new_id()  # made here, so that the session's own worker makes it
     async with inflight.hold(idem):
-        return respond(await pool.run(sessions.create, owner, body, idem))
+        return respond(await pool.call("create", owner, session_id, body, idem, key=session_id))
 
 
 @router.post(
@@ -97,13 +99,102 @@ async def restore(
     request: Request,
     owner: PrincipalDep,
     idem: IdemDep,
-    sessions: SessionsDep,
     pool: PoolDep,
     inflight: InFlightDep,
 ) -> Response:
     data = await request.body()
+    session_id = new_id()
     async with inflight.hold(idem):
-        return respond(await pool.run(sessions.restore, owner, data, idem))
+        return respond(await pool.call("restore", owner, session_id, data, idem, key=session_id))
+
+
+@router.post(
+    "/step",
+    response_model=schemas.SessionsStepResponse,
+    response_model_exclude_none=True,
+    responses=responses(400, 422, 503, 504),
+    summary="Many sessions, one step each, in one request",
+    description=(
+        "For services that train many small models: one round trip, one vectorised "
+        "computation per model signature in each worker, one group commit. Items are answered "
+        "in request order, each with its own `status`: 200 and the step's results (only those "
+        "named in `include`), or a `problem`. Each item is applied exactly as its own "
+        "`POST /v1/sessions/{id}/step` would be; several items for one session are applied "
+        "in order. Exactly once under retries: give each item an `idempotency_key`, or send "
+        "the request with an `Idempotency-Key` header (item *i* then uses `<key>#<i>`)."
+    ),
+)
+async def step_many(
+    body: Annotated[
+        specs.SessionsStepRequest, Body(openapi_examples=schemas.SESSIONS_STEP_EXAMPLES)
+    ],
+    owner: PrincipalDep,
+    idem: IdemDep,
+    pool: PoolDep,
+    inflight: InFlightDep,
+) -> Response:
+    answers: list[Answer | GradsvcError | None] = [None] * len(body.items)
+    groups: dict[int, list[int]] = {}
+    jobs: list[RunJob | None] = []
+    for i, item in enumerate(body.items):
+        key = item.idempotency_key or (f"{idem.key}#{i}" if idem else None)
+        try:
+            session_id = _checked(item.session)
+        except NotFound as exc:
+            answers[i] = exc
+            jobs.append(None)
+            continue
+        request = specs.SessionGradientsRequest.model_construct(
+            batch=item.batch, encoding=body.encoding, explain=False
+        )
+        jobs.append(RunJob("step", owner, session_id, request, _item_idem(owner, key, item)))
+        groups.setdefault(pool.route(session_id).index, []).append(i)
+
+    async def run(indices: list[int]) -> None:
+        group = [jobs[i] for i in indices]
+        try:
+            results = await pool.call("run_many", group, key=body.items[indices[0]].session)
+        except GradsvcError as exc:
+            results = [exc] * len(indices)
+        for i, result in zip(indices, results, strict=True):
+            answers[i] = result
+
+    async with inflight.hold(idem):
+        await asyncio.gather(*(run(indices) for indices in groups.values()))
+    include: set[str] = set(body.include)
+    items = [
+        _item(item.session, answer, include, i)
+        for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
+    ]
+    replayed = all(isinstance(a, Answer) and a.replayed for a in answers)
+    headers = {"Idempotent-Replayed": "true"} if replayed and idem else None
+    return Response(orjson.dumps({"items": items}), 200, headers, media_type="application/json")
+
+
+def _item_idem(owner: str, key: str | None, item: specs.SessionsStepItem) -> Idem | None:
+    if key is None:
+        return None
+    digest = hashlib.sha256(f"POST /v1/sessions/step {item.session}\n".encode())
+    digest.update(orjson.dumps(item.batch.model_dump(mode="json")))
+    return Idem(owner, key, digest.hexdigest())
+
+
+_INCLUDED = {"grad_norm": "loss"}  # "loss" brings the gradient norm along, as history does
+
+
+def _item(
+    session_id: str, answer: Answer | GradsvcError | None, include: set[str], index: int
+) -> dict[str, Any]:
+    if isinstance(answer, Answer):
+        full = orjson.loads(answer.body)
+        out = {"session": session_id, "status": answer.status, "step": full["step"]}
+        out.update((k, v) for k, v in full.items() if _INCLUDED.get(k, k) in include)
+        if answer.replayed:
+            out["replayed"] = True
+        return out
+    error = answer if answer is not None else GradsvcError("not computed")
+    problem = problem_body(error, "items", index)
+    return {"session": session_id, "status": error.status, "problem": problem}
 
 
 @router.get(
@@ -111,7 +202,6 @@ async def restore(
 )
 async def list_sessions(
     owner: PrincipalDep,
-    sessions: SessionsDep,
     pool: PoolDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
@@ -129,7 +219,7 @@ async def list_sessions(
         ):
             raise _bad_cursor()
         after = (float(value[0]), value[1])
-    items, last = await pool.run(sessions.page, owner, limit, after)
+    items, last = await pool.call("page", owner, limit, after)
     return {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
 
 
@@ -139,10 +229,8 @@ async def list_sessions(
     responses=responses(404, 503),
     summary="A session",
 )
-async def get(
-    session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
-) -> Response:
-    return respond(await pool.run(sessions.read, owner, _checked(session_id)))
+async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
+    return respond(await pool.call("read", owner, _checked(session_id), key=session_id))
 
 
 @router.patch(
@@ -155,41 +243,27 @@ async def patch(
     session_id: SessionId,
     body: specs.SessionPatch,
     owner: PrincipalDep,
-    sessions: SessionsDep,
     pool: PoolDep,
-    locks: LocksDep,
     if_match: IfMatch = None,
 ) -> Response:
-    async with locks.hold(_checked(session_id)):
-        return respond(await pool.run(sessions.patch, owner, session_id, body, if_match))
+    answer = await pool.call("patch", owner, _checked(session_id), body, if_match, key=session_id)
+    return respond(answer)
 
 
 @router.delete(
     "/{session_id}", status_code=204, responses=responses(404, 503), summary="Delete a session"
 )
-async def delete(
-    session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
-) -> Response:
-    if not await pool.run(sessions.store.delete, owner, _checked(session_id)):
-        raise NotFound(f"no session {session_id}")
+async def delete(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
+    await pool.call("delete", owner, _checked(session_id), key=session_id)
     return Response(status_code=204)
 
 
 class SessionCall:
-    """A step, gradients or forward on one session: one at a time per session, in arrival
-    order, and one request per Idempotency-Key at a time."""
+    """A step, gradients or forward on one session, in its own worker: that worker takes
+    one session's jobs in arrival order; one request per Idempotency-Key at a time."""
 
-    def __init__(
-        self,
-        owner: str,
-        idem: Idem | None,
-        sessions: Sessions,
-        pool: ComputePool,
-        locks: SessionLocks,
-        inflight: InFlight,
-    ) -> None:
-        self.owner, self.idem, self.sessions = owner, idem, sessions
-        self.pool, self.locks, self.inflight = pool, locks, inflight
+    def __init__(self, owner: str, idem: Idem | None, pool: WorkerPool, inflight: InFlight) -> None:
+        self.owner, self.idem, self.pool, self.inflight = owner, idem, pool, inflight
 
     async def __call__(
         self,
@@ -198,22 +272,16 @@ class SessionCall:
         body: specs.SessionBatchRequest,
         if_match: str | None = None,
     ) -> Response:
-        async with self.inflight.hold(self.idem), self.locks.hold(_checked(session_id)):
-            answer = await self.pool.run(
-                self.sessions.run, kind, self.owner, session_id, body, self.idem, if_match
-            )
+        job = RunJob(kind, self.owner, _checked(session_id), body, self.idem, if_match)
+        async with self.inflight.hold(self.idem):
+            answer = await self.pool.call("run", job, key=session_id)
         return respond(answer)
 
 
 async def _session_call(
-    owner: PrincipalDep,
-    idem: IdemDep,
-    sessions: SessionsDep,
-    pool: PoolDep,
-    locks: LocksDep,
-    inflight: InFlightDep,
+    owner: PrincipalDep, idem: IdemDep, pool: PoolDep, inflight: InFlightDep
 ) -> SessionCall:
-    return SessionCall(owner, idem, sessions, pool, locks, inflight)
+    return SessionCall(owner, idem, pool, inflight)
 
 
 SessionCallDep = Annotated[SessionCall, Depends(_session_call)]
@@ -274,7 +342,6 @@ async def session_forward(
 async def history(
     session_id: SessionId,
     owner: PrincipalDep,
-    sessions: SessionsDep,
     pool: PoolDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: str | None = None,
@@ -285,8 +352,7 @@ async def history(
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _bad_cursor()
         after = value
-    await pool.run(sessions.fetch, owner, _checked(session_id))
-    rows = await pool.run(sessions.store.history, owner, session_id, limit + 1, after)
+    rows = await pool.call("history", owner, _checked(session_id), limit + 1, after, key=session_id)
     items = [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
         for r in rows[:limit]
@@ -306,10 +372,8 @@ async def history(
     response_class=Response,
     summary="Download the session as a safetensors file",
 )
-async def checkpoint(
-    session_id: SessionId, owner: PrincipalDep, sessions: SessionsDep, pool: PoolDep
-) -> Response:
-    data, record = await pool.run(sessions.checkpoint, owner, _checked(session_id))
+async def checkpoint(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
+    data, record = await pool.call("checkpoint", owner, _checked(session_id), key=session_id)
     filename = f"{record.id}-step{record.step}.safetensors"
     return Response(
         data,

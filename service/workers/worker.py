@@ -1,0 +1,212 @@
+"""A worker process: the only place torch computes for a request.
+
+It owns one device, opens its own connection to the store, and answers the jobs its pool
+sends over a socket, in the order they arrive. Jobs are picklable descriptions from a closed
+set (``OPS``): an operation name and validated arguments, never code. While it computes, a
+thread keeps reading the socket, so that the pool's writes never stall and jobs that queue
+up meanwhile can be batched: steps for sessions of one signature run as one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from service.engine.limits import Limits
+from service.errors import ComputeTimeout, GradsvcError
+from service.workers.jobs import Answer, RunJob
+
+if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
+    from service.workers.sessions import Sessions
+
+log = logging.getLogger("gradsvc.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    index: int
+    device: str
+    threads: int
+    store: str
+    limits: Limits
+    max_sessions_per_key: int
+    batch_window: float
+    """seconds to wait for more steps to batch with; 0: no batching"""
+    max_batch: int
+    session_cache: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    op: str
+    args: tuple[Any, ...]
+    deadline: float
+    outstanding: int = 1
+    """How many jobs the pool had sent this worker and not had answered, this one included:
+    a hint that more are on their way, worth waiting a batch window for."""
+
+
+def main(sock: socket.socket, config: WorkerConfig) -> None:
+    """The process's entry point (spawned: a fresh interpreter, nothing inherited)."""
+    # Ctrl-C reaches the whole process group; the pool drains and stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from service.store import open_store
+    from service.workers.sessions import Sessions
+
+    torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda"):
+        torch.cuda.set_device(config.device)
+    conn = Connection(sock.detach())
+    store = open_store(config.store)
+    sessions = Sessions(
+        store,
+        config.limits,
+        config.max_sessions_per_key,
+        device=config.device,
+        cache_size=config.session_cache,
+        batching=config.batch_window > 0,
+    )
+    worker = Worker(sessions, config)
+    inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+    threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
+    try:
+        conn.send_bytes(pickle.dumps((0, True, os.getpid(), 0)))
+        while (first := inbox.get()) is not None:
+            for job_id, ok, value in worker.execute(worker.gather(first, inbox)):
+                conn.send_bytes(_dumps(job_id, ok, value, len(sessions.cache)))
+    except OSError:
+        pass  # the pool went away (it closed our socket): nobody is left to answer
+    finally:
+        store.close()
+
+
+def _dumps(job_id: int, ok: bool, value: Any, held: int) -> bytes:
+    try:
+        return pickle.dumps((job_id, ok, value, held), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an exception that does not pickle must still answer its job
+        error = GradsvcError("the worker could not send its answer; this is a bug")
+        return pickle.dumps((job_id, False, error, held))
+
+
+def _receive(conn: Connection, inbox: queue.SimpleQueue[Job | None]) -> None:
+    try:
+        while True:
+            inbox.put(pickle.loads(conn.recv_bytes()))  # from our own pool, never a client
+    except (EOFError, OSError):
+        inbox.put(None)  # the pool closed the socket, or went away: stop
+
+
+class Worker:
+    def __init__(self, sessions: Sessions, config: WorkerConfig) -> None:
+        self.sessions = sessions
+        self.config = config
+        self.ops: dict[str, Callable[..., Any]] = {
+            "stateless": self._stateless,
+            "create": sessions.create,
+            "restore": sessions.restore,
+            "read": sessions.read,
+            "page": sessions.page,
+            "patch": sessions.patch,
+            "delete": sessions.delete,
+            "history": sessions.history,
+            "checkpoint": sessions.checkpoint,
+            "run": sessions.run,
+            "run_many": self._items,
+            "ping": os.getpid,
+        }
+
+    def gather(self, first: Job, inbox: queue.SimpleQueue[Job | None]) -> list[Job]:
+        """``first``, and when batching, the steps queued behind it: those already here, and
+        those that arrive within the batch window while the pool says more are coming."""
+        jobs = [first]
+        window, limit = self.config.batch_window, self.config.max_batch
+        if window <= 0 or first.op != "run":
+            return jobs
+        deadline = time.monotonic() + window
+        while len(jobs) < limit:
+            waiting = max(job.outstanding for job in jobs) > len(jobs)
+            timeout = deadline - time.monotonic() if waiting else 0
+            try:
+                job = inbox.get(timeout=timeout) if timeout > 0 else inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                inbox.put(None)  # stop after this batch
+                break
+            jobs.append(job)
+            if job.op != "run":
+                break
+        return jobs
+
+    def execute(self, jobs: list[Job]) -> list[tuple[int, bool, Any]]:
+        """Answers in job order. Consecutive ``run`` jobs go to the sessions runner together
+        (it keeps each session's order and batches across sessions)."""
+        out: list[tuple[int, bool, Any]] = []
+        i = 0
+        while i < len(jobs):
+            j = i
+            while j < len(jobs) and jobs[j].op == "run":
+                j += 1
+            if j > i:
+                runs = jobs[i:j]
+                results = self._run_many(runs)
+                out.extend(
+                    (job.id, not isinstance(r, GradsvcError), r)
+                    for job, r in zip(runs, results, strict=True)
+                )
+                i = j
+                continue
+            out.append(self._one(jobs[i]))
+            i += 1
+        return out
+
+    def _run_many(self, jobs: list[Job]) -> list[Answer | GradsvcError]:
+        from service.workers.sessions import guarded
+
+        run_jobs = [replace(job.args[0], deadline=job.deadline) for job in jobs]
+        results = guarded(self.sessions.run_many, run_jobs)
+        if isinstance(results, GradsvcError):
+            return [results] * len(jobs)
+        return results
+
+    def _one(self, job: Job) -> tuple[int, bool, Any]:
+        if time.time() > job.deadline:
+            return job.id, False, ComputeTimeout("the request waited past the compute timeout")
+        op = self.ops.get(job.op)
+        if op is None:
+            return job.id, False, GradsvcError(f"unknown operation {job.op!r}")
+        from service.workers.sessions import guarded
+
+        args = (*job.args, job.deadline) if job.op == "run_many" else job.args
+        result = guarded(op, *args)
+        return job.id, not isinstance(result, GradsvcError), result
+
+    def _items(self, jobs: list[RunJob], deadline: float) -> list[Answer | GradsvcError]:
+        """Many sessions' steps sent as one request (``POST /v1/sessions/step``)."""
+        return self.sessions.run_many([replace(job, deadline=deadline) for job in jobs])
+
+    def _stateless(self, kind: Any, body: Any, idem: Any) -> Answer:
+        import orjson
+
+        from service.engine.step import run
+        from service.workers.sessions import remembered
+
+        limits = self.sessions.limits
+
+        def computed() -> Answer:
+            return Answer(200, orjson.dumps(run(kind, body, limits)))
+
+        return remembered(self.sessions.store, idem, computed)
