@@ -14,7 +14,7 @@ from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
-from service.api.routes import compute, ops, sessions
+from service.api.routes import compute, jobs, ops, sessions
 from service.config import Settings
 from service.store import open_store
 from service.workers.pool import WorkerPool
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         app.state.inflight = InFlight()
+        app.state.jobs = jobs.Jobs()
         try:
             yield
         finally:
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, keys=keys)
     app.include_router(compute.router)
     app.include_router(sessions.router)
+    app.include_router(jobs.router)
     app.include_router(ops.router)
     docs.install(app)
     _add_problem_schema(app, keyed=settings.keyed)

@@ -1,4 +1,4 @@
-"""``gradsvc serve`` and ``gradsvc openapi``.
+"""``gradsvc serve``, ``gradsvc train`` and ``gradsvc openapi``.
 
 Every option of ``serve`` is a field of ``Settings``: the flags are made from them, so a flag,
 its ``GRADSVC_*`` variable and its default can never disagree.
@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service import train_cli
 from service.config import Settings
 
 
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             continue
         kind: Any = field.annotation if field.annotation in (int, str, float) else str
         serve.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    train_cli.add_parser(sub)
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--output", "-o", help="write it to this file instead")
     return parser
@@ -45,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "openapi":
         return _openapi(args.output)
+    if args.command == "train":
+        return train_cli.run(args)
     overrides = {
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     rate_limit: float = Field(
         default=50.0, ge=0, description="requests per second per API key; 0: off (429 over)"
     )
+    max_train_steps: int = Field(
+        default=1_000_000, ge=1, description="steps one training job may take (422 over)"
+    )
     rate_burst: int = Field(default=100, ge=1, description="requests a key may send at once")
 
     @field_validator("store")

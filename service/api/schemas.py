@@ -124,6 +124,9 @@ class Session(BaseModel):
     step: int = Field(description="optimizer steps applied so far")
     version: int = Field(description='moves on every change; the ETag is "<id>:<version>"')
     params: dict[str, Tensor]
+    job: str | None = Field(
+        default=None, description="the training job that holds the session, while one does"
+    )
     created_at: str
     updated_at: str
 
@@ -205,6 +208,36 @@ SESSIONS_STEP_EXAMPLES: dict[str, Any] = {
                 {"session": "s_second", "batch": {"x": 2, "y": 5}, "idempotency_key": "b-1"},
             ],
             "include": ["loss", "params"],
+        },
+    }
+}
+
+
+class Job(BaseModel):
+    id: str
+    session: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(ge=0, le=1, description="steps done / total steps")
+    epoch: int = Field(description="the epoch under way (1-based); epochs once done")
+    epochs: int
+    steps_done: int
+    total_steps: int
+    step: int = Field(description="the session's step")
+    loss: float | None = Field(description="the last mini-batch's loss")
+    error: dict[str, Any] | None = Field(description="a problem, if the job failed")
+    created_at: str
+    updated_at: str
+
+
+TRAIN_EXAMPLES: dict[str, Any] = {
+    "line": {
+        "summary": "fit y = 2x + 1, 3 epochs of 2-row batches",
+        "value": {
+            "dataset": {"x": [0.0, 1.0, 2.0, 3.0], "y": [1.0, 3.0, 5.0, 7.0]},
+            "epochs": 3,
+            "batch_size": 2,
+            "shuffle": True,
+            "seed": 0,
         },
     }
 }

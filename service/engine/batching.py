@@ -75,17 +75,20 @@ class _Layout:
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout | None] = weakref.WeakKeyDictionary()
+_UNKNOWN = object()
 
 
 def _layout(model: models.Model) -> _Layout | None:
-    if model.module in _LAYOUTS:
-        return _LAYOUTS[model.module]
+    known = _LAYOUTS.get(model.module, _UNKNOWN)
+    if known is not _UNKNOWN:
+        return cast(_Layout | None, known)
     layout = None
     if not model.has_dropout and model.dtype in _EXACT:
         named = model.named_parameters()
         layout = _Layout(
             key=(
                 model.spec.model_dump_json(exclude={"seed", "params"}),
+                model.limits,
                 tuple((n, p.shape, p.dtype, p.device, p.requires_grad) for n, p in named.items()),
             ),
             names=tuple(named),
@@ -228,9 +231,9 @@ def _vectorised(
     names = layout.names
     trainable = [n for n, p in zip(names, layout.params, strict=True) if p.requires_grad]
     frozen = [n for n, p in zip(names, layout.params, strict=True) if not p.requires_grad]
+    layouts = [cast(_Layout, _layout(e.model)) for e in entries]
     with torch.no_grad():
-        rows = [cast(_Layout, _layout(e.model)).params for e in entries]
-        stacked = {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
+        stacked = {n: torch.stack([lay.params[j] for lay in layouts]) for j, n in enumerate(names)}
         inputs = {n: torch.stack([e.inputs[n] for e in entries]) for n in first.inputs}
     call = _Forward(first)
 
@@ -277,8 +280,12 @@ def _vectorised(
         )
     if kind == "step":
         leaves = [stacked[n] for n in trainable]
+        owners = [
+            _Owner(cast(torch.optim.Optimizer, e.optimizer), lay.trainable)
+            for e, lay in zip(entries, layouts, strict=True)
+        ]
         optimizer, existed = _stacked_optimizer(
-            entries, leaves, [grads[n] for n in trainable], total, clip
+            owners, leaves, [grads[n] for n in trainable], total, clip
         )
         optimizer.step()
         updated = _finite_rows(stacked[names[0]])
@@ -287,7 +294,7 @@ def _vectorised(
         for i in _false(updated):
             errors.setdefault(i, _failure([(f"the updated {n}", stacked[n][i]) for n in names]))
         kept = [i for i in range(count) if i not in errors]
-        _write_back([entries[i] for i in kept], kept, leaves, optimizer, existed)
+        _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
     loss_rows, out_rows, norm_rows = loss.unbind(0), outputs.unbind(0), total.unbind(0)
     grad_rows = {n: g.unbind(0) for n, g in grads.items()}
     param_rows = {n: t.unbind(0) for n, t in stacked.items()} if kind == "step" else None
@@ -305,8 +312,19 @@ def _vectorised(
     ]
 
 
+@dataclass(frozen=True)
+class _Owner:
+    """An entry's optimizer and its trainable parameters, in the optimizer's order."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+
+    def state(self, j: int) -> dict[str, Any]:
+        return cast(dict[str, Any], self.optimizer.state[self.params[j]])
+
+
 def _stacked_optimizer(
-    entries: list[Entry],
+    owners: list[_Owner],
     leaves: list[torch.Tensor],
     grads: list[torch.Tensor],
     total: torch.Tensor,
@@ -320,18 +338,20 @@ def _stacked_optimizer(
         grads = [g * coef.reshape(-1, *[1] * (g.ndim - 1)) for g in grads]
     for leaf, g in zip(leaves, grads, strict=True):
         leaf.grad = g
-    template = cast(torch.optim.Optimizer, entries[0].optimizer)
+    template = owners[0].optimizer
     hyper = {k: v for k, v in template.param_groups[0].items() if k != "params"}
     # The group's values override the class's defaults, as in every torch optimizer.
     optimizer: torch.optim.Optimizer = cast(Any, type(template))([{"params": leaves, **hyper}])
     existed: set[tuple[int, str]] = set()
     for j, leaf in enumerate(leaves):
-        state = template.state.get(template.param_groups[0]["params"][j])
+        # .get: an optimizer that keeps no state (SGD without momentum) must not gain any
+        state = template.state.get(owners[0].params[j])
         if not state:  # never stepped: the optimizer starts the stack as it would start theirs
             continue
-        states = _states(entries, j)
         optimizer.state[leaf] = {
-            key: torch.stack([s[key] for s in states]) if _stacks(key, value) else _copy(value)
+            key: torch.stack([o.state(j)[key] for o in owners])
+            if _stacks(key, value)
+            else _copy(value)
             for key, value in state.items()
         }
         existed |= {(j, k) for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -339,7 +359,7 @@ def _stacked_optimizer(
 
 
 def _write_back(
-    entries: list[Entry],
+    owners: list[_Owner],
     rows: list[int],
     leaves: list[torch.Tensor],
     stacked: torch.optim.Optimizer,
@@ -351,10 +371,9 @@ def _write_back(
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     for j, leaf in enumerate(leaves):
-        targets += [cast(_Layout, _layout(e.model)).trainable[j] for e in entries]
+        targets += [o.params[j] for o in owners]
         split = leaf.unbind(0)
         sources += [split[i] for i in rows]
-        states = _states(entries, j)
         for key, value in stacked.state[leaf].items():
             if _stacks(key, value):
                 split = value.unbind(0)
@@ -362,21 +381,13 @@ def _write_back(
             else:
                 values = [value] * len(rows)
             if (j, key) in existed:
-                targets += [s[key] for s in states]
+                targets += [o.state(j)[key] for o in owners]
                 sources += values
             else:
-                for s, v in zip(states, values, strict=True):
-                    s[key] = _copy(v)
+                for o, v in zip(owners, values, strict=True):
+                    o.state(j)[key] = _copy(v)
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
-
-
-def _states(entries: list[Entry], j: int) -> list[dict[str, Any]]:
-    """Each entry's optimizer state for its ``j``-th trainable parameter."""
-    return [
-        cast(torch.optim.Optimizer, e.optimizer).state[cast(_Layout, _layout(e.model)).trainable[j]]
-        for e in entries
-    ]
 
 
 def _stacks(key: str, value: Any) -> bool:

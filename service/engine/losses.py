@@ -65,9 +65,23 @@ def target(
 
 
 def _class_or_probs(y: Any, out: torch.Tensor, limits: Limits) -> torch.Tensor:
-    # Class indices arrive as integers (int64); probabilities as floats of the output's shape.
-    integral = y.get("dtype") == "int64" if isinstance(y, dict) else not _has_float_literal(y)
-    return decode(y, torch.int64 if integral else out.dtype, limits)
+    return decode_target(normalise("cross_entropy"), y, out.dtype, limits)
+
+
+def decode_target(
+    spec: specs.LossSpec, y: Any, dtype: torch.dtype, limits: Limits = DEFAULT_LIMITS
+) -> torch.Tensor:
+    """``y`` as a tensor, not yet fitted to any output: for cross entropy, class indices when
+    they arrive as integers (int64), probabilities of ``dtype`` when as floats."""
+    if spec.type != "cross_entropy":
+        return decode(y, dtype, limits)
+    if isinstance(y, torch.Tensor):
+        integral = not y.dtype.is_floating_point
+    elif isinstance(y, dict):
+        integral = y.get("dtype") == "int64"
+    else:
+        integral = not _has_float_literal(y)
+    return decode(y, torch.int64 if integral else dtype, limits)
 
 
 def _has_float_literal(y: Any) -> bool:

@@ -367,6 +367,21 @@ class SessionsStepRequest(Spec):
     encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
 
 
+class Dataset(Spec):
+    x: Tensor | dict[str, Tensor] = Field(description="inputs, one row per example (dim 0)")
+    y: Tensor = Field(description="targets, one row per example")
+
+
+class TrainRequest(Spec):
+    dataset: Dataset
+    epochs: PositiveInt = Field(description="passes over the dataset")
+    batch_size: PositiveInt = Field(description="rows per step; the last batch may be smaller")
+    shuffle: bool = Field(default=True, description="a new order of the rows every epoch")
+    seed: Annotated[int, Field(ge=0, lt=2**63), Integral] = Field(
+        default=0, description="seeds the shuffling"
+    )
+
+
 class SessionPatch(Spec):
     name: str | None = Field(default=None, max_length=200)
     optimizer: dict[str, Any] | None = Field(

@@ -49,7 +49,10 @@ def is_tensor_form(value: object) -> bool:
 def decode(
     value: Any, dtype: torch.dtype = torch.float32, limits: Limits = DEFAULT_LIMITS
 ) -> torch.Tensor:
-    """Any wire form to a tensor of ``dtype`` (the form's own ``dtype`` says how to read it)."""
+    """Any wire form to a tensor of ``dtype`` (the form's own ``dtype`` says how to read it).
+    A tensor already decoded (a training job's slice of its dataset) is only converted."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == dtype else value.to(dtype)
     if isinstance(value, dict):
         tensor = _decode_object(value, limits)
     else:

@@ -66,6 +66,10 @@ class RunJob:
     if_match: str | None = None
     deadline: float = math.inf
     """time.time() after which the job must not commit (the caller has answered 504)."""
+    holder: str | None = None
+    """The training job this step belongs to: it alone may step a session the job holds."""
+    quiet: bool = False
+    """Answer only step and loss (a training job's own steps: nobody reads the rest)."""
 
 
 def new_id() -> str:

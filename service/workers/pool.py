@@ -226,6 +226,7 @@ class WorkerPool:
                     batch_window=settings.batch_window_ms / 1000,
                     max_batch=settings.max_batch,
                     session_cache=settings.session_cache,
+                    max_train_steps=settings.max_train_steps,
                 ),
             )
             for i, device in enumerate(self.layout.devices)

@@ -27,12 +27,13 @@ import orjson
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.engine import models, optimizers, specs, state
+from service.engine import batching, models, optimizers, specs, state
 from service.engine.limits import Limits
 from service.engine.step import Result, compute, encode_result
 from service.engine.tensors import decode, encode
 from service.errors import (
     ComputeTimeout,
+    Conflict,
     GradsvcError,
     InvalidInput,
     KeyReused,
@@ -103,8 +104,6 @@ class _Prepared:
     inputs: models.Inputs
 
     def entry(self) -> batching.Entry:
-        from service.engine import batching
-
         optimizer = self.built.optimizer if self.job.kind == "step" else None
         return batching.Entry(self.built.model, optimizer, self.inputs, self.job.request.batch.y)
 
@@ -153,6 +152,17 @@ class Sessions:
         self.cache_size = cache_size
         self.cache: OrderedDict[str, Built] = OrderedDict()
         self.batching = batching
+        self.held: dict[str, str] = {}
+        """session id → the training job that holds it (in this worker)"""
+
+    def check_free(self, session_id: str, holder: str | None = None) -> None:
+        """Conflict if a training job other than ``holder`` holds the session."""
+        job = self.held.get(session_id)
+        if job is not None and job != holder:
+            raise Conflict(
+                f"training job {job} holds this session; wait for it, or cancel it with "
+                f"DELETE /v1/jobs/{job}"
+            )
 
     # -- building ---------------------------------------------------------------------------
 
@@ -206,6 +216,7 @@ class Sessions:
             **spec,
             "step": record.step,
             "version": record.version,
+            "job": self.held.get(record.id),
             "params": params,
             "created_at": iso(record.created_at),
             "updated_at": iso(record.updated_at),
@@ -400,11 +411,13 @@ class Sessions:
         if (stored := replay(self.store, job.idem)) is not None:
             return stored
         record = self.fetch(job.owner, job.session_id)
+        if job.kind == "step":
+            self.check_free(job.session_id, job.holder)
         if job.if_match is not None and job.if_match != etag(record) and job.if_match != "*":
             raise PreconditionFailed(
                 f"the session is at {etag(record)}, not {short(job.if_match)}: read it again"
             )
-        built = self._load(record)
+        built = self.load(record)
         inputs = built.model.decode_inputs(job.request.batch.x, self.limits)
         return _Prepared(index, job, record, built, inputs)
 
@@ -422,8 +435,6 @@ class Sessions:
             if len(group) == 1:
                 yield group[0], guarded(self._compute_one, group[0])
                 continue
-            from service.engine import batching
-
             first = group[0]
             entries = [p.entry() for p in group]
             outcomes = guarded(
@@ -436,10 +447,6 @@ class Sessions:
                 yield from zip(group, outcomes, strict=True)
 
     def _signature(self, prepared: _Prepared) -> Hashable | None:
-        try:  # TEMPORARY until engine.batching lands
-            from service.engine import batching
-        except ImportError:
-            return None
 
         request = prepared.job.request
         explain = isinstance(request, specs.SessionGradientsRequest) and request.explain
@@ -473,12 +480,15 @@ class Sessions:
         new = replace(record, state=data, step=record.step + 1, updated_at=now)
         assert result.loss is not None and result.grad_norm is not None
         history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
-        body = {"step": new.step, **encode_result(result, b64)}
+        if job.quiet:
+            body: dict[str, Any] = {"step": new.step, "loss": history.loss}
+        else:
+            body = {"step": new.step, **encode_result(result, b64)}
         return self._answer(200, body, replace(new, version=record.version + 1)), new, history
 
     # -- the cache of built sessions --------------------------------------------------------
 
-    def _load(self, record: SessionRecord) -> Built:
+    def load(self, record: SessionRecord) -> Built:
         cached = self.cache.get(record.id)
         if cached is not None and cached.version == record.version:
             self.cache.move_to_end(record.id)
@@ -502,6 +512,8 @@ class Sessions:
         self.cache.pop(session_id, None)
 
     def delete(self, owner: str, session_id: str) -> None:
+        self.fetch(owner, session_id)
+        self.check_free(session_id)
         self._evict(session_id)
         if not self.store.delete(owner, session_id):
             raise NotFound(f"no session {session_id}")
@@ -521,6 +533,7 @@ class Sessions:
     ) -> Answer:
         for _ in range(MAX_ATTEMPTS):
             record = self.fetch(owner, session_id)
+            self.check_free(session_id)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"

@@ -44,6 +44,7 @@ class WorkerConfig:
     """seconds to wait for more steps to batch with; 0: no batching"""
     max_batch: int
     session_cache: int
+    max_train_steps: int
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,23 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         batching=config.batch_window > 0,
     )
     worker = Worker(sessions, config)
+    trainer = worker.trainer
     inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
     try:
         conn.send_bytes(pickle.dumps((0, True, os.getpid(), 0)))
-        while (first := inbox.get()) is not None:
+        while True:
+            # Requests first; a training job's next mini-batch when none is waiting.
+            if trainer.busy:
+                try:
+                    first = inbox.get_nowait()
+                except queue.Empty:
+                    trainer.advance()
+                    continue
+            else:
+                first = inbox.get()
+            if first is None:
+                break
             for job_id, ok, value in worker.execute(worker.gather(first, inbox)):
                 conn.send_bytes(_dumps(job_id, ok, value, len(sessions.cache)))
     except OSError:
@@ -111,8 +124,11 @@ def _receive(conn: Connection, inbox: queue.SimpleQueue[Job | None]) -> None:
 
 class Worker:
     def __init__(self, sessions: Sessions, config: WorkerConfig) -> None:
+        from service.workers.training import Trainer
+
         self.sessions = sessions
         self.config = config
+        self.trainer = Trainer(sessions, config.limits, config.max_train_steps)
         self.ops: dict[str, Callable[..., Any]] = {
             "stateless": self._stateless,
             "create": sessions.create,
@@ -125,6 +141,9 @@ class Worker:
             "checkpoint": sessions.checkpoint,
             "run": sessions.run,
             "run_many": self._items,
+            "train": self._train,
+            "job": self.trainer.view,
+            "cancel": self.trainer.cancel,
             "ping": os.getpid,
         }
 
@@ -197,6 +216,18 @@ class Worker:
     def _items(self, jobs: list[RunJob], deadline: float) -> list[Answer | GradsvcError]:
         """Many sessions' steps sent as one request (``POST /v1/sessions/step``)."""
         return self.sessions.run_many([replace(job, deadline=deadline) for job in jobs])
+
+    def _train(self, owner: str, session_id: str, job_id: str, request: Any, idem: Any) -> Answer:
+        """Start a training job; under an Idempotency-Key, a retry gets the first job back."""
+        import orjson
+
+        from service.workers.sessions import remembered
+
+        def started() -> Answer:
+            view = self.trainer.start(owner, session_id, job_id, request)
+            return Answer(202, orjson.dumps(view), {"Location": f"/v1/jobs/{job_id}"})
+
+        return remembered(self.sessions.store, idem, started)
 
     def _stateless(self, kind: Any, body: Any, idem: Any) -> Answer:
         import orjson

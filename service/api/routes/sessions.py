@@ -35,7 +35,7 @@ ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345
 MAX_PAGE = 500
 
 
-def _checked(session_id: str) -> str:
+def checked(session_id: str) -> str:
     # An id that cannot exist is simply not found: no hint about the format, no path games.
     if not 1 <= len(session_id) <= 64 or not set(session_id) <= ID_CHARS:
         raise NotFound(f"no session {session_id[:64]}")
@@ -139,7 +139,7 @@ async def step_many(
     for i, item in enumerate(body.items):
         key = item.idempotency_key or (f"{idem.key}#{i}" if idem else None)
         try:
-            session_id = _checked(item.session)
+            session_id = checked(item.session)
         except NotFound as exc:
             answers[i] = exc
             jobs.append(None)
@@ -230,7 +230,7 @@ async def list_sessions(
     summary="A session",
 )
 async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    return respond(await pool.call("read", owner, _checked(session_id), key=session_id))
+    return respond(await pool.call("read", owner, checked(session_id), key=session_id))
 
 
 @router.patch(
@@ -246,7 +246,7 @@ async def patch(
     pool: PoolDep,
     if_match: IfMatch = None,
 ) -> Response:
-    answer = await pool.call("patch", owner, _checked(session_id), body, if_match, key=session_id)
+    answer = await pool.call("patch", owner, checked(session_id), body, if_match, key=session_id)
     return respond(answer)
 
 
@@ -254,7 +254,7 @@ async def patch(
     "/{session_id}", status_code=204, responses=responses(404, 503), summary="Delete a session"
 )
 async def delete(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    await pool.call("delete", owner, _checked(session_id), key=session_id)
+    await pool.call("delete", owner, checked(session_id), key=session_id)
     return Response(status_code=204)
 
 
@@ -272,7 +272,7 @@ class SessionCall:
         body: specs.SessionBatchRequest,
         if_match: str | None = None,
     ) -> Response:
-        job = RunJob(kind, self.owner, _checked(session_id), body, self.idem, if_match)
+        job = RunJob(kind, self.owner, checked(session_id), body, self.idem, if_match)
         async with self.inflight.hold(self.idem):
             answer = await self.pool.call("run", job, key=session_id)
         return respond(answer)
@@ -352,7 +352,7 @@ async def history(
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _bad_cursor()
         after = value
-    rows = await pool.call("history", owner, _checked(session_id), limit + 1, after, key=session_id)
+    rows = await pool.call("history", owner, checked(session_id), limit + 1, after, key=session_id)
     items = [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
         for r in rows[:limit]
@@ -373,7 +373,7 @@ async def history(
     summary="Download the session as a safetensors file",
 )
 async def checkpoint(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    data, record = await pool.call("checkpoint", owner, _checked(session_id), key=session_id)
+    data, record = await pool.call("checkpoint", owner, checked(session_id), key=session_id)
     filename = f"{record.id}-step{record.step}.safetensors"
     return Response(
         data,
