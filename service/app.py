@@ -14,6 +14,7 @@ from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
+from service.api.metrics import Metrics, ObserveMiddleware
 from service.api.routes import compute, jobs, ops, sessions
 from service.config import Settings
 from service.store import open_store
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # This process's own store connection is for rate limits and readiness only: sessions
         # are read and written by the workers (a memory:// store lives in the one worker).
         app.state.store = open_store(settings.store)
-        app.state.pool = WorkerPool(settings)
+        app.state.pool = metrics.pool = WorkerPool(settings, observer=metrics.observe)
         await app.state.pool.start()
         rate_limited = keys is not None and settings.rate_limit > 0
         app.state.buckets = (
@@ -68,12 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         license_info={"name": "MIT"},
     )
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
     keys = KeyRing.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
-    # Outermost first to see a request: the key (401, 429), then the body's size (413).
+    # Added innermost first. A request meets: the metrics and access log (which count what
+    # the others refuse too), the key (401, 429), then the body's size (413).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.include_router(compute.router)
     app.include_router(sessions.router)
     app.include_router(jobs.router)

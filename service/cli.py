@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service import train_cli
+from service import logs, train_cli
 from service.config import Settings
 
 
@@ -102,6 +102,8 @@ def _serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=logs.config(settings.log_level),
+        access_log=False,  # gradsvc.access logs every request, as JSON, with its id
         timeout_graceful_shutdown=30,
     )
     Server(config).run()

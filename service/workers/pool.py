@@ -31,7 +31,7 @@ from typing import Any, cast
 from service.config import Settings
 from service.errors import ComputeTimeout, Unavailable
 from service.workers import devices, worker
-from service.workers.worker import Job, WorkerConfig
+from service.workers.worker import Info, Job, WorkerConfig
 
 log = logging.getLogger("gradsvc.pool")
 GRACE = 2.0
@@ -133,15 +133,17 @@ class WorkerHandle:
         assert self.channel is not None
         self.channel.send(job)
 
-    def _received(self, message: tuple[int, bool, Any, int]) -> None:
-        job_id, ok, value, held = message
+    def _received(self, message: tuple[int, bool, Any, Info]) -> None:
+        job_id, ok, value, info = message
         if job_id == 0:
             self.pid, self.state = value, "up"
             self.up.set()
             log.info("worker %d up on %s (pid %d)", self.index, self.config.device, value)
             return
-        self.held = held
+        self.held = info.held
         self.done += 1
+        if self.pool.observer is not None:
+            self.pool.observer(info)
         future = self.pending.get(job_id)
         if future is None or future.done():
             return
@@ -201,7 +203,9 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, observer: Callable[[Info], None] | None = None) -> None:
+        self.observer = observer
+        """called with what each answer tells besides the answer (metrics)"""
         single = settings.store.startswith("memory:")  # one process must own the sessions
         self.layout = devices.layout(settings.devices, settings.workers_per_device, single=single)
         self.queue_size = settings.queue_size
@@ -227,6 +231,7 @@ class WorkerPool:
                     max_batch=settings.max_batch,
                     session_cache=settings.session_cache,
                     max_train_steps=settings.max_train_steps,
+                    log_level=settings.log_level,
                 ),
             )
             for i, device in enumerate(self.layout.devices)

@@ -152,8 +152,14 @@ class Sessions:
         self.cache_size = cache_size
         self.cache: OrderedDict[str, Built] = OrderedDict()
         self.batching = batching
+        self.steps = 0
+        """steps committed, since drain_steps() last asked"""
         self.held: dict[str, str] = {}
         """session id → the training job that holds it (in this worker)"""
+
+    def drain_steps(self) -> int:
+        steps, self.steps = self.steps, 0
+        return steps
 
     def check_free(self, session_id: str, holder: str | None = None) -> None:
         """Conflict if a training job other than ``holder`` holds the session."""
@@ -395,6 +401,7 @@ class Sessions:
         for (prepared, answer, _), status in zip(commits, statuses, strict=True):
             sid = prepared.job.session_id
             if status is Commit.OK:
+                self.steps += 1
                 self._keep(sid, prepared.record.version + 1, prepared.built)
                 results[prepared.index] = answer
                 continue

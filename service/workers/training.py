@@ -99,6 +99,12 @@ class Trainer:
         self.sessions, self.limits, self.max_steps = sessions, limits, max_steps
         self.runs: OrderedDict[str, TrainingRun] = OrderedDict()
         self.active: list[str] = []
+        self.finished: list[str] = []
+        """how jobs ended, since drain_finished() last asked"""
+
+    def drain_finished(self) -> list[str]:
+        finished, self.finished = self.finished, []
+        return finished
 
     @property
     def busy(self) -> bool:
@@ -199,6 +205,7 @@ class Trainer:
 
     def _end(self, run: TrainingRun, status: str, error: GradsvcError | None = None) -> None:
         run.status, run.updated_at = status, time.time()
+        self.finished.append(status)
         if error is not None:
             run.error = {
                 "type": error.type,

@@ -45,9 +45,10 @@ class WorkerConfig:
     max_batch: int
     session_cache: int
     max_train_steps: int
+    log_level: str = "info"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
     id: int
     op: str
@@ -56,12 +57,63 @@ class Job:
     outstanding: int = 1
     """How many jobs the pool had sent this worker and not had answered, this one included:
     a hint that more are on their way, worth waiting a batch window for."""
+    received: float = 0.0
+    """time.monotonic() when this worker read it"""
+
+
+@dataclass
+class Info:
+    """What an answer tells the pool besides the answer, for its metrics."""
+
+    held: int = 0
+    """sessions this worker keeps built"""
+    wait: float = 0.0
+    """seconds the job waited in this worker before it ran"""
+    compute: float = 0.0
+    """seconds its computation took (its batch's, when batched)"""
+    batch: int = 1
+    """jobs computed together with it, itself included"""
+    steps: int = 0
+    """session steps committed since the last answer"""
+    store: list[tuple[str, float]] | None = None
+    """store calls since the last answer: (operation, seconds)"""
+    jobs: list[str] | None = None
+    """training jobs that ended since the last answer, by how they ended"""
+
+
+class TimedStore:
+    """A store whose calls are timed, for the store latency metric."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.samples: list[tuple[str, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.samples.append((name, time.perf_counter() - start))
+
+        return timed
+
+    def drain(self) -> list[tuple[str, float]]:
+        samples, self.samples = self.samples, []
+        return samples
 
 
 def main(sock: socket.socket, config: WorkerConfig) -> None:
     """The process's entry point (spawned: a fresh interpreter, nothing inherited)."""
     # Ctrl-C reaches the whole process group; the pool drains and stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from service import logs
+
+    logs.setup(config.log_level)
     import torch
 
     from service.store import open_store
@@ -71,7 +123,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
     conn = Connection(sock.detach())
-    store = open_store(config.store)
+    store = TimedStore(open_store(config.store))
     sessions = Sessions(
         store,
         config.limits,
@@ -85,7 +137,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
     try:
-        conn.send_bytes(pickle.dumps((0, True, os.getpid(), 0)))
+        conn.send_bytes(pickle.dumps((0, True, os.getpid(), Info())))
         while True:
             # Requests first; a training job's next mini-batch when none is waiting.
             if trainer.busy:
@@ -98,26 +150,33 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 first = inbox.get()
             if first is None:
                 break
-            for job_id, ok, value in worker.execute(worker.gather(first, inbox)):
-                conn.send_bytes(_dumps(job_id, ok, value, len(sessions.cache)))
+            answers = worker.execute(worker.gather(first, inbox))
+            for n, (job_id, ok, value, info) in enumerate(answers):
+                info.held = len(sessions.cache)
+                if n == 0:
+                    info.store, info.steps = store.drain(), sessions.drain_steps()
+                    info.jobs = trainer.drain_finished()
+                conn.send_bytes(_dumps(job_id, ok, value, info))
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
         store.close()
 
 
-def _dumps(job_id: int, ok: bool, value: Any, held: int) -> bytes:
+def _dumps(job_id: int, ok: bool, value: Any, info: Info) -> bytes:
     try:
-        return pickle.dumps((job_id, ok, value, held), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((job_id, ok, value, info), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # an exception that does not pickle must still answer its job
         error = GradsvcError("the worker could not send its answer; this is a bug")
-        return pickle.dumps((job_id, False, error, held))
+        return pickle.dumps((job_id, False, error, info))
 
 
 def _receive(conn: Connection, inbox: queue.SimpleQueue[Job | None]) -> None:
     try:
         while True:
-            inbox.put(pickle.loads(conn.recv_bytes()))  # from our own pool, never a client
+            job = pickle.loads(conn.recv_bytes())  # from our own pool, never a client
+            job.received = time.monotonic()
+            inbox.put(job)
     except (EOFError, OSError):
         inbox.put(None)  # the pool closed the socket, or went away: stop
 
@@ -170,26 +229,23 @@ class Worker:
                 break
         return jobs
 
-    def execute(self, jobs: list[Job]) -> list[tuple[int, bool, Any]]:
+    def execute(self, jobs: list[Job]) -> list[tuple[int, bool, Any, Info]]:
         """Answers in job order. Consecutive ``run`` jobs go to the sessions runner together
         (it keeps each session's order and batches across sessions)."""
-        out: list[tuple[int, bool, Any]] = []
+        out: list[tuple[int, bool, Any, Info]] = []
         i = 0
         while i < len(jobs):
             j = i
             while j < len(jobs) and jobs[j].op == "run":
                 j += 1
-            if j > i:
-                runs = jobs[i:j]
-                results = self._run_many(runs)
-                out.extend(
-                    (job.id, not isinstance(r, GradsvcError), r)
-                    for job, r in zip(runs, results, strict=True)
-                )
-                i = j
-                continue
-            out.append(self._one(jobs[i]))
-            i += 1
+            group = jobs[i:j] if j > i else [jobs[i]]
+            start = time.monotonic()
+            results = self._run_many(group) if j > i else [self._one(jobs[i])]
+            took = time.monotonic() - start
+            for job, result in zip(group, results, strict=True):
+                info = Info(wait=start - job.received, compute=took, batch=len(group))
+                out.append((job.id, not isinstance(result, GradsvcError), result, info))
+            i += len(group)
         return out
 
     def _run_many(self, jobs: list[Job]) -> list[Answer | GradsvcError]:
@@ -201,17 +257,16 @@ class Worker:
             return [results] * len(jobs)
         return results
 
-    def _one(self, job: Job) -> tuple[int, bool, Any]:
+    def _one(self, job: Job) -> Any:
         if time.time() > job.deadline:
-            return job.id, False, ComputeTimeout("the request waited past the compute timeout")
+            return ComputeTimeout("the request waited past the compute timeout")
         op = self.ops.get(job.op)
         if op is None:
-            return job.id, False, GradsvcError(f"unknown operation {job.op!r}")
+            return GradsvcError(f"unknown operation {job.op!r}")
         from service.workers.sessions import guarded
 
         args = (*job.args, job.deadline) if job.op == "run_many" else job.args
-        result = guarded(op, *args)
-        return job.id, not isinstance(result, GradsvcError), result
+        return guarded(op, *args)
 
     def _items(self, jobs: list[RunJob], deadline: float) -> list[Answer | GradsvcError]:
         """Many sessions' steps sent as one request (``POST /v1/sessions/step``)."""

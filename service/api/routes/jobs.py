@@ -102,6 +102,7 @@ JobsDep = Annotated[Jobs, Depends(_jobs)]
     ),
 )
 async def train(
+    request: Request,
     session_id: SessionId,
     body: Annotated[specs.TrainRequest, Body(openapi_examples=schemas.TRAIN_EXAMPLES)],
     owner: PrincipalDep,
@@ -116,6 +117,8 @@ async def train(
             "train", owner, checked(session_id), job_id, body, idem, key=session_id
         )
     jobs.add(owner, orjson.loads(answer.body))
+    if not answer.replayed:
+        request.app.state.metrics.jobs.labels("started").inc()
     return respond(answer)
 
 

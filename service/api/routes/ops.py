@@ -1,13 +1,13 @@
-"""Liveness, readiness and the workers."""
+"""Liveness, readiness, the workers and the metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from service.api import schemas
+from service.api import metrics, schemas
 from service.api.deps import PoolDep, StoreDep
 from service.api.problems import responses
 from service.errors import Unavailable
@@ -49,3 +49,22 @@ async def workers(pool: PoolDep) -> schemas.Workers:
     return schemas.Workers(
         items=[schemas.Worker(**dataclasses.asdict(stats)) for stats in pool.stats()]
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {metrics.MEDIA_TYPE: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+    summary="Prometheus metrics: requests, latency, queues, compute, batches, steps, jobs",
+    description=(
+        "With API keys configured, any valid key may read them (Prometheus sends it as "
+        "`authorization: bearer`); without keys they are open, like the rest of the service."
+    ),
+)
+async def prometheus(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=metrics.MEDIA_TYPE)
