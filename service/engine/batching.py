@@ -9,13 +9,16 @@ session's own parameters and optimizer state. Every entry ends as ``step.compute
 leave it: the same result, or the same error with its parameters and state untouched.
 
 Results agree with the unbatched path to rounding, not bit for bit: a vmapped matmul or
-reduction is a batched kernel that may sum in another order. ``.grad`` and the training flag
-are not written: ``compute`` sets both afresh before it reads them, and nothing else does.
+reduction is a batched kernel that may sum in another order. Adam, AdamW, RMSprop and Adagrad
+divide each gradient element by its own running scale, so where an element's gradient is
+within rounding of zero its step can differ visibly (in float32, parts in 1e5 of a parameter
+after a few steps); float64 agrees to 1e-12. ``.grad`` and the training flag are not written:
+``compute`` sets both afresh before it reads them, and nothing else does.
 
 ``signature`` is None (the caller runs the entry alone) for:
 - ``explain``: the trace follows one model's graph;
 - dropout: the unbatched path draws each mask from the global RNG, seeded per session;
-- float16 and bfloat16: a batched kernel's rounding there is as large as the answer's;
+- float16 and bfloat16: there another summing order shows in the answer's own digits;
 - a step whose optimizer has several parameter groups or tensor hyper-parameters, or state
   other than its ``step`` count that is not of its parameter's shape.
 
@@ -136,8 +139,8 @@ def run_group(
 ) -> list[Result | GradsvcError]:
     """Per entry, in order, what ``compute`` would return or raise. The entries are distinct
     sessions that share a signature; ``spec`` is any one of theirs."""
-    if len(entries) == 1:
-        return [_alone(kind, spec, entries[0], limits)]
+    if len(entries) <= 1:
+        return [_alone(kind, spec, e, limits) for e in entries]
     loss_spec = None if kind == "forward" else losses.normalise(spec.loss)
     like = None
     if loss_spec is not None:
@@ -348,10 +351,9 @@ def _stacked_optimizer(
         state = template.state.get(owners[0].params[j])
         if not state:  # never stepped: the optimizer starts the stack as it would start theirs
             continue
+        states = [o.state(j) for o in owners]
         optimizer.state[leaf] = {
-            key: torch.stack([o.state(j)[key] for o in owners])
-            if _stacks(key, value)
-            else _copy(value)
+            key: torch.stack([s[key] for s in states]) if _stacks(key, value) else _copy(value)
             for key, value in state.items()
         }
         existed |= {(j, k) for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -374,18 +376,20 @@ def _write_back(
         targets += [o.params[j] for o in owners]
         split = leaf.unbind(0)
         sources += [split[i] for i in rows]
-        for key, value in stacked.state[leaf].items():
+        new = stacked.state[leaf]
+        states = [o.state(j) for o in owners] if new else []
+        for key, value in new.items():
             if _stacks(key, value):
                 split = value.unbind(0)
                 values = [split[i] for i in rows]
             else:
                 values = [value] * len(rows)
             if (j, key) in existed:
-                targets += [o.state(j)[key] for o in owners]
+                targets += [s[key] for s in states]
                 sources += values
             else:
-                for o, v in zip(owners, values, strict=True):
-                    o.state(j)[key] = _copy(v)
+                for s, v in zip(states, values, strict=True):
+                    s[key] = _copy(v)
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
 
