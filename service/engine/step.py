@@ -225,17 +225,22 @@ def run(
     return encode_result(result, request.encoding == "b64")
 
 
-def encode_result(result: Result, b64: bool) -> dict[str, Any]:
+ALL = frozenset({"loss", "grads", "params", "outputs"})
+
+
+def encode_result(result: Result, b64: bool, include: frozenset[str] = ALL) -> dict[str, Any]:
+    """The answer's fields; ``include`` names those wanted ("loss" brings grad_norm)."""
     body: dict[str, Any] = {}
-    if result.loss is not None:
+    if result.loss is not None and "loss" in include:
         body["loss"] = result.loss.item()
-    if result.grads is not None:
+    if result.grads is not None and "grads" in include:
         body["grads"] = {n: encode(g, b64) for n, g in result.grads.items()}
-    if result.grad_norm is not None:
+    if result.grad_norm is not None and "loss" in include:
         body["grad_norm"] = result.grad_norm.item()
-    if result.params is not None:
+    if result.params is not None and "params" in include:
         body["params"] = {n: encode(p, b64) for n, p in result.params.items()}
-    body["outputs"] = encode(result.outputs, b64)
+    if "outputs" in include:
+        body["outputs"] = encode(result.outputs, b64)
     if result.trace is not None:
         body["trace"] = [encode_node(node, b64) for node in result.trace]
     return body

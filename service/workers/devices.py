@@ -3,6 +3,7 @@
 ``--devices auto`` is every CUDA device when there is one, else ``cpu``. A GPU gets one
 worker by default (its kernels queue on the device anyway); the CPU one per two cores, since
 each worker's torch uses the cores it is given and more processes would only fight over them.
+One core is kept for the API process.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def layout(devices: str, per_device: int | None, *, single: bool = False) -> Lay
     if single:
         workers = workers[:1]
     cpu_workers = sum(1 for w in workers if w == "cpu") or 1
-    return Layout(tuple(workers), max(1, cores // cpu_workers))
+    # One core is left to the API process (HTTP, JSON, validation): torch's threads spin while
+    # they wait for each other, so a thread that has to share its core stalls all the others.
+    return Layout(tuple(workers), max(1, (cores - 1) // cpu_workers))
 
 
 def _expand(devices: str) -> list[str]:

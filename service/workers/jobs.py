@@ -68,8 +68,9 @@ class RunJob:
     """time.time() after which the job must not commit (the caller has answered 504)."""
     holder: str | None = None
     """The training job this step belongs to: it alone may step a session the job holds."""
-    quiet: bool = False
-    """Answer only step and loss (a training job's own steps: nobody reads the rest)."""
+    include: frozenset[str] = frozenset({"loss", "grads", "params", "outputs"})
+    """What the answer carries besides the step: a training job's own steps need only the
+    loss; ``POST /v1/sessions/step`` items what the request's ``include`` names."""
 
 
 def new_id() -> str:

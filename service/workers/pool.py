@@ -112,6 +112,7 @@ class WorkerHandle:
     async def spawn(self) -> None:
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair()
+        mine.setblocking(False)  # uvloop keeps a socket's mode: a blocking write would stall
         process = self.pool.context.Process(
             target=worker.main,
             args=(theirs, self.config),

@@ -335,24 +335,34 @@ class Sessions:
 
         They go in rounds: a round takes each session's earliest job not yet done, so one
         session's jobs keep their order while different sessions' jobs share a round (and,
-        where their signatures match, one vmapped computation and one group commit). A job
-        whose commit lost a race goes again in the next round, on the newer state."""
+        where their signatures match, one vmapped computation). A session's next round
+        starts from the state its last round left, not yet committed; then every round's
+        commits go to the store together, in order, in one transaction (a group commit), and
+        only then is anything answered. A job whose commit lost a race (another replica moved
+        the session) goes again, with the jobs after it on that session, on the newer state."""
         results: list[Answer | GradsvcError | None] = [None] * len(jobs)
         attempts = [0] * len(jobs)
         pending = list(range(len(jobs)))
         while pending:
-            current: list[int] = []
-            later: list[int] = []
-            seen: set[str] = set()
-            for i in pending:
-                (later if jobs[i].session_id in seen else current).append(i)
-                seen.add(jobs[i].session_id)
-            again = self._round(jobs, current, results)
+            staged: dict[str, SessionRecord] = {}
+            commits: list[tuple[_Prepared, Answer, CommitItem]] = []
+            again: list[int] = []
+            todo = pending
+            while todo:
+                current: list[int] = []
+                later: list[int] = []
+                seen: set[str] = set()
+                for i in todo:
+                    (later if jobs[i].session_id in seen else current).append(i)
+                    seen.add(jobs[i].session_id)
+                again += self._round(jobs, current, results, staged, commits)
+                todo = later
+            again += self._commit(commits, results)
             for i in again:
                 attempts[i] += 1
                 if attempts[i] >= MAX_ATTEMPTS:  # pragma: no cover
                     results[i] = GradsvcError("the session kept moving; gave up")
-            pending = sorted(later + [i for i in again if results[i] is None])
+            pending = sorted(i for i in set(again) if results[i] is None)
         return [r if r is not None else GradsvcError("not computed") for r in results]
 
     def _round(
@@ -360,13 +370,20 @@ class Sessions:
         jobs: Sequence[RunJob],
         indices: list[int],
         results: list[Answer | GradsvcError | None],
+        staged: dict[str, SessionRecord],
+        commits: list[tuple[_Prepared, Answer, CommitItem]],
     ) -> list[int]:
-        """One job per session: prepare, compute (grouped), commit together. The indices of
-        jobs to go again come back."""
+        """One job per session: prepare, compute (grouped), stage the steps' commits. The
+        indices of jobs to go again (after this pass's commit) come back."""
         ready: list[_Prepared] = []
+        again: list[int] = []
         for i in indices:
+            job = jobs[i]
+            if job.kind != "step" and job.session_id in staged:
+                again.append(i)  # it must see the staged step committed: next pass
+                continue
             try:
-                prepared = self._prepare(i, jobs[i])
+                prepared = self._prepare(i, job, staged.get(job.session_id))
             except GradsvcError as exc:
                 results[i] = exc
                 continue
@@ -374,13 +391,12 @@ class Sessions:
                 results[i] = prepared
             else:
                 ready.append(prepared)
-        again: list[int] = []
-        commits: list[tuple[_Prepared, Answer, CommitItem]] = []
         for prepared, outcome in self._computed(ready):
             job = prepared.job
             if isinstance(outcome, GradsvcError):
                 if job.kind == "step":
                     self._evict(job.session_id)
+                    staged.pop(job.session_id, None)
                 results[prepared.index] = outcome
                 continue
             answer, new, history = self._answered(prepared, outcome)
@@ -392,32 +408,49 @@ class Sessions:
                 continue
             if time.time() > job.deadline:
                 self._evict(job.session_id)
+                staged.pop(job.session_id, None)
                 results[prepared.index] = _timed_out()
                 continue
             idem = job.idem.record(answer) if job.idem else None
-            item = CommitItem(new, prepared.record.version, history, idem)
-            commits.append((prepared, answer, item))
-        statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
-        for (prepared, answer, _), status in zip(commits, statuses, strict=True):
-            sid = prepared.job.session_id
-            if status is Commit.OK:
-                self.steps += 1
-                self._keep(sid, prepared.record.version + 1, prepared.built)
-                results[prepared.index] = answer
-                continue
-            self._evict(sid)
-            if status is Commit.GONE:
-                results[prepared.index] = NotFound(f"no session {sid}")
-            else:
-                again.append(prepared.index)
+            commits.append((prepared, answer, CommitItem(new, new.version, history, idem)))
+            staged[job.session_id] = replace(new, version=new.version + 1)
+            prepared.built.version = new.version + 1
         return again
 
-    def _prepare(self, index: int, job: RunJob) -> _Prepared | Answer:
+    def _commit(
+        self,
+        commits: list[tuple[_Prepared, Answer, CommitItem]],
+        results: list[Answer | GradsvcError | None],
+    ) -> list[int]:
+        """The pass's staged steps, in one transaction; the jobs to go again come back."""
+        statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
+        again: list[int] = []
+        lost: set[str] = set()
+        for (prepared, answer, item), status in zip(commits, statuses, strict=True):
+            sid = prepared.job.session_id
+            if sid in lost:  # computed on a step that did not commit
+                again.append(prepared.index)
+            elif status is Commit.OK:
+                self.steps += 1
+                self._keep(sid, item.expected_version + 1, prepared.built)
+                results[prepared.index] = answer
+            else:
+                self._evict(sid)
+                lost.add(sid)
+                if status is Commit.GONE:
+                    results[prepared.index] = NotFound(f"no session {sid}")
+                else:
+                    again.append(prepared.index)
+        return again
+
+    def _prepare(
+        self, index: int, job: RunJob, staged: SessionRecord | None = None
+    ) -> _Prepared | Answer:
         if time.time() > job.deadline:
             raise _timed_out()
         if (stored := replay(self.store, job.idem)) is not None:
             return stored
-        record = self.fetch(job.owner, job.session_id)
+        record = staged or self.fetch(job.owner, job.session_id)
         if job.kind == "step":
             self.check_free(job.session_id, job.holder)
         if job.if_match is not None and job.if_match != etag(record) and job.if_match != "*":
@@ -481,16 +514,13 @@ class Sessions:
         job, record, built = prepared.job, prepared.record, prepared.built
         b64 = job.request.encoding == "b64"
         if job.kind != "step":
-            return self._answer(200, encode_result(result, b64), record), None, None
+            return self._answer(200, encode_result(result, b64, job.include), record), None, None
         now = time.time()
         data = state.dump(built.model, built.optimizer, {})
         new = replace(record, state=data, step=record.step + 1, updated_at=now)
         assert result.loss is not None and result.grad_norm is not None
         history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
-        if job.quiet:
-            body: dict[str, Any] = {"step": new.step, "loss": history.loss}
-        else:
-            body = {"step": new.step, **encode_result(result, b64)}
+        body = {"step": new.step, **encode_result(result, b64, job.include)}
         return self._answer(200, body, replace(new, version=record.version + 1)), new, history
 
     # -- the cache of built sessions --------------------------------------------------------

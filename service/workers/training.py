@@ -170,7 +170,9 @@ class Trainer:
         request = specs.SessionBatchRequest.model_construct(
             batch=specs.Batch.model_construct(x=x, y=y), encoding="b64"
         )
-        job = RunJob("step", run.owner, run.session, request, holder=job_id, quiet=True)
+        job = RunJob(
+            "step", run.owner, run.session, request, holder=job_id, include=frozenset({"loss"})
+        )
         result = self.sessions.run_many([job])[0]
         run.updated_at = time.time()
         if isinstance(result, GradsvcError):

@@ -2,24 +2,26 @@
 
 It owns one device, opens its own connection to the store, and answers the jobs its pool
 sends over a socket, in the order they arrive. Jobs are picklable descriptions from a closed
-set (``OPS``): an operation name and validated arguments, never code. While it computes, a
-thread keeps reading the socket, so that the pool's writes never stall and jobs that queue
-up meanwhile can be batched: steps for sessions of one signature run as one call.
+set (``Worker.ops``): an operation name and validated arguments, never code. While it
+computes, the jobs that arrive wait in the socket (the pool's side never blocks); between
+computations it reads them all at once, and the steps among them for sessions of one
+signature run as one call.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
-import threading
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from service.engine.limits import Limits
@@ -122,7 +124,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     torch.set_num_threads(config.threads)
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
-    conn = Connection(sock.detach())
+    inbox = Inbox(sock)
     store = TimedStore(open_store(config.store))
     sessions = Sessions(
         store,
@@ -134,10 +136,8 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     )
     worker = Worker(sessions, config)
     trainer = worker.trainer
-    inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-    threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
     try:
-        conn.send_bytes(pickle.dumps((0, True, os.getpid(), Info())))
+        inbox.send(pickle.dumps((0, True, os.getpid(), Info())))
         while True:
             # Requests first; a training job's next mini-batch when none is waiting.
             if trainer.busy:
@@ -156,7 +156,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 if n == 0:
                     info.store, info.steps = store.drain(), sessions.drain_steps()
                     info.jobs = trainer.drain_finished()
-                conn.send_bytes(_dumps(job_id, ok, value, info))
+                inbox.send(_dumps(job_id, ok, value, info))
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
@@ -171,14 +171,85 @@ def _dumps(job_id: int, ok: bool, value: Any, info: Info) -> bytes:
         return pickle.dumps((job_id, False, error, info))
 
 
-def _receive(conn: Connection, inbox: queue.SimpleQueue[Job | None]) -> None:
-    try:
+class Inbox:
+    """The worker's end of its socket: jobs in, answers out, in this one thread.
+
+    Reading takes every byte that has arrived and every job in it at once (a reader thread
+    would need the GIL for each job, and get it only between the computation's bytecodes).
+    A job's ``received`` is stamped as it is read. ``None`` from ``get``: the pool is gone."""
+
+    _HEAD = struct.Struct("!i")
+    _LONG = struct.Struct("!Q")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(True)
+        self.buffer = bytearray()
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.closed = False
+
+    def get(self, timeout: float | None = None) -> Job | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.jobs and not self.closed:
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise queue.Empty
+            self._read(wait)
+        return self.jobs.popleft() if self.jobs else None
+
+    def get_nowait(self) -> Job | None:
+        if not self.jobs and not self.closed:
+            self._read(0)
+        if not self.jobs and not self.closed:
+            raise queue.Empty
+        return self.jobs.popleft() if self.jobs else None
+
+    def put(self, job: None) -> None:
+        """``put(None)``: stop once the jobs already read are done (as a queue would)."""
+        self.closed = True
+
+    def send(self, data: bytes) -> None:
+        size = len(data)
+        head = (
+            self._HEAD.pack(size)
+            if size <= 0x7FFFFFFF
+            else (self._HEAD.pack(-1) + self._LONG.pack(size))
+        )
+        self.sock.sendall(head + data if size < 65536 else head)
+        if size >= 65536:
+            self.sock.sendall(data)
+
+    def _read(self, timeout: float | None) -> None:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return
         while True:
-            job = pickle.loads(conn.recv_bytes())  # from our own pool, never a client
-            job.received = time.monotonic()
-            inbox.put(job)
-    except (EOFError, OSError):
-        inbox.put(None)  # the pool closed the socket, or went away: stop
+            try:
+                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                break
+            self.buffer += chunk
+        now = time.monotonic()
+        buf = self.buffer
+        while len(buf) >= 4:
+            (size,) = self._HEAD.unpack_from(buf)
+            start = 4
+            if size == -1:
+                if len(buf) < 12:
+                    break
+                (size,) = self._LONG.unpack_from(buf, 4)
+                start = 12
+            if len(buf) < start + size:
+                break
+            job = pickle.loads(bytes(buf[start : start + size]))  # from our pool, never a client
+            del buf[: start + size]
+            job.received = now
+            self.jobs.append(job)
 
 
 class Worker:
@@ -206,7 +277,7 @@ class Worker:
             "ping": os.getpid,
         }
 
-    def gather(self, first: Job, inbox: queue.SimpleQueue[Job | None]) -> list[Job]:
+    def gather(self, first: Job, inbox: Inbox) -> list[Job]:
         """``first``, and when batching, the steps queued behind it: those already here, and
         those that arrive within the batch window while the pool says more are coming."""
         jobs = [first]

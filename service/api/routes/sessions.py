@@ -134,6 +134,7 @@ async def step_many(
     inflight: InFlightDep,
 ) -> Response:
     answers: list[Answer | GradsvcError | None] = [None] * len(body.items)
+    include = frozenset(body.include)
     groups: dict[int, list[int]] = {}
     jobs: list[RunJob | None] = []
     for i, item in enumerate(body.items):
@@ -147,7 +148,8 @@ async def step_many(
         request = specs.SessionGradientsRequest.model_construct(
             batch=item.batch, encoding=body.encoding, explain=False
         )
-        jobs.append(RunJob("step", owner, session_id, request, _item_idem(owner, key, item)))
+        item_idem = _item_idem(owner, key, item)
+        jobs.append(RunJob("step", owner, session_id, request, item_idem, include=include))
         groups.setdefault(pool.route(session_id).index, []).append(i)
 
     async def run(indices: list[int]) -> None:
@@ -161,7 +163,6 @@ async def step_many(
 
     async with inflight.hold(idem):
         await asyncio.gather(*(run(indices) for indices in groups.values()))
-    include: set[str] = set(body.include)
     items = [
         _item(item.session, answer, include, i)
         for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
@@ -183,7 +184,7 @@ _INCLUDED = {"grad_norm": "loss"}  # "loss" brings the gradient norm along, as h
 
 
 def _item(
-    session_id: str, answer: Answer | GradsvcError | None, include: set[str], index: int
+    session_id: str, answer: Answer | GradsvcError | None, include: frozenset[str], index: int
 ) -> dict[str, Any]:
     if isinstance(answer, Answer):
         full = orjson.loads(answer.body)
