@@ -15,7 +15,7 @@ from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.metrics import Metrics, ObserveMiddleware
-from service.api.routes import compute, jobs, ops, sessions
+from service.api.routes import compute, jobs, ops, sessions, ui
 from service.config import Settings
 from service.store import open_store
 from service.workers.pool import WorkerPool
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
+    app.include_router(ui.router)
     docs.install(app)
     _add_problem_schema(app, keyed=settings.keyed)
     return app

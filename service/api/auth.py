@@ -27,8 +27,9 @@ from service.config import Settings
 from service.store.ratelimit import Buckets
 
 ANONYMOUS = ""
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"})
-OPEN_PREFIXES = ("/static/docs/",)
+# The pages and their assets hold no data; the calls they make carry the key.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/ui", "/ui/"})
+OPEN_PREFIXES = ("/static/docs/", "/ui/static/")
 CHALLENGE = 'Bearer realm="gradsvc"'
 
 
