@@ -10,7 +10,7 @@ import time
 import httpx
 import torch
 
-from bench import breakdown, document, inprocess, report, stateful, stateful_report
+from bench import breakdown, document, inprocess, many, report, stateful, stateful_report
 from bench.config import Config
 from bench.driver import HEADERS, WrongAnswer, check_loopback, load
 from bench.servers import TARGETS, Server, ServerError, Target, running
@@ -120,6 +120,7 @@ def main() -> int:
     results: report.Results = {}
     stages: dict[str, dict[str, float]] = {}
     sessions = stateful.Outcome()
+    crowd = many.Outcome()
     with contextlib.ExitStack() as stack:
         servers = start_all(stack)
         for workload in workloads:
@@ -129,6 +130,8 @@ def main() -> int:
             if workload.name == stateful_report.SEED:
                 # Right after the stateless seed rows, so that the two are compared closely.
                 sessions = stateful.measure(config, workload.reference_loss, log)
+        log("many sessions:")
+        crowd = many.measure(config, log)
     rows = [report.Row(t.name, "HTTP", t.summary) for t in TARGETS] + list(report.IN_PROCESS)
     print(report.ratios_table(workloads, results))
     print()
@@ -141,14 +144,31 @@ def main() -> int:
     print(stateful_report.results_table(sessions, results))
     print()
     print(stateful_report.ratios_table(sessions, results))
+    print()
+    print(many.results_table(crowd))
+    print()
+    print(many.goals_table(crowd, results, sessions))
     errors = "\n".join(
-        e for e in (report.errors_text(results), stateful_report.errors_text(sessions)) if e
+        e
+        for e in (
+            report.errors_text(results),
+            stateful_report.errors_text(sessions),
+            many.errors_text(crowd),
+        )
+        if e
     )
     if errors:
         print("\nErrors:\n" + errors)
     if config.out is not None:
         text = document.render(
-            config, report.machine(load_at_start), workloads, TARGETS, results, stages, sessions
+            config,
+            report.machine(load_at_start),
+            workloads,
+            TARGETS,
+            results,
+            stages,
+            sessions,
+            crowd,
         )
         config.out.parent.mkdir(parents=True, exist_ok=True)
         config.out.write_text(text, encoding="utf-8")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench import report, stateful_report
+from bench import many, report, stateful_report
 from bench.config import Config
 from bench.servers import Target
 from bench.stateful import Outcome
@@ -60,6 +60,7 @@ def render(
     results: report.Results,
     stages: dict[str, dict[str, float]],
     sessions: Outcome,
+    crowd: many.Outcome,
 ) -> str:
     rows = [report.Row(t.name, "HTTP", t.summary) for t in targets] + list(report.IN_PROCESS)
     load = (
@@ -75,7 +76,7 @@ def render(
         + (" **Quick mode (`BENCH_QUICK=1`): smoke figures only.**" if config.quick else ""),
         CAUTION,
         "## Reproduce",
-        "    make bench                                # about 3 minutes; rewrites this file\n"
+        "    make bench                                # about 5 minutes; rewrites this file\n"
         "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT",
         "Knobs: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` (per HTTP row, default 8), "
         "`BENCH_OUT` (report path). Every server listens on 127.0.0.1 only, on a free port, "
@@ -88,14 +89,22 @@ def render(
         "## Ratios (CPU per request, same run)",
         report.cpu_ratios_table(workloads, results),
         CPU_RATIOS,
+        *many.section(crowd, results, sessions)[:2],
         *stateful_report.section(sessions, results),
+        *many.section(crowd, results, sessions)[2:],
         "## Results",
         report.results_table(workloads, results, rows),
         "`CPU ms/req`: the serving process's CPU per request (server, or the loop's process); "
         "`driver CPU ms/req`: the load generator's, which competes for the same cores.",
     ]
     errors = "\n".join(
-        e for e in (report.errors_text(results), stateful_report.errors_text(sessions)) if e
+        e
+        for e in (
+            report.errors_text(results),
+            stateful_report.errors_text(sessions),
+            many.errors_text(crowd),
+        )
+        if e
     )
     if errors:
         parts += ["Errors:", errors]

@@ -55,12 +55,12 @@ def _gradsvc(port: int) -> list[str]:
     return [*entry, "serve", "--host", LOOPBACK, "--port", str(port), "--log-level", "warning"]
 
 
-def gradsvc_with_store(name: str, summary: str, store_url: str) -> Target:
-    """``gradsvc serve --store store_url``, defaults otherwise: a stateful row's server."""
+def gradsvc_with_store(name: str, summary: str, store_url: str, *args: str) -> Target:
+    """``gradsvc serve --store store_url [args]``, defaults otherwise: a stateful row's."""
     return Target(
         name=name,
         summary=summary,
-        command=lambda port: [*_gradsvc(port), "--store", store_url],
+        command=lambda port: [*_gradsvc(port), "--store", store_url, *args],
         ready_path="/readyz",
         accepts=lambda workload: False,
     )
@@ -84,7 +84,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         name="service",
-        summary="`gradsvc serve` with its defaults (compute threads: min(4, cores))",
+        summary="`gradsvc serve` with its defaults (worker processes: one per two cores)",
         command=_gradsvc,
         ready_path="/readyz",
         accepts=lambda workload: True,
@@ -99,7 +99,22 @@ class Server:
     pid: int
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.pid)
+        """The server's CPU with its worker processes' (gradsvc computes in children)."""
+        return process_cpu_seconds(self.pid) + sum(
+            process_cpu_seconds(child) for child in children(self.pid)
+        )
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:  # the parent's pid, field 4
+            found.append(int(stat.parent.name))
+    return found
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -24,6 +24,8 @@ class Stats:
     """CPU seconds of the load generator (HTTP rows only)."""
     store_cpu: float = math.nan
     """CPU seconds of a store that runs as its own process (redis-server); NaN otherwise."""
+    steps_per_request: int = 1
+    """Session-steps one request (or loop call) carries: 256 for /v1/sessions/step."""
     untimed_ok: int = 0
     """Successful untimed (warm-up) requests: they change state on a stateful row too."""
 
@@ -35,6 +37,11 @@ class Stats:
     def rate(self) -> float:
         """Successful requests per second."""
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def step_rate(self) -> float:
+        """Session-steps per second."""
+        return self.rate * self.steps_per_request
 
     def per_request_ms(self, seconds: float) -> float:
         return 1000.0 * seconds / self.ok if self.ok else math.nan
