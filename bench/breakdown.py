@@ -2,7 +2,7 @@
 
 The stages are what the service does with a body, in order: parse the JSON (orjson, on the
 event loop), validate it into a ``StepRequest``, run the step (build, decode, compute,
-encode: on a compute thread), render the answer (orjson). The standard library's
+encode: in a worker process), render the answer (orjson). The standard library's
 ``json.loads`` is timed too, for comparison: it is what FastAPI would use by default.
 """
 

@@ -22,7 +22,7 @@ RATIOS = """\
 - **service / peer**: above 1×, the service serves more steps per second than the naive
   endpoint a user would write; below 1×, fewer.
 - **engine / service**: steps per second of the engine in a plain loop over steps per second
-  through HTTP: the cost of HTTP, JSON parsing and rendering, and the hop to a compute thread
+  through HTTP: the cost of HTTP, JSON parsing and rendering, and the hop to a worker process
   (1× would be no overhead).
 - **torch / engine**: the engine's own cost over raw torch: validation, building the model
   from its spec, decoding and checking tensors, encoding the answer."""
@@ -46,10 +46,10 @@ CAVEATS = """\
 - HTTP p50 and p99 are what a client sees with all clients in flight, queueing included; the
   in-process rows run one call at a time. The slow rows (the MLP in list form) complete few
   requests, so their p99 is close to their maximum.
-- The in-process loops run with as many torch threads as each of the service's compute
-  threads gets, one call at a time, whereas the service runs several compute threads at
-  once: for compute-bound rows `engine / service` can fall below 1×; the CPU ratio
-  `service / engine` is the like-for-like measure of what HTTP adds."""
+- The in-process loops run with as many torch threads as each of the service's worker
+  processes gets, one call at a time; the service overlaps HTTP work in its API process
+  with computation in its workers, so for compute-bound rows `engine / service` can fall
+  below 1×; the CPU ratio `service / engine` is the like-for-like measure of what HTTP adds."""
 
 
 def render(
@@ -112,7 +112,7 @@ def render(
         "## Where a service request's time goes",
         "Each stage of one request timed on its own in this process (median): the body parsed "
         "as the service parses it (orjson, on the event loop), validated, run "
-        "(build, decode, compute, encode; on a compute thread), rendered (orjson). "
+        "(build, decode, compute, encode; in a worker process), rendered (orjson). "
         "`parse (json)` is for comparison only: the standard library's parser, which FastAPI "
         "would use by default.",
         report.breakdown_table(workloads, stages),

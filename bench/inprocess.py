@@ -4,8 +4,8 @@
   does (no JSON parsing or rendering, no event loop, no thread hop);
 - ``torch``: the workload's raw torch step on tensors already built, nothing encoded.
 
-Both run with as many torch threads as each of the service's compute threads gets, so that a
-call does the same work in the same way as in the service.
+Both run with as many torch threads as each of the service's worker processes gets, so that
+a call does the same work in the same way as in the service.
 """
 
 from __future__ import annotations
