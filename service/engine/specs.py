@@ -315,10 +315,11 @@ def form_error(value: Any) -> str | None:
         return 'a tensor object has "shape", and "dtype", "data" or "b64", nothing else'
     shape = value["shape"]
     if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        isinstance(n, int | float) and not isinstance(n, bool) and n >= 0 and n == int(n)
+        for n in shape
     ):
         return "shape is an array of sizes"
-    if "dtype" in value and value["dtype"] not in _DTYPES:
+    if "dtype" in value and (not isinstance(value["dtype"], str) or value["dtype"] not in _DTYPES):
         return f"dtype is one of {', '.join(sorted(_DTYPES))}"
     data = value.get("data", [])
     if not isinstance(data, list) or not all(
@@ -344,14 +345,14 @@ class SessionsStepItem(Spec):
     @model_validator(mode="after")
     def _forms(self) -> SessionsStepItem:
         # Items answer one by one, so the request as a whole must at least be well formed.
-        x = self.batch.x
-        named = x if isinstance(x, dict) and "shape" not in x else {"": x}
-        tensors = [(("batch", "x", k) if k else ("batch", "x"), v) for k, v in named.items()]
-        if self.batch.y is not None:
-            tensors.append((("batch", "y"), self.batch.y))
-        for where, value in tensors:
-            if (error := form_error(value)) is not None:
-                raise ValueError(f"{'.'.join(where)}: {error}")
+        x, y = self.batch.x, self.batch.y
+        error = form_error(x)
+        if error is not None and isinstance(x, dict):  # then a map of named inputs?
+            error = next((e for e in map(form_error, x.values()) if e is not None), None)
+        if error is not None:
+            raise ValueError(f"batch.x: {error}")
+        if y is not None and (error := form_error(y)) is not None:
+            raise ValueError(f"batch.y: {error}")
         return self
 
 
@@ -377,9 +378,7 @@ class TrainRequest(Spec):
     epochs: PositiveInt = Field(description="passes over the dataset")
     batch_size: PositiveInt = Field(description="rows per step; the last batch may be smaller")
     shuffle: bool = Field(default=True, description="a new order of the rows every epoch")
-    seed: Annotated[int, Field(ge=0, lt=2**63), Integral] = Field(
-        default=0, description="seeds the shuffling"
-    )
+    seed: Size = Field(default=0, description="seeds the shuffling")
 
 
 class SessionPatch(Spec):

@@ -113,6 +113,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     """The process's entry point (spawned: a fresh interpreter, nothing inherited)."""
     # Ctrl-C reaches the whole process group; the pool drains and stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     from service import logs
 
     logs.setup(config.log_level)
@@ -161,6 +162,18 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
         store.close()
+
+
+def _die_with_parent() -> None:
+    """If the API process is killed (SIGKILL, the OOM killer), go too, at once, rather than
+    finish a batch nobody is waiting for. Linux only; elsewhere the closed socket stops us."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _dumps(job_id: int, ok: bool, value: Any, info: Info) -> bytes:

@@ -37,6 +37,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         yield client
 
 
+TRAIN = {"dataset": {"x": [1.0, 2.0], "y": [3.0, 5.0]}, "epochs": 2, "batch_size": 1}
+
+
 def _as(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -96,6 +99,7 @@ def test_another_keys_session_does_not_exist(keyed: TestClient) -> None:
         ("POST", f"/v1/sessions/{sid}/forward", {"batch": {"x": 1}}),
         ("GET", f"/v1/sessions/{sid}/history", None),
         ("GET", f"/v1/sessions/{sid}/checkpoint", None),
+        ("POST", f"/v1/sessions/{sid}/train", TRAIN),
         ("DELETE", f"/v1/sessions/{sid}", None),
     ]
     session_routes = {p for _, p in _operations(keyed) if "{session_id}" in p}
@@ -109,6 +113,15 @@ def test_another_keys_session_does_not_exist(keyed: TestClient) -> None:
     # Bob may restore Alice's file: it becomes Bob's own copy, not access to hers.
     copy = keyed.post("/v1/sessions/restore", content=checkpoint, headers=_as(BOB))
     assert copy.status_code == 201 and copy.json()["id"] != sid
+    # Alice's training job is no more Bob's than her session.
+    job = keyed.post(f"/v1/sessions/{sid}/train", json=TRAIN, headers=_as(ALICE)).json()
+    for method, url in [
+        ("GET", f"/v1/jobs/{job['id']}"),
+        ("GET", f"/v1/jobs/{job['id']}/events"),
+        ("DELETE", f"/v1/jobs/{job['id']}"),
+    ]:
+        r = keyed.request(method, url, headers=_as(BOB))
+        assert assert_problem(r, 404)["type"] == "not-found", (method, url)
 
 
 def test_idempotency_keys_are_scoped_per_api_key(keyed: TestClient) -> None:

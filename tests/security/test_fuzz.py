@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from tests.conftest import SEED_STEP
 SEED = 20240607
 # Fuzzing-phase examples per operation (the examples and coverage phases add their own). The
 # keyed app runs the same code behind the key, so it gets fewer: there, the point is the key.
-MAX_EXAMPLES = {"open": 25, "keyed": 10}
+MAX_EXAMPLES = {"open": 15, "keyed": 6}
 KEY = "fuzz-key"
 
 SEED_MODEL: dict[str, Any] = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
@@ -113,7 +114,14 @@ keyed_schema.app = KEYED_APP
 
 @pytest.fixture(scope="module", autouse=True)
 def _lifespans() -> Iterator[None]:
-    """Schemathesis starts each app's lifespan on its first request; stop them at the end."""
+    """Schemathesis starts each app's lifespan on its first request; stop them at the end.
+    Before the first case, each app's workers are up (as a load balancer would wait)."""
+    for app in (OPEN_APP, KEYED_APP):
+        with asgi.get_client(app) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the workers did not come up"
+                time.sleep(0.05)
     yield
     asgi.shutdown_lifespans()
     _TMP.cleanup()
@@ -143,6 +151,14 @@ class Live:
         self.app, self.headers = app, headers
         self.id: str | None = None
         self.etag = ""
+
+    def ready(self) -> None:
+        """Wait for the app's workers (a case may have been the one that timed one out)."""
+        with asgi.get_client(self.app) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the workers did not come up"
+                time.sleep(0.05)
 
     def session_id(self) -> str:
         """The live session's id, its current ETag in ``self.etag``."""
@@ -184,6 +200,7 @@ def _crc(value: object) -> int:
 
 def _prepare(case: schemathesis.Case, live: Live) -> None:
     """Point part of the cases at real state, and keep Idempotency-Keys from colliding."""
+    live.ready()
     headers = dict(case.headers or {})
     if "session_id" in (case.path_parameters or {}) and _crc(case.path_parameters) % 2 == 0:
         case.path_parameters = {**case.path_parameters, "session_id": live.session_id()}

@@ -101,20 +101,25 @@ class Reply:
 
 @dataclass
 class RssSampler:
-    """VmRSS of one process, read every few milliseconds on a thread; the peak is kept."""
+    """VmRSS of the server's processes together (the API process and its worker), read every
+    few milliseconds on a thread; the peak is kept."""
 
-    pid: int
+    pids: list[int]
     peak_kib: int = 0
     samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def read(self, name: str = "VmRSS") -> int:
-        with open(f"/proc/{self.pid}/status") as status:
+        return sum(self._read(pid, name) for pid in self.pids)
+
+    @staticmethod
+    def _read(pid: int, name: str) -> int:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith(name + ":"):
                     return int(line.split()[1])
-        raise AssertionError(f"no {name} for pid {self.pid}")
+        raise AssertionError(f"no {name} for pid {pid}")
 
     def sample(self) -> int:
         kib = self.read()
@@ -172,8 +177,6 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         "memory://",
         "--max-body-bytes",
         str(MAX_BODY),
-        "--compute-threads",
-        "2",
         "--rate-burst",
         "100000",  # the limiter stays on, but the corpus is not about it
         "--log-level",
@@ -202,7 +205,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         checkpoint = http.get(f"/v1/sessions/{sid}/checkpoint", headers=auth(ALICE))
         assert checkpoint.status_code == 200, checkpoint.text
         assert server.proc is not None
-        rss = RssSampler(server.proc.pid)
+        workers = http.get("/v1/workers", headers=auth(ALICE)).json()["items"]
+        rss = RssSampler([server.proc.pid, *(w["pid"] for w in workers)])
         baseline = rss.sample()
         rss.start()
         yield Ctx(
