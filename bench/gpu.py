@@ -8,7 +8,6 @@ on the device, synchronised. Run it on a machine with CUDA; it refuses to run wi
 
 from __future__ import annotations
 
-import base64
 import statistics
 import sys
 import tempfile
@@ -18,12 +17,8 @@ from typing import Any
 import httpx
 import torch
 
+from bench.workloads import b64
 from tests.e2e.server import Server
-
-
-def _b64(t: torch.Tensor) -> dict[str, Any]:
-    raw = base64.b64encode(t.contiguous().numpy().tobytes()).decode()
-    return {"dtype": "float32", "shape": list(t.shape), "b64": raw}
 
 
 def _torch_ms(rows: int, width: int, seconds: float) -> float:
@@ -60,7 +55,7 @@ def _service_ms(rows: int, width: int, seconds: float) -> float:
         "optimizer": {"type": "adam", "lr": 0.001},
         "device": "cuda",
     }
-    batch = {"x": _b64(torch.randn(rows, width)), "y": _b64(torch.randn(rows, 1))}
+    batch = {"x": b64(torch.randn(rows, width)), "y": b64(torch.randn(rows, 1))}
     with (
         tempfile.TemporaryDirectory() as tmp,
         Server("--store", f"sqlite:///{tmp}/gpu.db", "--devices", "auto") as server,

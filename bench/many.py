@@ -15,7 +15,6 @@ once, checking the answers.
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from bench.inprocess import loop
 from bench.servers import Server, ServerError, gradsvc_with_store, running
 from bench.stats import Stats
 from bench.stores import opened
-from bench.workloads import SEED_BODY
+from bench.workloads import SEED_BODY, b64
 from service.engine import batching, models, optimizers, specs
 from service.engine.step import compute
 
@@ -55,15 +54,10 @@ MLP_SESSION: dict[str, Any] = {
 SEED_SESSION = {key: SEED_BODY[key] for key in ("model", "loss", "optimizer")}
 
 
-def _b64(t: torch.Tensor) -> dict[str, Any]:
-    data = base64.b64encode(t.contiguous().numpy().tobytes()).decode()
-    return {"dtype": "float32", "shape": list(t.shape), "b64": data}
-
-
 _gen = torch.Generator().manual_seed(0)
 X = torch.randn(ROWS, FEATURES, generator=_gen)
 Y = torch.randn(ROWS, 1, generator=_gen)
-MLP_BATCH = {"x": _b64(X), "y": _b64(Y)}
+MLP_BATCH = {"x": b64(X), "y": b64(Y)}
 
 
 @dataclass

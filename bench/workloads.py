@@ -115,7 +115,8 @@ def _mlp_torch(x: torch.Tensor, y: torch.Tensor) -> TorchStep:
     return step
 
 
-def _b64(tensor: torch.Tensor) -> Body:
+def b64(tensor: torch.Tensor) -> Body:
+    """A float32 tensor in the wire's b64 form."""
     raw = tensor.contiguous().numpy().tobytes()
     return {"dtype": "float32", "shape": list(tensor.shape), "b64": base64.b64encode(raw).decode()}
 
@@ -132,7 +133,7 @@ def mlp(encoding: str) -> Workload:
         body["batch"] = {"x": x.tolist(), "y": y.tolist()}
         summary = f"{shape}; tensors as nested JSON lists both ways"
     else:
-        body["batch"] = {"x": _b64(x), "y": _b64(y)}
+        body["batch"] = {"x": b64(x), "y": b64(y)}
         body["encoding"] = "b64"
         summary = f'{shape}; tensors as b64 both ways (`"encoding": "b64"`)'
     return Workload(
