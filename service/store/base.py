@@ -9,7 +9,7 @@ reads again (and replays the stored answer, or recomputes on the newer state).
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +75,22 @@ class CommitItem:
     idem: IdempotencyRecord | None = None
 
 
+def prefix_commits(
+    items: Sequence[CommitItem], commit_one: Callable[[CommitItem], Commit]
+) -> list[Commit]:
+    """``commit_one`` over ``items``, in order, but per session only up to its first refusal
+    (``commit_many``'s rule), for stores that commit item by item inside one transaction."""
+    refused: set[tuple[str, str]] = set()
+    outcomes: list[Commit] = []
+    for item in items:
+        session = (item.record.owner, item.record.id)
+        outcome = Commit.CONFLICT if session in refused else commit_one(item)
+        if outcome is not Commit.OK:
+            refused.add(session)
+        outcomes.append(outcome)
+    return outcomes
+
+
 class SessionStore(Protocol):
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
@@ -97,8 +113,14 @@ class SessionStore(Protocol):
     ) -> Commit: ...
 
     def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
-        """Several sessions' commits in one transaction (one fsync, one round trip): a group
-        commit. Each item is compared-and-set on its own, with ``commit``'s outcomes."""
+        """Several commits in one transaction (one fsync, one round trip): a group commit.
+
+        Each item is compared-and-set with ``commit``'s outcomes, and one session's items
+        commit as a prefix: once an item of a session is refused, every later item of that
+        session is refused too (CONFLICT) and writes nothing, even where its own expected
+        version happens to match (another writer moved the session to it). Items of a chain
+        are computed each on the one before; committing one past a gap would apply a step
+        to a state that no acknowledged step left."""
         ...
 
     def delete(self, owner: str, session_id: str) -> bool: ...

@@ -14,6 +14,7 @@ from service.store.base import (
     HistoryRow,
     IdempotencyRecord,
     SessionRecord,
+    prefix_commits,
 )
 from service.store.ratelimit import MemoryBuckets
 
@@ -70,7 +71,7 @@ class MemoryStore:
 
     def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
         with self._lock:
-            return [self._commit_one(item) for item in items]
+            return prefix_commits(items, self._commit_one)
 
     def _commit_one(self, item: CommitItem) -> Commit:
         record = item.record

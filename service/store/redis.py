@@ -10,6 +10,7 @@ Keys, all under ``prefix``::
                             exclusive ZRANGEBYLEX bound, with no offsets to drift
     i:{len(owner)}:{owner}:{key}
                             hash: an idempotency record, with a Redis TTL of 24 h
+    tx:{tx}:{id}            a refusal mark, alive only inside one ``commit_many`` transaction
 
 A script runs atomically on the server, so ``commit`` is a compare-and-set on the session's
 version that writes the session, its history row and the idempotency record together, or
@@ -20,6 +21,7 @@ the other stores; the Redis TTL only reclaims the space.
 from __future__ import annotations
 
 import math
+import secrets
 import struct
 from collections.abc import Sequence
 from typing import cast
@@ -77,16 +79,23 @@ return 0
 """
 )
 
-# KEYS: session, history[, idem]. ARGV: ttl, idem created_at, owner, expected version,
-# has name ('1' or '0'), has history ('1' or '0'), history step, history member,
-# the number of session field/value items n, n items, then the idem's field/value items.
+# KEYS: session, history, the transaction's refusal mark for this session[, idem]. ARGV: ttl,
+# idem created_at, owner, expected version, has name ('1' or '0'), has history ('1' or '0'),
+# history step, history member, the number of session field/value items n, n items, then the
+# idem's field/value items. A refusal sets the mark, and a marked session's later items in the
+# same MULTI are refused: ``commit_many`` commits each session's items as a prefix.
 _COMMIT = (
     _LUA_IDEM
     + """
-local idem = KEYS[3]
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return 2 end
-if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then return 1 end
-if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
+local idem = KEYS[4]
+local function refuse(code)
+  redis.call('SET', KEYS[3], '1', 'EX', 60)
+  return code
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return refuse(2) end
+if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then return refuse(1) end
+if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return refuse(1) end
 local n = tonumber(ARGV[9])
 redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n))
 if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
@@ -195,18 +204,29 @@ class RedisStore:
         history: HistoryRow | None = None,
         idem: IdempotencyRecord | None = None,
     ) -> Commit:
-        keys, args = self._commit_call(CommitItem(record, expected_version, history, idem))
-        return _RESULTS[int(self._commit(keys=keys, args=args))]
+        return self.commit_many([CommitItem(record, expected_version, history, idem)])[0]
 
     def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
+        if not items:
+            return []
         # MULTI/EXEC: the scripts run back to back, in one round trip, nothing in between.
+        # The refusal marks are this transaction's own keys, gone when it ends.
+        tx = secrets.token_hex(8)
+        marks = {self._mark_key(tx, item.record.id) for item in items}
         pipe = self._redis.pipeline(transaction=True)
         for item in items:
-            keys, args = self._commit_call(item)
+            keys, args = self._commit_call(item, self._mark_key(tx, item.record.id))
             self._commit(keys=keys, args=args, client=pipe)
-        return [_RESULTS[int(outcome)] for outcome in pipe.execute()]
+        pipe.delete(*marks)
+        outcomes = pipe.execute()[: len(items)]
+        return [_RESULTS[int(outcome)] for outcome in outcomes]
 
-    def _commit_call(self, item: CommitItem) -> tuple[list[str], list[str | bytes | int]]:
+    def _mark_key(self, tx: str, session_id: str) -> str:
+        return f"{self.prefix}tx:{tx}:{session_id}"
+
+    def _commit_call(
+        self, item: CommitItem, mark: str
+    ) -> tuple[list[str], list[str | bytes | int]]:
         record, expected_version, history, idem = (
             item.record,
             item.expected_version,
@@ -227,7 +247,7 @@ class RedisStore:
         ]
         if record.name is not None:
             fields += ["name", record.name]
-        keys = [self._session_key(record.id), self._history_key(record.id)]
+        keys = [self._session_key(record.id), self._history_key(record.id), mark]
         args: list[str | bytes | int] = [self._ttl, _idem_created(idem), record.owner]
         args += [expected_version, "0" if record.name is None else "1"]
         if history is None:

@@ -20,6 +20,7 @@ from service.store.base import (
     HistoryRow,
     IdempotencyRecord,
     SessionRecord,
+    prefix_commits,
 )
 from service.store.ratelimit import MemoryBuckets
 
@@ -159,7 +160,7 @@ class SqliteStore:
 
     def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
         with self._write() as db:
-            return [self._commit_one(db, item) for item in items]
+            return prefix_commits(items, lambda item: self._commit_one(db, item))
 
     def _commit_one(self, db: sqlite3.Connection, item: CommitItem) -> Commit:
         record, expected = item.record, item.expected_version

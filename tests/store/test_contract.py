@@ -207,6 +207,37 @@ def test_commit_many_sets_each_session_on_its_own(store: SessionStore) -> None:
     assert store.commit_many([]) == []
 
 
+def test_commit_many_commits_each_session_as_a_prefix(store: SessionStore) -> None:
+    """After one of a session's items is refused, its later items are refused too, even one
+    whose expected version matches (another writer moved the session to it): a chain never
+    commits past a gap. Other sessions' items are unaffected."""
+    chain, other = session("c"), session("o")
+    for record in (chain, other):
+        assert store.create(record) is Commit.OK
+    assert store.commit(stepped(chain, b"theirs"), 1, row(1)) is Commit.OK  # c: version 2
+    ours1 = stepped(chain, b"ours1")  # computed on version 1, which is gone
+    ours2 = stepped(ours1, b"ours2")  # computed on ours1: expects version 2, which matches
+    outcomes = store.commit_many(
+        [
+            CommitItem(ours1, 1, row(1), idem("c1")),
+            CommitItem(stepped(other, b"o1"), 1, row(1)),
+            CommitItem(ours2, 2, row(2), idem("c2")),
+            CommitItem(stepped(stepped(other), b"o2"), 2, row(2)),
+        ]
+    )
+    assert outcomes == [Commit.CONFLICT, Commit.OK, Commit.CONFLICT, Commit.OK]
+    after = store.get(ALICE, "c")
+    assert after is not None and (after.state, after.version) == (b"theirs", 2)
+    assert [h.step for h in store.history(ALICE, "c", 10)] == [1]
+    assert store.idempotency(ALICE, "c2", time.time()) is None
+    moved = store.get(ALICE, "o")
+    assert moved is not None and (moved.state, moved.version) == (b"o2", 3)
+    # A gone session's later items are refused too, and a later transaction starts afresh.
+    gone = [CommitItem(stepped(session("nope")), 1), CommitItem(stepped(session("nope")), 2)]
+    assert store.commit_many(gone) == [Commit.GONE, Commit.CONFLICT]
+    assert store.commit_many([CommitItem(stepped(after, b"next"), 2, row(2))]) == [Commit.OK]
+
+
 def test_a_taken_idempotency_key_is_a_conflict(store: SessionStore) -> None:
     assert store.create(session("s1"), idem("k")) is Commit.OK
     assert store.create(session("s2"), idem("k")) is Commit.CONFLICT
