@@ -1,44 +1,31 @@
-"""Sessions, executed in a worker process: load → compute → commit, with the store's
-compare-and-set.
+"""Sessions in a worker process: create, restore, read, patch, delete, and the entry to steps.
 
 Every function here returns an ``Answer``: the status, the JSON body as bytes and the headers,
-exactly as they are stored for ``Idempotency-Key`` replays. A commit that finds the version
-moved (another request, another replica) reads again and recomputes on the newer state; one
-that finds its idempotency key taken replays the stored answer instead. So each step is
-applied once, in some serial order.
-
-A worker keeps the sessions it computed built (model and optimizer, on its device), keyed by
-the version it committed; it reloads one from the store only when the stored version is
-newer. Steps that arrive together for sessions of one signature run as one vmapped
-computation (``engine.batching``) and commit in one transaction.
+exactly as they are stored for ``Idempotency-Key`` replays. Steps, gradients and forwards go
+through ``rounds`` (chains that commit as a prefix, batched across sessions); built models
+are kept by ``cache`` (trusted only at a committed version); replays are ``idempotent``'s.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import orjson
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.engine import batching, models, optimizers, specs, state
+from service.engine import models, optimizers, specs, state
 from service.engine.limits import Limits
-from service.engine.step import Result, compute, encode_result
 from service.engine.tensors import decode, encode
 from service.errors import (
-    ComputeTimeout,
     Conflict,
     GradsvcError,
     InvalidInput,
-    KeyReused,
     NotFound,
-    OutOfMemory,
     PreconditionFailed,
     SpecError,
     TooManyRequests,
@@ -47,91 +34,18 @@ from service.errors import (
 )
 from service.store import (
     Commit,
-    CommitItem,
     Cursor,
     HistoryRow,
     SessionRecord,
     SessionStore,
 )
-from service.workers import devices
+from service.workers import devices, rounds
+from service.workers.cache import Built, BuiltCache
+from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso
 
 MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
-
-
-def replay(store: SessionStore, idem: Idem | None) -> Answer | None:
-    """The stored answer for this key, or None; KeyReused if the key named another request."""
-    if idem is None:
-        return None
-    record = store.idempotency(idem.owner, idem.key, time.time())
-    if record is None:
-        return None
-    if record.fingerprint != idem.fingerprint:
-        raise KeyReused(
-            "this Idempotency-Key was used for a different request; use a new key for a new request"
-        )
-    return Answer(record.status, record.body, json.loads(record.headers), replayed=True)
-
-
-def remembered(store: SessionStore, idem: Idem | None, compute: Callable[[], Answer]) -> Answer:
-    """An answer that changes no session, stored under its Idempotency-Key (if it has one)."""
-    for _ in range(MAX_ATTEMPTS):
-        if (stored := replay(store, idem)) is not None:
-            return stored
-        answer = compute()
-        if idem is None or store.remember(idem.record(answer)):
-            return answer
-    raise GradsvcError("could not store the answer")  # pragma: no cover
-
-
-@dataclass
-class Built:
-    """A session's model and optimizer, built, at the store version they stand for."""
-
-    version: int
-    spec: specs.SessionSpec
-    model: models.Model
-    optimizer: torch.optim.Optimizer
-
-
-@dataclass
-class _Prepared:
-    index: int
-    job: RunJob
-    record: SessionRecord
-    built: Built
-    inputs: models.Inputs
-
-    def entry(self) -> batching.Entry:
-        optimizer = self.built.optimizer if self.job.kind == "step" else None
-        return batching.Entry(self.built.model, optimizer, self.inputs, self.job.request.batch.y)
-
-
-R = TypeVar("R")
-P = ParamSpec("P")
-log = logging.getLogger("gradsvc.worker")
-
-
-def guarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | GradsvcError:
-    """``fn``'s result, or the problem it amounts to: the domain error it raised, 507 for a
-    device out of memory (the worker stays up), 500 for a bug (logged with its traceback)."""
-    try:
-        return fn(*args, **kwargs)
-    except GradsvcError as exc:
-        return exc
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return OutOfMemory("the device ran out of memory for this request: send a smaller batch")
-    except MemoryError:
-        return OutOfMemory("the worker ran out of memory for this request: send a smaller batch")
-    except Exception:
-        log.exception("computation failed")
-        return GradsvcError("the computation failed inside the service; this is a bug")
-
-
-def _timed_out() -> ComputeTimeout:
-    return ComputeTimeout("the request ran past the compute timeout; nothing was changed")
 
 
 class Sessions:
@@ -149,8 +63,7 @@ class Sessions:
         self.limits = limits
         self.max_per_owner = max_per_owner
         self.device = device
-        self.cache_size = cache_size
-        self.cache: OrderedDict[str, Built] = OrderedDict()
+        self.cache = BuiltCache(cache_size)
         self.batching = batching
         self.steps = 0
         """steps committed, since drain_steps() last asked"""
@@ -161,9 +74,9 @@ class Sessions:
         steps, self.steps = self.steps, 0
         return steps
 
-    def check_free(self, session_id: str, holder: str | None = None) -> None:
+    def check_free(self, record: SessionRecord, holder: str | None = None) -> None:
         """Conflict if a training job other than ``holder`` holds the session."""
-        job = self.held.get(session_id)
+        job = self.held.get(record.id)
         if job is not None and job != holder:
             raise Conflict(
                 f"training job {job} holds this session; wait for it, or cancel it with "
@@ -231,9 +144,9 @@ class Sessions:
     def read(self, owner: str, session_id: str) -> Answer:
         """GET /v1/sessions/{id}: the session and its ETag."""
         record = self.fetch(owner, session_id)
-        return self._answer(200, self.view(record), record)
+        return self.answer(200, self.view(record), record)
 
-    def _answer(self, status: int, body: dict[str, Any], record: SessionRecord) -> Answer:
+    def answer(self, status: int, body: dict[str, Any], record: SessionRecord) -> Answer:
         headers = {"ETag": etag(record)}
         if status == 201:
             headers["Location"] = f"/v1/sessions/{record.id}"
@@ -296,7 +209,7 @@ class Sessions:
                 now,
                 now,
             )
-            answer = self._answer(201, self.view(record), record)
+            answer = self.answer(201, self.view(record), record)
             outcome = self.store.create(
                 record, idem.record(answer) if idem else None, self.max_per_owner
             )
@@ -331,227 +244,37 @@ class Sessions:
         return result
 
     def run_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
-        """Jobs in arrival order, each applied exactly as ``run`` would apply it alone.
-
-        They go in rounds: a round takes each session's earliest job not yet done, so one
-        session's jobs keep their order while different sessions' jobs share a round (and,
-        where their signatures match, one vmapped computation). A session's next round
-        starts from the state its last round left, not yet committed; then every round's
-        commits go to the store together, in order, in one transaction (a group commit), and
-        only then is anything answered. A job whose commit lost a race (another replica moved
-        the session) goes again, with the jobs after it on that session, on the newer state."""
-        results: list[Answer | GradsvcError | None] = [None] * len(jobs)
-        attempts = [0] * len(jobs)
-        pending = list(range(len(jobs)))
-        while pending:
-            staged: dict[str, SessionRecord] = {}
-            commits: list[tuple[_Prepared, Answer, CommitItem]] = []
-            again: list[int] = []
-            todo = pending
-            while todo:
-                current: list[int] = []
-                later: list[int] = []
-                seen: set[str] = set()
-                for i in todo:
-                    (later if jobs[i].session_id in seen else current).append(i)
-                    seen.add(jobs[i].session_id)
-                again += self._round(jobs, current, results, staged, commits)
-                todo = later
-            again += self._commit(commits, results)
-            for i in again:
-                attempts[i] += 1
-                if attempts[i] >= MAX_ATTEMPTS:  # pragma: no cover
-                    results[i] = GradsvcError("the session kept moving; gave up")
-            pending = sorted(i for i in set(again) if results[i] is None)
-        return [r if r is not None else GradsvcError("not computed") for r in results]
-
-    def _round(
-        self,
-        jobs: Sequence[RunJob],
-        indices: list[int],
-        results: list[Answer | GradsvcError | None],
-        staged: dict[str, SessionRecord],
-        commits: list[tuple[_Prepared, Answer, CommitItem]],
-    ) -> list[int]:
-        """One job per session: prepare, compute (grouped), stage the steps' commits. The
-        indices of jobs to go again (after this pass's commit) come back."""
-        ready: list[_Prepared] = []
-        again: list[int] = []
-        for i in indices:
-            job = jobs[i]
-            if job.kind != "step" and job.session_id in staged:
-                again.append(i)  # it must see the staged step committed: next pass
-                continue
-            try:
-                prepared = self._prepare(i, job, staged.get(job.session_id))
-            except GradsvcError as exc:
-                results[i] = exc
-                continue
-            if isinstance(prepared, Answer):
-                results[i] = prepared
-            else:
-                ready.append(prepared)
-        for prepared, outcome in self._computed(ready):
-            job = prepared.job
-            if isinstance(outcome, GradsvcError):
-                if job.kind == "step":
-                    self._evict(job.session_id)
-                    staged.pop(job.session_id, None)
-                results[prepared.index] = outcome
-                continue
-            answer, new, history = self._answered(prepared, outcome)
-            if new is None:  # gradients and forward change nothing
-                if job.idem is not None and not self.store.remember(job.idem.record(answer)):
-                    again.append(prepared.index)
-                else:
-                    results[prepared.index] = answer
-                continue
-            if time.time() > job.deadline:
-                self._evict(job.session_id)
-                staged.pop(job.session_id, None)
-                results[prepared.index] = _timed_out()
-                continue
-            idem = job.idem.record(answer) if job.idem else None
-            commits.append((prepared, answer, CommitItem(new, new.version, history, idem)))
-            staged[job.session_id] = replace(new, version=new.version + 1)
-            prepared.built.version = new.version + 1
-        return again
-
-    def _commit(
-        self,
-        commits: list[tuple[_Prepared, Answer, CommitItem]],
-        results: list[Answer | GradsvcError | None],
-    ) -> list[int]:
-        """The pass's staged steps, in one transaction; the jobs to go again come back."""
-        statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
-        again: list[int] = []
-        lost: set[str] = set()
-        for (prepared, answer, item), status in zip(commits, statuses, strict=True):
-            sid = prepared.job.session_id
-            if sid in lost:  # computed on a step that did not commit
-                again.append(prepared.index)
-            elif status is Commit.OK:
-                self.steps += 1
-                self._keep(sid, item.expected_version + 1, prepared.built)
-                results[prepared.index] = answer
-            else:
-                self._evict(sid)
-                lost.add(sid)
-                if status is Commit.GONE:
-                    results[prepared.index] = NotFound(f"no session {sid}")
-                else:
-                    again.append(prepared.index)
-        return again
-
-    def _prepare(
-        self, index: int, job: RunJob, staged: SessionRecord | None = None
-    ) -> _Prepared | Answer:
-        if time.time() > job.deadline:
-            raise _timed_out()
-        if (stored := replay(self.store, job.idem)) is not None:
-            return stored
-        record = staged or self.fetch(job.owner, job.session_id)
-        if job.kind == "step":
-            self.check_free(job.session_id, job.holder)
-        if job.if_match is not None and job.if_match != etag(record) and job.if_match != "*":
-            raise PreconditionFailed(
-                f"the session is at {etag(record)}, not {short(job.if_match)}: read it again"
-            )
-        built = self.load(record)
-        inputs = built.model.decode_inputs(job.request.batch.x, self.limits)
-        return _Prepared(index, job, record, built, inputs)
-
-    def _computed(
-        self, ready: list[_Prepared]
-    ) -> Iterator[tuple[_Prepared, Result | GradsvcError]]:
-        """Each prepared job with its result: like jobs as one batched call, the rest alone."""
-        groups: dict[Hashable, list[_Prepared]] = {}
-        for prepared in ready:
-            key = self._signature(prepared) if self.batching and len(ready) > 1 else None
-            groups.setdefault(key if key is not None else ("alone", prepared.index), []).append(
-                prepared
-            )
-        for group in groups.values():
-            if len(group) == 1:
-                yield group[0], guarded(self._compute_one, group[0])
-                continue
-            first = group[0]
-            entries = [p.entry() for p in group]
-            outcomes = guarded(
-                batching.run_group, first.job.kind, first.built.spec, entries, self.limits
-            )
-            if isinstance(outcomes, GradsvcError):
-                for prepared in group:
-                    yield prepared, outcomes
-            else:
-                yield from zip(group, outcomes, strict=True)
-
-    def _signature(self, prepared: _Prepared) -> Hashable | None:
-
-        request = prepared.job.request
-        explain = isinstance(request, specs.SessionGradientsRequest) and request.explain
-        return batching.signature(prepared.job.kind, prepared.built.spec, prepared.entry(), explain)
-
-    def _compute_one(self, prepared: _Prepared) -> Result:
-        job, built, record = prepared.job, prepared.built, prepared.record
-        spec = built.spec
-        return compute(
-            job.kind,
-            built.model,
-            prepared.inputs,
-            job.request.batch.y,
-            loss=spec.loss,
-            optimizer=built.optimizer,
-            clip_grad_norm=spec.optimizer.clip_grad_norm,
-            explain=isinstance(job.request, specs.SessionGradientsRequest) and job.request.explain,
-            seed=spec.model.seed + record.step,
-            limits=self.limits,
-        )
-
-    def _answered(
-        self, prepared: _Prepared, result: Result
-    ) -> tuple[Answer, SessionRecord | None, HistoryRow | None]:
-        job, record, built = prepared.job, prepared.record, prepared.built
-        b64 = job.request.encoding == "b64"
-        if job.kind != "step":
-            return self._answer(200, encode_result(result, b64, job.include), record), None, None
-        now = time.time()
-        data = state.dump(built.model, built.optimizer, {})
-        new = replace(record, state=data, step=record.step + 1, updated_at=now)
-        assert result.loss is not None and result.grad_norm is not None
-        history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
-        body = {"step": new.step, **encode_result(result, b64, job.include)}
-        return self._answer(200, body, replace(new, version=record.version + 1)), new, history
+        """Jobs in arrival order, each applied exactly as ``run`` would apply it alone (see
+        ``rounds``: per session a chain that commits as a prefix, batched across sessions)."""
+        return rounds.run_many(self, jobs)
 
     # -- the cache of built sessions --------------------------------------------------------
 
     def load(self, record: SessionRecord) -> Built:
-        cached = self.cache.get(record.id)
-        if cached is not None and cached.version == record.version:
-            self.cache.move_to_end(record.id)
+        """The session built at ``record``'s version: the cached one, or built and cached (the
+        record is the store's, so its version is committed)."""
+        key = (record.owner, record.id)
+        cached = self.cache.get(key, record.version)
+        if cached is not None:
             return cached
-        spec = self._spec(record)
-        model, optimizer = self._build(spec, record.state)
-        built = Built(record.version, spec, model, optimizer)
-        self._keep(record.id, record.version, built)
+        built = self._fresh(record)
+        self.cache.put(key, record.version, built)
         return built
 
-    def _keep(self, session_id: str, version: int, built: Built) -> None:
-        if self.cache_size <= 0:
-            return
-        built.version = version
-        self.cache[session_id] = built
-        self.cache.move_to_end(session_id)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+    def checkout(self, record: SessionRecord) -> Built:
+        """The session built at ``record``'s version, out of the cache: for steps, whose
+        commits decide whether it goes back (``rounds``)."""
+        cached = self.cache.checkout((record.owner, record.id), record.version)
+        return cached if cached is not None else self._fresh(record)
 
-    def _evict(self, session_id: str) -> None:
-        self.cache.pop(session_id, None)
+    def _fresh(self, record: SessionRecord) -> Built:
+        spec = self._spec(record)
+        model, optimizer = self._build(spec, record.state)
+        return Built(record.version, spec, model, optimizer)
 
     def delete(self, owner: str, session_id: str) -> None:
-        self.fetch(owner, session_id)
-        self.check_free(session_id)
-        self._evict(session_id)
+        self.check_free(self.fetch(owner, session_id))
+        self.cache.drop((owner, session_id))
         if not self.store.delete(owner, session_id):
             raise NotFound(f"no session {session_id}")
 
@@ -570,7 +293,7 @@ class Sessions:
     ) -> Answer:
         for _ in range(MAX_ATTEMPTS):
             record = self.fetch(owner, session_id)
-            self.check_free(session_id)
+            self.check_free(record)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"
@@ -590,11 +313,11 @@ class Sessions:
                 state=state.dump(model, optimizer, {}),
                 updated_at=time.time(),
             )
-            self._evict(session_id)
+            self.cache.drop((owner, session_id))
             outcome = self.store.commit(new, record.version)
             if outcome is Commit.OK:
                 new = replace(new, version=record.version + 1)
-                return self._answer(200, self.view(new), new)
+                return self.answer(200, self.view(new), new)
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover

@@ -115,7 +115,7 @@ class Trainer:
     ) -> dict[str, Any]:
         sessions = self.sessions
         record = sessions.fetch(owner, session_id)
-        sessions.check_free(session_id)
+        sessions.check_free(record)
         built = sessions.load(record)
         model = built.model
         try:

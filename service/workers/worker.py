@@ -333,7 +333,7 @@ class Worker:
         return out
 
     def _run_many(self, jobs: list[Job]) -> list[Answer | GradsvcError]:
-        from service.workers.sessions import guarded
+        from service.workers.compute import guarded
 
         run_jobs = [replace(job.args[0], deadline=job.deadline) for job in jobs]
         results = guarded(self.sessions.run_many, run_jobs)
@@ -347,7 +347,7 @@ class Worker:
         op = self.ops.get(job.op)
         if op is None:
             return GradsvcError(f"unknown operation {job.op!r}")
-        from service.workers.sessions import guarded
+        from service.workers.compute import guarded
 
         args = (*job.args, job.deadline) if job.op == "run_many" else job.args
         return guarded(op, *args)
@@ -360,7 +360,7 @@ class Worker:
         """Start a training job; under an Idempotency-Key, a retry gets the first job back."""
         import orjson
 
-        from service.workers.sessions import remembered
+        from service.workers.idempotent import remembered
 
         def started() -> Answer:
             view = self.trainer.start(owner, session_id, job_id, request)
@@ -372,7 +372,7 @@ class Worker:
         import orjson
 
         from service.engine.step import run
-        from service.workers.sessions import remembered
+        from service.workers.idempotent import remembered
 
         limits = self.sessions.limits
 

@@ -1,0 +1,254 @@
+"""A worker's session jobs, run in rounds and committed as a prefix of each session's chain.
+
+Jobs that arrive together run in passes. In a pass, each session's jobs form a ``Chain`` in
+arrival order, keyed by (owner, session): one key's job can never start from another key's
+staged state. Round r runs the r-th link of every chain still going; links of different
+sessions that share a signature run as one vmapped call (``compute.computed``). A step's new
+state is staged, not committed, and the chain's next link starts from it. After the last
+round, every staged step of the pass goes to the store in one transaction (a group commit),
+which commits each session's items as a prefix (``SessionStore.commit_many``).
+
+A chain stops, and its remaining links go to the next pass (where they start from the state
+the store holds), when a link
+- fails (an error, a non-finite result, its deadline): nothing after it is committed on the
+  strength of a pass that had a failure in it;
+- is a read (gradients, forward) behind staged steps: a read sees committed state only, since
+  its answer may be stored under its Idempotency-Key at once.
+
+A result computed on staged state stands only if that state commits: when a chain's k-th
+staged step is refused (another writer moved the session, its key was taken, its deadline
+passed), every link computed on it or later is run again, on the newer state. A session's
+built model is checked out of the cache while its steps are staged, and goes back, stamped
+with the version committed, only when all of them committed and no failed step touched it.
+Nothing is answered before its commit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from service.engine import state
+from service.engine.step import Result, encode_result
+from service.errors import ComputeTimeout, GradsvcError, NotFound, PreconditionFailed, short
+from service.store import Commit, CommitItem, HistoryRow, SessionRecord
+from service.workers.cache import Built, SessionKey
+from service.workers.compute import Prepared, computed
+from service.workers.idempotent import replay
+from service.workers.jobs import Answer, RunJob, etag
+
+if TYPE_CHECKING:
+    from service.workers.sessions import Sessions
+
+MAX_RETRIES = 100
+Outcome = Answer | GradsvcError
+
+
+def timed_out() -> ComputeTimeout:
+    return ComputeTimeout("the request ran past the compute timeout; nothing was changed")
+
+
+@dataclass
+class Staged:
+    """A computed step waiting for the pass's commit."""
+
+    index: int
+    answer: Answer
+    item: CommitItem
+
+
+@dataclass
+class Chain:
+    """One session's jobs in this pass: those still to run, and what the run so far left."""
+
+    key: SessionKey
+    todo: deque[int] = field(default_factory=deque)
+    record: SessionRecord | None = None
+    """the state after the last staged step (None until the chain has read the store)"""
+    built: Built | None = None
+    """the model, checked out of the cache, once a step is under way"""
+    base: int = 0
+    """the committed version ``built`` was at when checked out"""
+    staged: list[Staged] = field(default_factory=list)
+    settled: list[tuple[int, int]] = field(default_factory=list)
+    """(job index, staged steps it was computed on) of links answered without a commit"""
+    stopped: bool = False
+    tainted: bool = False
+    """a failed or uncommitted step may have changed ``built``'s tensors"""
+
+    def stop(self, index: int | None = None) -> None:
+        """No more links this pass; ``index`` (a link not run) goes first in the next."""
+        if index is not None:
+            self.todo.appendleft(index)
+        self.stopped = True
+
+
+class Pass:
+    """One pass over pending jobs: rounds, then one group commit."""
+
+    def __init__(
+        self, sessions: Sessions, jobs: Sequence[RunJob], results: list[Outcome | None]
+    ) -> None:
+        self.sessions, self.jobs, self.results = sessions, jobs, results
+        self.retried: list[int] = []
+
+    def run(self, pending: list[int]) -> list[int]:
+        """Run ``pending`` (job indices in arrival order); the indices for the next pass."""
+        chains: dict[SessionKey, Chain] = {}
+        for i in pending:
+            key = (self.jobs[i].owner, self.jobs[i].session_id)
+            chains.setdefault(key, Chain(key)).todo.append(i)
+        while links := [(c, c.todo.popleft()) for c in chains.values() if c.todo and not c.stopped]:
+            self._round(links)
+        self._commit(list(chains.values()))
+        return [i for chain in chains.values() for i in chain.todo]
+
+    # -- a round ----------------------------------------------------------------------------
+
+    def _round(self, links: list[tuple[Chain, int]]) -> None:
+        ready: dict[int, tuple[Chain, Prepared]] = {}
+        for chain, i in links:
+            if self.jobs[i].kind != "step" and chain.staged:
+                chain.stop(i)
+                continue
+            try:
+                prepared = self._prepare(chain, i)
+            except GradsvcError as exc:
+                self._fail(chain, i, exc, touched=False)
+                continue
+            if isinstance(prepared, Answer):
+                self._settle(chain, i, prepared)
+            else:
+                ready[i] = (chain, prepared)
+        sessions = self.sessions
+        prepared_jobs = [p for _, p in ready.values()]
+        for prepared, result in computed(prepared_jobs, sessions.limits, sessions.batching):
+            chain, job = ready[prepared.index][0], prepared.job
+            if isinstance(result, GradsvcError):
+                self._fail(chain, prepared.index, result, touched=job.kind == "step")
+            elif job.kind != "step":
+                self._read_done(chain, prepared, result)
+            elif time.time() > job.deadline:
+                self._fail(chain, prepared.index, timed_out(), touched=True)
+            else:
+                self._stage(chain, prepared, result)
+
+    def _prepare(self, chain: Chain, i: int) -> Prepared | Answer:
+        job, sessions = self.jobs[i], self.sessions
+        if time.time() > job.deadline:
+            raise timed_out()
+        if (stored := replay(sessions.store, job.idem)) is not None:
+            return stored
+        record = chain.record or sessions.fetch(job.owner, job.session_id)
+        chain.record = record
+        if job.kind == "step":
+            sessions.check_free(record, job.holder)
+        if job.if_match is not None and job.if_match not in (etag(record), "*"):
+            raise PreconditionFailed(
+                f"the session is at {etag(record)}, not {short(job.if_match)}: read it again"
+            )
+        built = chain.built
+        if built is None and job.kind == "step":
+            built = chain.built = sessions.checkout(record)
+            chain.base = record.version
+        elif built is None:
+            built = sessions.load(record)
+        inputs = built.model.decode_inputs(job.request.batch.x, sessions.limits)
+        return Prepared(i, job, record, built, inputs)
+
+    def _fail(self, chain: Chain, i: int, error: GradsvcError, *, touched: bool) -> None:
+        self.results[i] = error
+        chain.settled.append((i, len(chain.staged)))
+        chain.stop()
+        chain.tainted = chain.tainted or touched
+
+    def _settle(self, chain: Chain, i: int, answer: Answer) -> None:
+        self.results[i] = answer
+        chain.settled.append((i, len(chain.staged)))
+
+    def _read_done(self, chain: Chain, prepared: Prepared, result: Result) -> None:
+        job = prepared.job
+        answer = self.sessions.answer(
+            200, encode_result(result, job.request.encoding == "b64", job.include), prepared.record
+        )
+        if job.idem is not None and not self.sessions.store.remember(job.idem.record(answer)):
+            self.retried.append(prepared.index)  # the same key was answered meanwhile: replay
+            chain.stop(prepared.index)
+        else:
+            self._settle(chain, prepared.index, answer)
+
+    def _stage(self, chain: Chain, prepared: Prepared, result: Result) -> None:
+        job, record, built = prepared.job, prepared.record, prepared.built
+        now = time.time()
+        new = replace(
+            record,
+            state=state.dump(built.model, built.optimizer, {}),
+            step=record.step + 1,
+            updated_at=now,
+        )
+        committed = replace(new, version=record.version + 1)
+        assert result.loss is not None and result.grad_norm is not None
+        history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
+        body = {
+            "step": new.step,
+            **encode_result(result, job.request.encoding == "b64", job.include),
+        }
+        answer = self.sessions.answer(200, body, committed)
+        idem = job.idem.record(answer) if job.idem else None
+        item = CommitItem(new, record.version, history, idem)
+        chain.staged.append(Staged(prepared.index, answer, item))
+        chain.record = committed
+
+    # -- the group commit -------------------------------------------------------------------
+
+    def _commit(self, chains: list[Chain]) -> None:
+        now = time.time()
+        for chain in chains:  # a caller past its deadline has been told 504: commit nothing
+            late = [k for k, s in enumerate(chain.staged) if now > self.jobs[s.index].deadline]
+            if late:
+                self._cut(chain, late[0], timed_out())
+        items = [s.item for chain in chains for s in chain.staged]
+        outcomes = iter(self.sessions.store.commit_many(items) if items else [])
+        for chain in chains:
+            statuses = [next(outcomes) for _ in chain.staged]
+            done = next((k for k, s in enumerate(statuses) if s is not Commit.OK), len(statuses))
+            for staged in chain.staged[:done]:
+                self.results[staged.index] = staged.answer
+            self.sessions.steps += done
+            if done < len(statuses):
+                gone = statuses[done] is Commit.GONE
+                self._cut(chain, done, NotFound(f"no session {chain.key[1]}") if gone else None)
+            if chain.built is not None and not chain.tainted:
+                self.sessions.cache.put(chain.key, chain.base + done, chain.built)
+
+    def _cut(self, chain: Chain, k: int, error: GradsvcError | None) -> None:
+        """Staged step k will not commit: it ends with ``error`` (or runs again), and every
+        link computed on it runs again."""
+        rerun = [s.index for s in chain.staged[k:]] + [i for i, b in chain.settled if b > k]
+        if error is not None:
+            self.results[rerun.pop(0)] = error
+        for i in rerun:
+            self.results[i] = None
+        self.retried += rerun
+        chain.todo.extend(rerun)
+        chain.staged = chain.staged[:k]
+        chain.tainted = True
+
+
+def run_many(sessions: Sessions, jobs: Sequence[RunJob]) -> list[Outcome]:
+    """Jobs in arrival order, each applied exactly as it would be alone, one at a time."""
+    results: list[Outcome | None] = [None] * len(jobs)
+    retries = [0] * len(jobs)
+    pending = list(range(len(jobs)))
+    while pending:
+        one = Pass(sessions, jobs, results)
+        again = one.run(pending)
+        for i in one.retried:
+            retries[i] += 1
+            if retries[i] >= MAX_RETRIES:  # pragma: no cover
+                results[i] = GradsvcError("the session kept moving; gave up")
+        pending = sorted(i for i in set(again) if results[i] is None)
+    return [r if r is not None else GradsvcError("not computed") for r in results]
