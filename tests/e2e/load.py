@@ -1,0 +1,161 @@
+"""A bounded load of single and bulk steps on a few sessions, from several client threads,
+recorded for the history checker (``tests.checker``).
+
+Every request carries Idempotency-Keys and is retried with the same keys, on any of the
+servers, until its answer is definitive: 200 (acknowledged) or a 4xx that changes nothing.
+Some items are bad on purpose (a non-finite result, a wrong shape): a session's later steps
+in the same request must start from its last applied step, not from the failed one.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from tests.checker import Checker
+
+LR = 0.05
+FEATURES = 3
+SESSION = {
+    "model": {"type": "linear", "in_features": FEATURES, "out_features": 1, "dtype": "float64"},
+    "loss": "mse",
+    "optimizer": {"type": "sgd", "lr": LR},
+}
+RETRYABLE = {409, 429, 502, 503, 504}
+"""409 here: the same key still in flight elsewhere; the rest say to come back"""
+
+
+@dataclass
+class Load:
+    servers: Sequence[str]
+    sessions: int = 4
+    clients: int = 8
+    bulk: float = 0.4
+    """the share of requests that are ``POST /v1/sessions/step`` with 2 to 6 items"""
+    bad: float = 0.15
+    """the share of steps (single or items) that are bad on purpose"""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    checker: Checker = field(default_factory=lambda: Checker(LR))
+    ids: list[str] = field(default_factory=list)
+    retries: int = 0
+
+    def create(self, seed: int = 0) -> None:
+        with httpx.Client(base_url=self.servers[0], timeout=30, headers=self.headers) as http:
+            for n in range(self.sessions):
+                spec = {**SESSION, "model": {**SESSION["model"], "seed": seed + n}}
+                created = http.post("/v1/sessions", json=spec)
+                assert created.status_code == 201, created.text
+                body = created.json()
+                self.ids.append(body["id"])
+                self.checker.created(body["id"], body["params"])
+
+    def run(self, seconds: float) -> None:
+        """Drive the load for ``seconds`` (then let every started request finish)."""
+        stop = time.monotonic() + seconds
+        threads = [
+            threading.Thread(target=self._client, args=(stop, random.Random(n)), daemon=True)
+            for n in range(self.clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 120)
+            assert not t.is_alive(), "a load client did not finish"
+
+    def _client(self, stop: float, rng: random.Random) -> None:
+        https = [httpx.Client(base_url=s, timeout=30, headers=self.headers) for s in self.servers]
+        try:
+            while time.monotonic() < stop:
+                if rng.random() < self.bulk:
+                    self._bulk(https, rng)
+                else:
+                    self._single(https, rng)
+        finally:
+            for http in https:
+                http.close()
+
+    def _batch(self, rng: random.Random) -> dict[str, Any]:
+        rows = rng.randint(1, 4)
+        x = [[rng.uniform(-1, 1) for _ in range(FEATURES)] for _ in range(rows)]
+        y = [[rng.uniform(-1, 1)] for _ in range(rows)]
+        if rng.random() < self.bad:
+            if rng.random() < 0.5:
+                y[0][0] = 1e308  # the loss overflows: 422 non-finite
+            else:
+                x[0] = x[0][:-1]  # ragged: 422
+        return {"x": x, "y": y}
+
+    def _single(self, https: list[httpx.Client], rng: random.Random) -> None:
+        session = rng.choice(self.ids)
+        body = {"batch": self._batch(rng)}
+        key = uuid.uuid4().hex
+        answer = self._send(https, rng, f"/v1/sessions/{session}/step", body, key)
+        if answer is None:
+            return
+        if answer.status_code == 200:
+            self.checker.acknowledged(session, answer.json())
+        else:
+            self.checker.refused()
+
+    def _bulk(self, https: list[httpx.Client], rng: random.Random) -> None:
+        items = [
+            {"session": rng.choice(self.ids), "batch": self._batch(rng), "idempotency_key": k}
+            for k in (uuid.uuid4().hex for _ in range(rng.randint(2, 6)))
+        ]
+        body = {"items": items, "include": ["params", "grads", "loss"]}
+        todo = list(range(len(items)))
+        for _ in range(200):
+            answer = self._send(https, rng, "/v1/sessions/step", body, None)
+            if answer is None:
+                return
+            if answer.status_code != 200:
+                for _ in todo:
+                    self.checker.refused()
+                return
+            again = []
+            for i, item in enumerate(answer.json()["items"]):
+                if i not in todo:
+                    continue
+                if item["status"] == 200:
+                    self.checker.acknowledged(item["session"], item)
+                elif item["status"] in RETRYABLE:
+                    again.append(i)
+                else:
+                    self.checker.refused()
+            if not again:
+                return
+            self.retries += 1
+            todo = again
+            body = {**body, "items": [items[i] for i in todo]}
+            items = body["items"]
+            todo = list(range(len(items)))
+            time.sleep(0.05)
+        raise AssertionError("a bulk request never got a definitive answer")
+
+    def _send(
+        self,
+        https: list[httpx.Client],
+        rng: random.Random,
+        path: str,
+        body: dict[str, Any],
+        key: str | None,
+    ) -> httpx.Response | None:
+        headers = {"Idempotency-Key": key} if key else {}
+        for _ in range(400):
+            http = rng.choice(https)
+            try:
+                answer = http.post(path, json=body, headers=headers)
+            except httpx.TransportError:
+                answer = None
+            if answer is not None and answer.status_code not in RETRYABLE:
+                return answer
+            self.retries += 1
+            time.sleep(0.05)
+        raise AssertionError(f"{path} never got a definitive answer")
