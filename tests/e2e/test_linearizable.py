@@ -118,3 +118,42 @@ def test_one_busy_worker_batching_steps_with_failures_among_them(pair: list[Serv
     load.create(seed=300)
     load.run(FAULT_SOAK)
     checked(load, f"one server, per-request steps batched, {FAULT_SOAK:g} s")
+
+
+def test_another_keys_steps_in_the_same_batch_never_touch_a_session(tmp_path: Path) -> None:
+    """Bob steps Alice's session while she does, in the same worker batches (a 20 ms window):
+    every one of his is a 404, and her history is exactly her acknowledged steps."""
+    alice, bob = "alice-" + uuid.uuid4().hex, "bob-" + uuid.uuid4().hex
+    store = f"sqlite:///{tmp_path / 'owners.db'}"
+    args = ("--api-keys", f"{alice},{bob}", "--batch-window-ms", "20", "--rate-limit", "0")
+    with Server("--store", store, "--devices", "cpu", *args) as server:
+        load = Load([server.url], sessions=2, clients=4, bulk=0.3, bad=0.1)
+        load.headers = {"Authorization": f"Bearer {alice}"}
+        load.create(seed=400)
+        answers: list[int] = []
+
+        def intruder(n: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                auth = {"Authorization": f"Bearer {bob}"}
+                for i in range(60):
+                    session = load.ids[(n + i) % len(load.ids)]
+                    batch = {"x": [[0.5, 0.5, 0.5]], "y": [[100.0]]}
+                    if i % 3:
+                        sent = http.post(
+                            f"/v1/sessions/{session}/step", json={"batch": batch}, headers=auth
+                        )
+                        answers.append(sent.status_code)
+                    else:
+                        items = [{"session": session, "batch": batch}] * 2
+                        sent = http.post("/v1/sessions/step", json={"items": items}, headers=auth)
+                        assert sent.status_code == 200, sent.text
+                        answers.extend(item["status"] for item in sent.json()["items"])
+
+        intruders = [threading.Thread(target=intruder, args=(n,)) for n in range(4)]
+        for t in intruders:
+            t.start()
+        load.run(FAULT_SOAK / 2)
+        for t in intruders:
+            t.join(60)
+        assert answers and set(answers) == {404}
+        checked(load, f"another key's steps in the same batches ({len(answers)} tries)")
