@@ -20,8 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.workers.messages import Info
 from service.workers.pool import WorkerPool
-from service.workers.worker import Info
 
 access = logging.getLogger("gradsvc.access")
 MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"

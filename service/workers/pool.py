@@ -1,7 +1,7 @@
-"""The worker pool, as the API process sees it: spawn, route, bound, time, restart.
+"""The worker pool, as the API process sees it: route, bound, time; one method per operation.
 
-- One spawned process per entry of the device layout (``devices.layout``), each talking to
-  the pool over its own socket; the event loop reads and writes them without threads.
+- One worker process per entry of the device layout (``devices.layout``), each behind a
+  ``WorkerHandle`` that spawns and restarts it.
 - A session's jobs always go to the same worker (crc32 of its id), so its model stays built
   there and its jobs keep their order; other jobs go to the least loaded worker.
 - Each worker takes at most ``queue_size`` jobs at a time; beyond that a caller gets 503 with
@@ -9,8 +9,8 @@
 - A job gets ``compute_timeout`` seconds. The worker itself refuses to commit past the
   deadline, so a 504 leaves the session unchanged; a worker that has not answered shortly
   after is killed and restarted.
-- A worker that dies (killed, crashed, lost its device) fails its jobs with 503, and is
-  started again; its sessions reload from the store, where everything acknowledged is.
+- The routes call one typed method per operation (``read``, ``step_many``, ...); each sends
+  one message of ``service.workers.messages`` through ``_call``, the only way to a worker.
 """
 
 from __future__ import annotations
@@ -19,188 +19,27 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
-import pickle
-import socket
-import struct
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from service.config import Settings
-from service.errors import ComputeTimeout, Unavailable
-from service.workers import devices, worker
-from service.workers.worker import Info, Job, WorkerConfig
+from service.engine import specs
+from service.engine.specs import Kind
+from service.errors import ComputeTimeout, GradsvcError, Unavailable
+from service.store import Cursor, HistoryRow, SessionRecord
+from service.workers import devices
+from service.workers import messages as m
+from service.workers.handle import WorkerHandle, WorkerStats
+from service.workers.jobs import Answer, Idem, RunJob
+from service.workers.messages import Info, Job
+from service.workers.worker import WorkerConfig
 
 log = logging.getLogger("gradsvc.pool")
 GRACE = 2.0
 """Seconds past its deadline that a job's worker gets to say so before it is recycled."""
-MAX_BACKOFF = 30.0
-_SMALL = struct.Struct("!i")
-_LARGE = struct.Struct("!Q")
-
-
-class _Channel(asyncio.Protocol):
-    """multiprocessing.Connection's framing (a 4-byte big-endian length, or -1 and 8 bytes),
-    read and written by the event loop."""
-
-    def __init__(self, on_message: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
-        self.on_message, self.on_lost = on_message, on_lost
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        while len(buf) >= 4:
-            (size,) = _SMALL.unpack_from(buf)
-            start = 4
-            if size == -1:
-                if len(buf) < 12:
-                    return
-                (size,) = _LARGE.unpack_from(buf, 4)
-                start = 12
-            if len(buf) < start + size:
-                return
-            payload = bytes(buf[start : start + size])
-            del buf[: start + size]
-            self.on_message(pickle.loads(payload))  # from our own worker, never a client
-
-    def send(self, message: Any) -> None:
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        size = len(payload)
-        head = _SMALL.pack(size) if size <= 0x7FFFFFFF else _SMALL.pack(-1) + _LARGE.pack(size)
-        assert self.transport is not None
-        self.transport.write(head + payload if size < 65536 else head)
-        if size >= 65536:
-            self.transport.write(payload)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.on_lost()
-
-
-@dataclass
-class WorkerStats:
-    index: int
-    device: str
-    pid: int | None
-    state: str
-    queue_depth: int
-    sessions_held: int
-    requests_done: int
-    restarts: int
-
-
-class WorkerHandle:
-    def __init__(self, pool: WorkerPool, index: int, config: WorkerConfig) -> None:
-        self.pool, self.index, self.config = pool, index, config
-        self.state = "starting"
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.done = 0
-        self.restarts = 0
-        self.held = 0
-        self.pid: int | None = None
-        self.process: Any = None
-        self.channel: _Channel | None = None
-        self.started_at = 0.0
-        self.up = asyncio.Event()
-
-    async def spawn(self) -> None:
-        loop = asyncio.get_running_loop()
-        mine, theirs = socket.socketpair()
-        mine.setblocking(False)  # uvloop keeps a socket's mode: a blocking write would stall
-        process = self.pool.context.Process(
-            target=worker.main,
-            args=(theirs, self.config),
-            name=f"gradsvc-worker-{self.index}",
-            daemon=True,
-        )
-        process.start()
-        theirs.close()
-        self.process, self.state, self.pid = process, "starting", None
-        self.started_at = time.monotonic()
-        self.up.clear()
-        _, channel = await loop.connect_accepted_socket(
-            lambda: _Channel(self._received, lambda: None), mine
-        )
-        self.channel = channel
-        loop.add_reader(process.sentinel, self._exited)
-
-    def send(self, job: Job) -> None:
-        assert self.channel is not None
-        self.channel.send(job)
-
-    def _received(self, message: tuple[int, bool, Any, Info]) -> None:
-        job_id, ok, value, info = message
-        if job_id == 0:
-            self.pid, self.state = value, "up"
-            self.up.set()
-            log.info("worker %d up on %s (pid %d)", self.index, self.config.device, value)
-            return
-        self.held = info.held
-        self.done += 1
-        if self.pool.observer is not None:
-            self.pool.observer(info)
-        future = self.pending.get(job_id)
-        if future is None or future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def _exited(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.process.sentinel)
-        self.process.join(0)
-        code = self.process.exitcode
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.close()
-        self.channel = None
-        lost = Unavailable(
-            f"the worker computing this request stopped (exit status {code}); nothing was "
-            "committed for it: retry"
-        )
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(lost)
-        self.pending.clear()
-        self.up.clear()
-        if self.pool.closing:
-            self.state = "stopped"
-            return
-        self.state = "restarting"
-        self.restarts += 1
-        lived = time.monotonic() - self.started_at
-        # A worker that dies as it starts (an unreachable store, say) is retried ever slower.
-        delay = 0.0 if lived > 10 else min(MAX_BACKOFF, 0.5 * 2 ** min(self.restarts, 6))
-        log.warning("worker %d exited with %s; restarting in %.1f s", self.index, code, delay)
-        loop.call_later(delay, lambda: loop.create_task(self._respawn()))
-
-    async def _respawn(self) -> None:
-        if not self.pool.closing:
-            await self.spawn()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            self.state = "restarting"  # not ready from now, not only once the exit is seen
-            self.process.kill()
-
-    def stats(self) -> WorkerStats:
-        return WorkerStats(
-            self.index,
-            self.config.device,
-            self.pid,
-            self.state,
-            len(self.pending),
-            self.held,
-            self.done,
-            self.restarts,
-        )
+R = TypeVar("R")
 
 
 class WorkerPool:
@@ -263,8 +102,94 @@ class WorkerPool:
         order = self.workers[start:] + self.workers[:start]
         return min(order, key=lambda w: (w.state != "up", len(w.pending)))
 
-    async def call(self, op: str, *args: Any, key: str | None = None) -> Any:
-        """Run ``op`` in a worker and return what it returns (or raise what it raised)."""
+    # -- the operations ---------------------------------------------------------------------
+
+    async def stateless(self, kind: Kind, body: specs.ForwardRequest, idem: Idem | None) -> Answer:
+        return await self._call(m.Stateless(kind, body, idem), None)
+
+    async def create(
+        self, owner: str, session_id: str, body: specs.SessionCreate, idem: Idem | None
+    ) -> Answer:
+        return await self._call(m.Create(owner, session_id, body, idem), session_id)
+
+    async def restore(self, owner: str, session_id: str, data: bytes, idem: Idem | None) -> Answer:
+        return await self._call(m.Restore(owner, session_id, data, idem), session_id)
+
+    async def read(self, owner: str, session_id: str) -> Answer:
+        return await self._call(m.Read(owner, session_id), session_id)
+
+    async def page(
+        self, owner: str, limit: int, after: Cursor | None
+    ) -> tuple[list[dict[str, Any]], SessionRecord | None]:
+        """A page of the owner's sessions, from any worker: all of them read the store."""
+        return await self._call(m.Page(owner, limit, after), None)
+
+    async def patch(
+        self, owner: str, session_id: str, body: specs.SessionPatch, if_match: str | None
+    ) -> Answer:
+        return await self._call(m.Patch(owner, session_id, body, if_match), session_id)
+
+    async def delete(self, owner: str, session_id: str) -> None:
+        await self._call(m.Delete(owner, session_id), session_id)
+
+    async def history(
+        self, owner: str, session_id: str, limit: int, after: int
+    ) -> list[HistoryRow]:
+        return await self._call(m.History(owner, session_id, limit, after), session_id)
+
+    async def checkpoint(self, owner: str, session_id: str) -> tuple[bytes, SessionRecord]:
+        return await self._call(m.Checkpoint(owner, session_id), session_id)
+
+    async def run(self, job: RunJob) -> Answer:
+        return await self._call(m.Run(job), job.session_id)
+
+    async def step_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
+        """Many sessions' steps, answered in the order given: one ``RunMany`` to each worker
+        that owns some of the sessions, all sent at once. A worker that fails (a full queue,
+        a restart) answers each of its steps with that error; the others stand."""
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(self.route(job.session_id).index, []).append(i)
+        answers: list[Answer | GradsvcError] = [GradsvcError("not computed")] * len(jobs)
+
+        async def run(indices: list[int]) -> None:
+            group = tuple(jobs[i] for i in indices)
+            results: list[Answer | GradsvcError]
+            try:
+                results = await self._call(m.RunMany(group), group[0].session_id)
+            except GradsvcError as exc:
+                results = [exc] * len(indices)
+            for i, result in zip(indices, results, strict=True):
+                answers[i] = result
+
+        await asyncio.gather(*(run(indices) for indices in groups.values()))
+        return answers
+
+    async def train(
+        self,
+        owner: str,
+        session_id: str,
+        job_id: str,
+        request: specs.TrainRequest,
+        idem: Idem | None,
+    ) -> Answer:
+        return await self._call(m.Train(owner, session_id, job_id, request, idem), session_id)
+
+    async def job(self, owner: str, job_id: str, key: str) -> dict[str, Any]:
+        """A training job, from the worker of its session ``key``."""
+        return await self._call(m.JobView(owner, job_id), key)
+
+    async def cancel(self, owner: str, job_id: str, key: str) -> dict[str, Any]:
+        return await self._call(m.Cancel(owner, job_id), key)
+
+    async def ping(self, key: str | None = None) -> int:
+        """The pid of the worker that answers for ``key``."""
+        return await self._call(m.Ping(), key)
+
+    # -- the one way to a worker ------------------------------------------------------------
+
+    async def _call(self, message: m.Message[R], key: str | None) -> R:
+        """Have the worker for ``key`` answer ``message``; raise what it raised."""
         if self.draining or self.closing:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", retry_after=5
@@ -275,11 +200,11 @@ class WorkerPool:
         if len(handle.pending) >= self.queue_size:
             raise Unavailable("this worker's queue is full; retry shortly")
         job_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         handle.pending[job_id] = future
         deadline = time.time() + self.timeout
         try:
-            handle.send(Job(job_id, op, args, deadline, len(handle.pending)))
+            handle.send(Job(job_id, message, deadline, len(handle.pending)))
             try:
                 return await asyncio.wait_for(asyncio.shield(future), self.timeout)
             except TimeoutError:

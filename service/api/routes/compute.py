@@ -28,7 +28,7 @@ class Compute:
 
     async def __call__(self, kind: Kind, body: specs.ForwardRequest) -> Response:
         async with self.inflight.hold(self.idem):
-            return respond(await self.pool.call("stateless", kind, body, self.idem))
+            return respond(await self.pool.stateless(kind, body, self.idem))
 
 
 async def _compute(pool: PoolDep, idem: IdemDep, inflight: InFlightDep) -> Compute:

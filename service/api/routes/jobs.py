@@ -56,12 +56,15 @@ class Jobs:
         while len(self.known) > REMEMBERED:
             self.known.popitem(last=False)
 
-    async def view(self, pool: WorkerPool, owner: str, job_id: str, op: str = "job") -> Any:
+    async def view(
+        self, pool: WorkerPool, owner: str, job_id: str, cancel: bool = False
+    ) -> dict[str, Any]:
         known = self.known.get(job_id)
         if known is None or known.owner != owner:
             raise NotFound(f"no job {job_id}")
         try:
-            view = await pool.call(op, owner, job_id, key=known.session)
+            ask = pool.cancel if cancel else pool.job
+            view = await ask(owner, job_id, known.session)
         except NotFound:  # its worker restarted: what was committed stays, the job is over
             view = known.last
             if view["status"] not in FINISHED:
@@ -113,9 +116,7 @@ async def train(
 ) -> Response:
     job_id = "j_" + secrets.token_urlsafe(16)
     async with inflight.hold(idem):
-        answer = await pool.call(
-            "train", owner, checked(session_id), job_id, body, idem, key=session_id
-        )
+        answer = await pool.train(owner, checked(session_id), job_id, body, idem)
     jobs.add(owner, orjson.loads(answer.body))
     if not answer.replayed:
         request.app.state.metrics.jobs.labels("started").inc()
@@ -139,7 +140,7 @@ async def job(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep) 
     summary="Cancel a training job; the session keeps its last completed step",
 )
 async def cancel(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep) -> Any:
-    return await jobs.view(pool, owner, job_id, op="cancel")
+    return await jobs.view(pool, owner, job_id, cancel=True)
 
 
 @router.get(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -79,7 +78,7 @@ async def create(
 ) -> Response:
     session_id = new_id()  # made here, so that the session's own worker makes it
     async with inflight.hold(idem):
-        return respond(await pool.call("create", owner, session_id, body, idem, key=session_id))
+        return respond(await pool.create(owner, session_id, body, idem))
 
 
 @router.post(
@@ -105,7 +104,7 @@ async def restore(
     data = await request.body()
     session_id = new_id()
     async with inflight.hold(idem):
-        return respond(await pool.call("restore", owner, session_id, data, idem, key=session_id))
+        return respond(await pool.restore(owner, session_id, data, idem))
 
 
 @router.post(
@@ -135,34 +134,23 @@ async def step_many(
 ) -> Response:
     answers: list[Answer | GradsvcError | None] = [None] * len(body.items)
     include = frozenset(body.include)
-    groups: dict[int, list[int]] = {}
-    jobs: list[RunJob | None] = []
+    jobs: dict[int, RunJob] = {}
     for i, item in enumerate(body.items):
         key = item.idempotency_key or (f"{idem.key}#{i}" if idem else None)
         try:
             session_id = checked(item.session)
         except NotFound as exc:
             answers[i] = exc
-            jobs.append(None)
             continue
         request = specs.SessionGradientsRequest.model_construct(
             batch=item.batch, encoding=body.encoding, explain=False
         )
         item_idem = _item_idem(owner, key, item)
-        jobs.append(RunJob("step", owner, session_id, request, item_idem, include=include))
-        groups.setdefault(pool.route(session_id).index, []).append(i)
-
-    async def run(indices: list[int]) -> None:
-        group = [jobs[i] for i in indices]
-        try:
-            results = await pool.call("run_many", group, key=body.items[indices[0]].session)
-        except GradsvcError as exc:
-            results = [exc] * len(indices)
-        for i, result in zip(indices, results, strict=True):
-            answers[i] = result
-
+        jobs[i] = RunJob("step", owner, session_id, request, item_idem, include=include)
     async with inflight.hold(idem):
-        await asyncio.gather(*(run(indices) for indices in groups.values()))
+        results = await pool.step_many(list(jobs.values()))
+    for i, result in zip(jobs, results, strict=True):
+        answers[i] = result
     items = [
         _item(item.session, answer, include, i)
         for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
@@ -220,7 +208,7 @@ async def list_sessions(
         ):
             raise _bad_cursor()
         after = (float(value[0]), value[1])
-    items, last = await pool.call("page", owner, limit, after)
+    items, last = await pool.page(owner, limit, after)
     return {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
 
 
@@ -231,7 +219,7 @@ async def list_sessions(
     summary="A session",
 )
 async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    return respond(await pool.call("read", owner, checked(session_id), key=session_id))
+    return respond(await pool.read(owner, checked(session_id)))
 
 
 @router.patch(
@@ -247,15 +235,14 @@ async def patch(
     pool: PoolDep,
     if_match: IfMatch = None,
 ) -> Response:
-    answer = await pool.call("patch", owner, checked(session_id), body, if_match, key=session_id)
-    return respond(answer)
+    return respond(await pool.patch(owner, checked(session_id), body, if_match))
 
 
 @router.delete(
     "/{session_id}", status_code=204, responses=responses(404, 503), summary="Delete a session"
 )
 async def delete(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    await pool.call("delete", owner, checked(session_id), key=session_id)
+    await pool.delete(owner, checked(session_id))
     return Response(status_code=204)
 
 
@@ -275,7 +262,7 @@ class SessionCall:
     ) -> Response:
         job = RunJob(kind, self.owner, checked(session_id), body, self.idem, if_match)
         async with self.inflight.hold(self.idem):
-            answer = await self.pool.call("run", job, key=session_id)
+            answer = await self.pool.run(job)
         return respond(answer)
 
 
@@ -353,7 +340,7 @@ async def history(
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise _bad_cursor()
         after = value
-    rows = await pool.call("history", owner, checked(session_id), limit + 1, after, key=session_id)
+    rows = await pool.history(owner, checked(session_id), limit + 1, after)
     items = [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
         for r in rows[:limit]
@@ -374,7 +361,7 @@ async def history(
     summary="Download the session as a safetensors file",
 )
 async def checkpoint(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
-    data, record = await pool.call("checkpoint", owner, checked(session_id), key=session_id)
+    data, record = await pool.checkpoint(owner, checked(session_id))
     filename = f"{record.id}-step{record.step}.safetensors"
     return Response(
         data,

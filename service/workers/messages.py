@@ -1,0 +1,211 @@
+"""The protocol between the pool and its workers: one message per operation, typed.
+
+A message is a frozen description of what to do, from a closed set (``Request``), with the
+arguments the API has already validated: never code, never a name looked up at runtime.
+Each one says what it is answered with, ``Message[R]``, so that the pool's typed methods
+(``WorkerPool.read`` and the rest) are checked end to end: the route gets the type the
+worker's operation returns. ``Job`` is the envelope that carries a message to a worker,
+``Reply`` the one that carries its answer back.
+
+No torch here: the API process imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from service.engine import specs
+from service.engine.specs import Kind
+from service.errors import GradsvcError
+from service.store import Cursor, HistoryRow, SessionRecord
+from service.workers.jobs import Answer, Idem, RunJob
+
+R = TypeVar("R", covariant=True)
+
+
+class Message(Generic[R]):
+    """An operation a worker performs for the pool, answered with an ``R``."""
+
+
+@dataclass(frozen=True)
+class Stateless(Message[Answer]):
+    """``POST /v1/forward``, ``/gradients``, ``/step``: nothing is kept."""
+
+    kind: Kind
+    body: specs.ForwardRequest
+    idem: Idem | None
+
+
+@dataclass(frozen=True)
+class Create(Message[Answer]):
+    owner: str
+    session_id: str
+    body: specs.SessionCreate
+    idem: Idem | None
+
+
+@dataclass(frozen=True)
+class Restore(Message[Answer]):
+    """A new session from a checkpoint file (its bytes, as uploaded)."""
+
+    owner: str
+    session_id: str
+    data: bytes
+    idem: Idem | None
+
+
+@dataclass(frozen=True)
+class Read(Message[Answer]):
+    owner: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Page(Message[tuple[list[dict[str, Any]], SessionRecord | None]]):
+    """A page of the owner's sessions as views, and the last one if more follow."""
+
+    owner: str
+    limit: int
+    after: Cursor | None
+
+
+@dataclass(frozen=True)
+class Patch(Message[Answer]):
+    owner: str
+    session_id: str
+    body: specs.SessionPatch
+    if_match: str | None
+
+
+@dataclass(frozen=True)
+class Delete(Message[None]):
+    owner: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class History(Message[list[HistoryRow]]):
+    owner: str
+    session_id: str
+    limit: int
+    after: int
+
+
+@dataclass(frozen=True)
+class Checkpoint(Message[tuple[bytes, SessionRecord]]):
+    """The session as a safetensors file, and the record it was made from."""
+
+    owner: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Run(Message[Answer]):
+    """A step, gradients or forward on one session; the worker may batch it with others."""
+
+    job: RunJob
+
+
+@dataclass(frozen=True)
+class RunMany(Message[list[Answer | GradsvcError]]):
+    """Steps on sessions that share one worker, sent as one (``POST /v1/sessions/step``);
+    each is answered on its own, in order."""
+
+    jobs: tuple[RunJob, ...]
+
+
+@dataclass(frozen=True)
+class Train(Message[Answer]):
+    owner: str
+    session_id: str
+    job_id: str
+    request: specs.TrainRequest
+    idem: Idem | None
+
+
+@dataclass(frozen=True)
+class JobView(Message[dict[str, Any]]):
+    """A training job as ``GET /v1/jobs/{id}`` shows it."""
+
+    owner: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Cancel(Message[dict[str, Any]]):
+    """Stop a training job; answered with its view."""
+
+    owner: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Ping(Message[int]):
+    """Answered with the worker's pid."""
+
+
+Request = (
+    Stateless
+    | Create
+    | Restore
+    | Read
+    | Page
+    | Patch
+    | Delete
+    | History
+    | Checkpoint
+    | Run
+    | RunMany
+    | Train
+    | JobView
+    | Cancel
+    | Ping
+)
+"""Every message a worker answers."""
+
+
+@dataclass
+class Job:
+    """A message on its way to a worker."""
+
+    id: int
+    message: Message[Any]
+    deadline: float
+    """time.time() after which the worker must not commit for it"""
+    outstanding: int = 1
+    """How many jobs the pool had sent this worker and not had answered, this one included:
+    a hint that more are on their way, worth waiting a batch window for."""
+    received: float = 0.0
+    """time.monotonic() when the worker read it"""
+
+
+@dataclass
+class Info:
+    """What an answer tells the pool besides the answer, for its metrics."""
+
+    held: int = 0
+    """sessions this worker keeps built"""
+    wait: float = 0.0
+    """seconds the job waited in this worker before it ran"""
+    compute: float = 0.0
+    """seconds its computation took (its batch's, when batched)"""
+    batch: int = 1
+    """jobs computed together with it, itself included"""
+    steps: int = 0
+    """session steps committed since the last answer"""
+    store: list[tuple[str, float]] | None = None
+    """store calls since the last answer: (operation, seconds)"""
+    jobs: list[str] | None = None
+    """training jobs that ended since the last answer, by how they ended"""
+
+
+@dataclass
+class Reply:
+    """A job's answer: its result when ``ok``, else the ``GradsvcError`` to raise. Job 0 is
+    the worker saying it is up (its value: the pid)."""
+
+    job_id: int
+    ok: bool
+    value: Any
+    info: Info
