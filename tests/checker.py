@@ -10,7 +10,8 @@ each session's history and final state from the service and checks, per session:
   previous acknowledged step (the first: the session's initial parameters). With plain SGD
   the update is reported exactly: before = ``params`` + lr · ``grads``, compared in float64
   to 1e-12;
-- the session's final parameters are the last acknowledged answer's.
+- the session's final parameters are the last acknowledged answer's, and its version is
+  its creation's plus one per step (no change was committed that is not a step).
 
 Clients must give every request an Idempotency-Key and retry the ambiguous outcomes (a
 transport error, 503, 504, 409 in flight) with the same key until the answer is definitive,
@@ -135,6 +136,8 @@ class Checker:
             as_params(final["params"]), before
         ):
             violations.append(f"{session}: final state is not the last acknowledged step's")
+        if final["version"] != 1 + len(history):
+            violations.append(f"{session}: version {final['version']} after {len(history)} steps")
         return len(steps)
 
 

@@ -26,20 +26,25 @@ log = logging.getLogger("gradsvc.worker")
 
 
 def guarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | GradsvcError:
-    """``fn``'s result, or the problem it amounts to: the domain error it raised, 507 for a
-    device out of memory (the worker stays up), 500 for a bug (logged with its traceback)."""
+    """``fn``'s result, or the problem its exception amounts to (``problem``)."""
     try:
         return fn(*args, **kwargs)
-    except GradsvcError as exc:
+    except Exception as exc:
+        return problem(exc)
+
+
+def problem(exc: Exception) -> GradsvcError:
+    """The domain error an exception amounts to: itself, 507 for a device out of memory (the
+    worker stays up), 500 for a bug (logged with its traceback)."""
+    if isinstance(exc, GradsvcError):
         return exc
-    except torch.cuda.OutOfMemoryError:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
         return OutOfMemory("the device ran out of memory for this request: send a smaller batch")
-    except MemoryError:
+    if isinstance(exc, MemoryError):
         return OutOfMemory("the worker ran out of memory for this request: send a smaller batch")
-    except Exception:
-        log.exception("computation failed")
-        return GradsvcError("the computation failed inside the service; this is a bug")
+    log.error("computation failed", exc_info=exc)
+    return GradsvcError("the computation failed inside the service; this is a bug")
 
 
 @dataclass

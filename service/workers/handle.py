@@ -127,8 +127,9 @@ class WorkerHandle:
             self.channel.transport.close()
         self.channel = None
         lost = Unavailable(
-            f"the worker computing this request stopped (exit status {code}); nothing was "
-            "committed for it: retry"
+            f"the worker computing this request stopped (exit status {code}) before it "
+            "answered: retry with the same Idempotency-Key (a change it had already committed "
+            "is then answered, not applied again)"
         )
         for future in self.pending.values():
             if not future.done():

@@ -214,8 +214,11 @@ class WorkerPool:
             except TimeoutError:
                 log.warning("worker %d is stuck past a deadline; recycling it", handle.index)
                 handle.kill()
+                # Past the grace the worker is stuck in one computation or store call; whatever
+                # it had committed before was answered already (it answers as it goes).
                 raise ComputeTimeout(
-                    f"the computation took longer than {self.timeout:g} s; nothing was changed"
+                    f"the computation took longer than {self.timeout:g} s and was stopped; a "
+                    "retry with the same Idempotency-Key answers it if it was applied"
                 ) from None
         finally:
             handle.pending.pop(job_id, None)

@@ -20,23 +20,36 @@ staged step is refused (another writer moved the session, its key was taken, its
 passed), every link computed on it or later is run again, on the newer state. A session's
 built model is checked out of the cache while its steps are staged, and goes back, stamped
 with the version committed, only when all of them committed and no failed step touched it.
-Nothing is answered before its commit.
+Nothing is answered before its commit, and each job is reported (``on_done``) as soon as
+its pass has settled it, so a committed step's answer never waits behind later work.
+
+When a pass fails part-way (store trouble, a bug), what it had settled stands and the rest
+of its jobs end with the problem. When ``commit_many`` itself fails, its outcome is unknown:
+the pass reads each session's history to learn which staged steps committed; those it cannot
+confirm either way end 503, and a retry under the same Idempotency-Key tells the caller.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from service.engine import state
 from service.engine.step import Result, encode_result
-from service.errors import ComputeTimeout, GradsvcError, NotFound, PreconditionFailed, short
+from service.errors import (
+    ComputeTimeout,
+    GradsvcError,
+    NotFound,
+    PreconditionFailed,
+    Unavailable,
+    short,
+)
 from service.store import Commit, CommitItem, HistoryRow, SessionRecord
 from service.workers.cache import Built, SessionKey
-from service.workers.compute import Prepared, computed
+from service.workers.compute import Prepared, computed, problem
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, RunJob, etag
 
@@ -49,6 +62,14 @@ Outcome = Answer | GradsvcError
 
 def timed_out() -> ComputeTimeout:
     return ComputeTimeout("the request ran past the compute timeout; nothing was changed")
+
+
+def unconfirmed() -> Unavailable:
+    return Unavailable(
+        "the store did not confirm this step's commit: retry with the same Idempotency-Key to "
+        "get its answer if it was applied",
+        retry_after=1,
+    )
 
 
 @dataclass
@@ -94,10 +115,12 @@ class Pass:
     ) -> None:
         self.sessions, self.jobs, self.results = sessions, jobs, results
         self.retried: list[int] = []
+        self.chains: dict[SessionKey, Chain] = {}
+        self.committed = False
 
     def run(self, pending: list[int]) -> list[int]:
         """Run ``pending`` (job indices in arrival order); the indices for the next pass."""
-        chains: dict[SessionKey, Chain] = {}
+        chains = self.chains
         for i in pending:
             key = (self.jobs[i].owner, self.jobs[i].session_id)
             chains.setdefault(key, Chain(key)).todo.append(i)
@@ -105,6 +128,18 @@ class Pass:
             self._round(links)
         self._commit(list(chains.values()))
         return [i for chain in chains.values() for i in chain.todo]
+
+    def abort(self, pending: list[int], error: GradsvcError) -> None:
+        """The pass failed part-way with ``error``: what it settled on committed state, and
+        what it committed, stand; every other job of the pass ends with ``error``."""
+        if not self.committed:
+            for chain in self.chains.values():
+                for i, basis in chain.settled:
+                    if basis > 0:
+                        self.results[i] = error
+        for i in pending:
+            if self.results[i] is None:
+                self.results[i] = error
 
     # -- a round ----------------------------------------------------------------------------
 
@@ -211,7 +246,12 @@ class Pass:
             if late:
                 self._cut(chain, late[0], timed_out())
         items = [s.item for chain in chains for s in chain.staged]
-        outcomes = iter(self.sessions.store.commit_many(items) if items else [])
+        outcomes: Iterator[Commit | None]
+        try:
+            outcomes = iter(self.sessions.store.commit_many(items) if items else [])
+        except Exception:
+            outcomes = iter([s for chain in chains for s in self._confirmed(chain)])
+        self.committed = True
         for chain in chains:
             statuses = [next(outcomes) for _ in chain.staged]
             done = next((k for k, s in enumerate(statuses) if s is not Commit.OK), len(statuses))
@@ -219,17 +259,44 @@ class Pass:
                 self.results[staged.index] = staged.answer
             self.sessions.steps += done
             if done < len(statuses):
-                gone = statuses[done] is Commit.GONE
-                self._cut(chain, done, NotFound(f"no session {chain.key[1]}") if gone else None)
+                status = statuses[done]
+                if status is None:
+                    self._cut(chain, done, unconfirmed(), every=True)
+                elif status is Commit.GONE:
+                    self._cut(chain, done, NotFound(f"no session {chain.key[1]}"))
+                else:
+                    self._cut(chain, done, None)
             if chain.built is not None and not chain.tainted:
                 self.sessions.cache.put(chain.key, chain.base + done, chain.built)
 
-    def _cut(self, chain: Chain, k: int, error: GradsvcError | None) -> None:
-        """Staged step k will not commit: it ends with ``error`` (or runs again), and every
-        link computed on it runs again."""
-        rerun = [s.index for s in chain.staged[k:]] + [i for i, b in chain.settled if b > k]
-        if error is not None:
-            self.results[rerun.pop(0)] = error
+    def _confirmed(self, chain: Chain) -> list[Commit | None]:
+        """After a failed ``commit_many``: which of the chain's staged steps the store holds
+        (their history rows are written with them), OK or CONFLICT; None where it cannot say."""
+        if not chain.staged:
+            return []
+        first = chain.staged[0].item.history
+        assert first is not None
+        try:
+            rows = self.sessions.store.history(*chain.key, len(chain.staged), first.step - 1)
+        except Exception:
+            return [None] * len(chain.staged)
+        held = set(rows)
+        return [Commit.OK if s.item.history in held else Commit.CONFLICT for s in chain.staged]
+
+    def _cut(self, chain: Chain, k: int, error: GradsvcError | None, every: bool = False) -> None:
+        """Staged step k did not commit: it ends with ``error`` (or runs again), and every link
+        computed on it runs again. ``every``: whether k and the steps after it committed is
+        unknown, so none of them may run again (that could apply one twice): all end with
+        ``error``."""
+        after = [s.index for s in chain.staged[k:]]
+        rerun = [i for i, basis in chain.settled if basis > k]
+        if every:
+            for i in after:
+                self.results[i] = error
+        else:
+            rerun = after + rerun
+            if error is not None:
+                self.results[rerun.pop(0)] = error
         for i in rerun:
             self.results[i] = None
         self.retried += rerun
@@ -238,17 +305,32 @@ class Pass:
         chain.tainted = True
 
 
-def run_many(sessions: Sessions, jobs: Sequence[RunJob]) -> list[Outcome]:
-    """Jobs in arrival order, each applied exactly as it would be alone, one at a time."""
+def run_many(
+    sessions: Sessions,
+    jobs: Sequence[RunJob],
+    on_done: Callable[[int, Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Jobs in arrival order, each applied exactly as it would be alone, one at a time.
+    ``on_done(i, outcome)`` is called for each job as soon as its outcome is final."""
     results: list[Outcome | None] = [None] * len(jobs)
+    reported = [False] * len(jobs)
     retries = [0] * len(jobs)
     pending = list(range(len(jobs)))
     while pending:
         one = Pass(sessions, jobs, results)
-        again = one.run(pending)
+        try:
+            again = one.run(pending)
+        except Exception as exc:  # store trouble outside a commit, or a bug
+            one.abort(pending, problem(exc))
+            again = []
         for i in one.retried:
             retries[i] += 1
             if retries[i] >= MAX_RETRIES:  # pragma: no cover
                 results[i] = GradsvcError("the session kept moving; gave up")
         pending = sorted(i for i in set(again) if results[i] is None)
+        for i in range(len(jobs)):
+            if (result := results[i]) is not None and not reported[i]:
+                reported[i] = True
+                if on_done is not None:
+                    on_done(i, result)
     return [r if r is not None else GradsvcError("not computed") for r in results]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -243,10 +243,15 @@ class Sessions:
             raise result
         return result
 
-    def run_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
+    def run_many(
+        self,
+        jobs: Sequence[RunJob],
+        on_done: Callable[[int, Answer | GradsvcError], None] | None = None,
+    ) -> list[Answer | GradsvcError]:
         """Jobs in arrival order, each applied exactly as ``run`` would apply it alone (see
-        ``rounds``: per session a chain that commits as a prefix, batched across sessions)."""
-        return rounds.run_many(self, jobs)
+        ``rounds``: per session a chain that commits as a prefix, batched across sessions);
+        ``on_done`` hears of each as soon as it is final."""
+        return rounds.run_many(self, jobs, on_done)
 
     # -- the cache of built sessions --------------------------------------------------------
 

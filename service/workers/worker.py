@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -116,14 +117,15 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 first = inbox.get()
             if first is None:
                 break
-            replies = worker.execute(worker.gather(first, inbox))
-            for n, reply in enumerate(replies):
+
+            def send(reply: Reply) -> None:
                 info = reply.info
                 info.held = len(sessions.cache)
-                if n == 0:
-                    info.store, info.steps = store.drain(), sessions.drain_steps()
-                    info.jobs = trainer.drain_finished()
+                info.store, info.steps = store.drain(), sessions.drain_steps()
+                info.jobs = trainer.drain_finished()
                 inbox.send(reply)
+
+            worker.execute(worker.gather(first, inbox), send)
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
@@ -140,6 +142,21 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+class _Group:
+    """Jobs computed together, each answered once, with the group's timings."""
+
+    def __init__(self, jobs: list[Job], send: Callable[[Reply], None]) -> None:
+        self.jobs, self.send = jobs, send
+        self.start = time.monotonic()
+        self.answered: set[int] = set()
+
+    def reply(self, job: Job, result: Any) -> None:
+        self.answered.add(job.id)
+        took = time.monotonic() - self.start
+        info = Info(wait=self.start - job.received, compute=took, batch=len(self.jobs))
+        self.send(Reply(job.id, not isinstance(result, GradsvcError), result, info))
 
 
 class Worker:
@@ -173,35 +190,40 @@ class Worker:
                 break
         return jobs
 
-    def execute(self, jobs: list[Job]) -> list[Reply]:
-        """Replies in job order. Consecutive ``Run`` jobs go to the sessions runner together
-        (it keeps each session's order and batches across sessions)."""
-        out: list[Reply] = []
+    def execute(self, jobs: list[Job], send: Callable[[Reply], None]) -> None:
+        """Every job answered through ``send``, each as soon as it is final (a committed
+        step's answer never waits behind later work: its caller's deadline runs). Consecutive
+        ``Run`` jobs go to the sessions runner together (it keeps each session's order and
+        batches across sessions)."""
         i = 0
         while i < len(jobs):
-            runs: list[tuple[Job, m.Run]] = []
+            runs: list[Job] = []
             for job in jobs[i:]:
                 if not isinstance(job.message, m.Run):
                     break
-                runs.append((job, job.message))
-            group = [job for job, _ in runs] or [jobs[i]]
-            start = time.monotonic()
-            results = self._run_many(runs) if runs else [self._one(jobs[i])]
-            took = time.monotonic() - start
-            for job, result in zip(group, results, strict=True):
-                info = Info(wait=start - job.received, compute=took, batch=len(group))
-                out.append(Reply(job.id, not isinstance(result, GradsvcError), result, info))
-            i += len(group)
-        return out
+                runs.append(job)
+            group = _Group(runs or [jobs[i]], send)
+            if runs:
+                self._run_many(group)
+            else:
+                group.reply(jobs[i], self._one(jobs[i]))
+            i += len(group.jobs)
 
-    def _run_many(self, runs: list[tuple[Job, m.Run]]) -> list[Answer | GradsvcError]:
+    def _run_many(self, group: _Group) -> None:
         from service.workers.compute import guarded
 
-        run_jobs = [replace(run.job, deadline=job.deadline) for job, run in runs]
-        results = guarded(self.sessions.run_many, run_jobs)
-        if isinstance(results, GradsvcError):
-            return [results] * len(runs)
-        return results
+        run_jobs = [
+            replace(job.message.job, deadline=job.deadline)
+            for job in group.jobs
+            if isinstance(job.message, m.Run)
+        ]
+        failed = guarded(
+            self.sessions.run_many, run_jobs, lambda i, result: group.reply(group.jobs[i], result)
+        )
+        if isinstance(failed, GradsvcError):  # run_many settles every job itself; a bug if not
+            for job in group.jobs:
+                if job.id not in group.answered:
+                    group.reply(job, failed)
 
     def _one(self, job: Job) -> Any:
         if time.time() > job.deadline:

@@ -1,10 +1,15 @@
 """A bounded load of single and bulk steps on a few sessions, from several client threads,
 recorded for the history checker (``tests.checker``).
 
-Every request carries Idempotency-Keys and is retried with the same keys, on any of the
-servers, until its answer is definitive: 200 (acknowledged) or a 4xx that changes nothing.
-Some items are bad on purpose (a non-finite result, a wrong shape): a session's later steps
-in the same request must start from its last applied step, not from the failed one.
+Most requests carry Idempotency-Keys and are retried with the same keys, on any of the
+servers, while the answer says to come back (a transport error, 409 in flight, 429, 503);
+any other answer is definitive: 200 is acknowledged, everything else (504 included) must
+have changed nothing. A share of steps go without a key and are sent once: any answer but
+200 counts as refused, so a step committed behind an error answer is a phantom the checker
+finds. (Under injected crashes that share is 0: a keyless step whose worker died after its
+commit cannot be told apart, which is why keys exist.) Some items are bad on purpose (a
+non-finite result, a wrong shape), and reads (gradients) are mixed in, which a worker must
+run on committed state only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ SESSION = {
     "loss": "mse",
     "optimizer": {"type": "sgd", "lr": LR},
 }
-RETRYABLE = {409, 429, 502, 503, 504}
+RETRYABLE = {409, 429, 502, 503}
 """409 here: the same key still in flight elsewhere; the rest say to come back"""
 
 
@@ -41,6 +46,10 @@ class Load:
     """the share of requests that are ``POST /v1/sessions/step`` with 2 to 6 items"""
     bad: float = 0.15
     """the share of steps (single or items) that are bad on purpose"""
+    keyless: float = 0.0
+    """the share of single steps sent once, without an Idempotency-Key"""
+    reads: float = 0.1
+    """the share of requests that are gradients (they change nothing)"""
     headers: Mapping[str, str] = field(default_factory=dict)
     checker: Checker = field(default_factory=lambda: Checker(LR))
     ids: list[str] = field(default_factory=list)
@@ -73,7 +82,10 @@ class Load:
         https = [httpx.Client(base_url=s, timeout=30, headers=self.headers) for s in self.servers]
         try:
             while time.monotonic() < stop:
-                if rng.random() < self.bulk:
+                draw = rng.random()
+                if draw < self.reads:
+                    self._read(https, rng)
+                elif draw < self.reads + self.bulk:
                     self._bulk(https, rng)
                 else:
                     self._single(https, rng)
@@ -92,14 +104,23 @@ class Load:
                 x[0] = x[0][:-1]  # ragged: 422
         return {"x": x, "y": y}
 
-    def _single(self, https: list[httpx.Client], rng: random.Random) -> None:
+    def _read(self, https: list[httpx.Client], rng: random.Random) -> None:
         session = rng.choice(self.ids)
         body = {"batch": self._batch(rng)}
-        key = uuid.uuid4().hex
-        answer = self._send(https, rng, f"/v1/sessions/{session}/step", body, key)
-        if answer is None:
-            return
-        if answer.status_code == 200:
+        answer = self._send(https, rng, f"/v1/sessions/{session}/gradients", body, None)
+        assert answer is not None and answer.status_code in (200, 422), answer
+
+    def _single(self, https: list[httpx.Client], rng: random.Random) -> None:
+        session = rng.choice(self.ids)
+        path, body = f"/v1/sessions/{session}/step", {"batch": self._batch(rng)}
+        if rng.random() < self.keyless:
+            try:
+                answer: httpx.Response | None = rng.choice(https).post(path, json=body)
+            except httpx.TransportError:
+                answer = None
+        else:
+            answer = self._send(https, rng, path, body, uuid.uuid4().hex)
+        if answer is not None and answer.status_code == 200:
             self.checker.acknowledged(session, answer.json())
         else:
             self.checker.refused()
@@ -110,32 +131,26 @@ class Load:
             for k in (uuid.uuid4().hex for _ in range(rng.randint(2, 6)))
         ]
         body = {"items": items, "include": ["params", "grads", "loss"]}
-        todo = list(range(len(items)))
         for _ in range(200):
             answer = self._send(https, rng, "/v1/sessions/step", body, None)
-            if answer is None:
-                return
+            assert answer is not None
             if answer.status_code != 200:
-                for _ in todo:
+                for _ in items:
                     self.checker.refused()
                 return
             again = []
-            for i, item in enumerate(answer.json()["items"]):
-                if i not in todo:
-                    continue
+            for sent, item in zip(items, answer.json()["items"], strict=True):
                 if item["status"] == 200:
                     self.checker.acknowledged(item["session"], item)
                 elif item["status"] in RETRYABLE:
-                    again.append(i)
+                    again.append(sent)
                 else:
                     self.checker.refused()
             if not again:
                 return
             self.retries += 1
-            todo = again
-            body = {**body, "items": [items[i] for i in todo]}
-            items = body["items"]
-            todo = list(range(len(items)))
+            items = again
+            body = {**body, "items": items}
             time.sleep(0.05)
         raise AssertionError("a bulk request never got a definitive answer")
 

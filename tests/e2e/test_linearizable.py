@@ -80,7 +80,7 @@ def midway(seconds: float, fault: object) -> threading.Thread:
 
 
 def test_two_writers_keep_every_session_linearizable(pair: list[Server]) -> None:
-    load = Load([s.url for s in pair])
+    load = Load([s.url for s in pair], keyless=0.3)
     load.create()
     load.run(SOAK)
     checked(load, f"two writers, {SOAK:g} s")
@@ -114,7 +114,7 @@ def test_a_server_killed_midway_loses_and_invents_nothing(pair: list[Server]) ->
 def test_one_busy_worker_batching_steps_with_failures_among_them(pair: list[Server]) -> None:
     """Per-request steps only, to one server: its worker batches them (5 ms window), and
     the bad ones among them must not take a good one's place or drag a later one along."""
-    load = Load([pair[1].url], bulk=0.0, bad=0.25)
+    load = Load([pair[1].url], bulk=0.0, bad=0.25, keyless=0.3)
     load.create(seed=300)
     load.run(FAULT_SOAK)
     checked(load, f"one server, per-request steps batched, {FAULT_SOAK:g} s")
