@@ -141,7 +141,7 @@ class JobStore(Protocol):
     ) -> Commit:
         """At once: the session must be the owner's (GONE) and free (BUSY), the key free
         (CONFLICT), the owner under ``limit`` active jobs (FULL; 0: no limit); then the job
-        is written and holds its session."""
+        is written, from the step the session is at (``start_step``), and holds its session."""
         ...
 
     def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None: ...

@@ -44,7 +44,7 @@ local function idem_taken(key, ttl, created_at)
   return old and tonumber(old) + tonumber(ttl) > tonumber(created_at)
 end
 local idem = KEYS[5]
-local found = redis.call('HMGET', KEYS[1], 'owner', 'hold')
+local found = redis.call('HMGET', KEYS[1], 'owner', 'hold', 'step')
 if found[1] ~= ARGV[3] then return 2 end
 if found[2] and found[2] ~= '' then return 4 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
@@ -53,6 +53,7 @@ local limit = tonumber(ARGV[5])
 if limit > 0 and redis.call('SCARD', KEYS[4]) >= limit then return 3 end
 local n = tonumber(ARGV[7])
 redis.call('HSET', KEYS[2], unpack(ARGV, 8, 7 + n))
+redis.call('HSET', KEYS[2], 'start_step', found[3], 'step', found[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[1], 'hold', ARGV[4])

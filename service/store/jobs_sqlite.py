@@ -7,7 +7,7 @@ one call see no other writer in between) and calls these with its connection.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from service.store.base import ACTIVE, Commit, JobRecord, Progress
 
@@ -49,7 +49,7 @@ def purge(db: sqlite3.Connection, now: float) -> None:
 def create(db: sqlite3.Connection, job: JobRecord, key_taken: bool, limit: int) -> Commit:
     purge(db, job.created_at)
     row = db.execute(
-        "SELECT hold FROM sessions WHERE id = ? AND owner = ?", (job.session, job.owner)
+        "SELECT hold, step FROM sessions WHERE id = ? AND owner = ?", (job.session, job.owner)
     ).fetchone()
     if row is None:
         return Commit.GONE
@@ -63,6 +63,7 @@ def create(db: sqlite3.Connection, job: JobRecord, key_taken: bool, limit: int) 
         ).fetchone()
         if active >= limit:
             return Commit.FULL
+    job = replace(job, start_step=row[1], step=row[1])  # the step the session is at now
     marks = ", ".join("?" * len(_NAMES))
     db.execute(f"INSERT INTO jobs ({COLUMNS}) VALUES ({marks})", _values(job))
     db.execute("UPDATE sessions SET hold = ? WHERE id = ?", (job.id, job.session))

@@ -139,7 +139,8 @@ class MemoryStore:
             active = sum(j.owner == job.owner and j.status in ACTIVE for j in self._jobs.values())
             if limit and active >= limit:
                 return Commit.FULL
-            self._jobs[job.id] = job
+            # It starts from the step the session is at now, whatever the caller read.
+            self._jobs[job.id] = replace(job, start_step=session.step, step=session.step)
             self._sessions[job.session] = replace(session, hold=job.id)
             if idem is not None:
                 self._idem[(idem.owner, idem.key)] = idem

@@ -232,6 +232,7 @@ class WorkerPool:
                     max_batch=settings.max_batch,
                     session_cache=settings.session_cache,
                     max_train_steps=settings.max_train_steps,
+                    job_ttl=settings.job_ttl,
                     log_level=settings.log_level,
                 ),
             )

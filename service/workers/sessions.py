@@ -33,13 +33,13 @@ from service.engine.step import Result, compute, encode_result
 from service.engine.tensors import decode, encode
 from service.errors import (
     ComputeTimeout,
-    Conflict,
     GradsvcError,
     InvalidInput,
     KeyReused,
     NotFound,
     OutOfMemory,
     PreconditionFailed,
+    SessionBusy,
     SpecError,
     TooManyRequests,
     Unavailable,
@@ -154,21 +154,20 @@ class Sessions:
         self.batching = batching
         self.steps = 0
         """steps committed, since drain_steps() last asked"""
-        self.held: dict[str, str] = {}
-        """session id → the training job that holds it (in this worker)"""
 
     def drain_steps(self) -> int:
         steps, self.steps = self.steps, 0
         return steps
 
-    def check_free(self, session_id: str, holder: str | None = None) -> None:
-        """Conflict if a training job other than ``holder`` holds the session."""
-        job = self.held.get(session_id)
-        if job is not None and job != holder:
-            raise Conflict(
-                f"training job {job} holds this session; wait for it, or cancel it with "
-                f"DELETE /v1/jobs/{job}"
-            )
+    @staticmethod
+    def check_free(record: SessionRecord, holder: str | None = None) -> None:
+        """SessionBusy unless the session's hold is ``holder``'s (or both are none). The hold
+        lives in the session row, so this sees every replica's jobs; the store's
+        compare-and-set checks it again at the commit."""
+        if record.hold != holder:
+            if record.hold is None:
+                raise SessionBusy(f"training job {holder} no longer holds this session")
+            raise SessionBusy.held_by(record.hold)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -222,7 +221,7 @@ class Sessions:
             **spec,
             "step": record.step,
             "version": record.version,
-            "job": self.held.get(record.id),
+            "job": record.hold,
             "params": params,
             "created_at": iso(record.created_at),
             "updated_at": iso(record.updated_at),
@@ -412,7 +411,8 @@ class Sessions:
                 results[prepared.index] = _timed_out()
                 continue
             idem = job.idem.record(answer) if job.idem else None
-            commits.append((prepared, answer, CommitItem(new, new.version, history, idem)))
+            item = CommitItem(new, new.version, history, idem, holder=job.holder)
+            commits.append((prepared, answer, item))
             staged[job.session_id] = replace(new, version=new.version + 1)
             prepared.built.version = new.version + 1
         return again
@@ -452,7 +452,7 @@ class Sessions:
             return stored
         record = staged or self.fetch(job.owner, job.session_id)
         if job.kind == "step":
-            self.check_free(job.session_id, job.holder)
+            self.check_free(record, job.holder)
         if job.if_match is not None and job.if_match != etag(record) and job.if_match != "*":
             raise PreconditionFailed(
                 f"the session is at {etag(record)}, not {short(job.if_match)}: read it again"
@@ -549,11 +549,13 @@ class Sessions:
         self.cache.pop(session_id, None)
 
     def delete(self, owner: str, session_id: str) -> None:
-        self.fetch(owner, session_id)
-        self.check_free(session_id)
-        self._evict(session_id)
-        if not self.store.delete(owner, session_id):
-            raise NotFound(f"no session {session_id}")
+        for _ in range(MAX_ATTEMPTS):
+            self.check_free(self.fetch(owner, session_id))
+            self._evict(session_id)
+            if self.store.delete(owner, session_id):
+                return
+            # Refused: gone, or a job took the hold since the read; the next read says which.
+        raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 
     def history(self, owner: str, session_id: str, limit: int, after: int) -> list[HistoryRow]:
         self.fetch(owner, session_id)
@@ -570,7 +572,7 @@ class Sessions:
     ) -> Answer:
         for _ in range(MAX_ATTEMPTS):
             record = self.fetch(owner, session_id)
-            self.check_free(session_id)
+            self.check_free(record)
             if if_match is not None and if_match != etag(record) and if_match != "*":
                 raise PreconditionFailed(
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"
@@ -597,6 +599,7 @@ class Sessions:
                 return self._answer(200, self.view(new), new)
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
+            # CONFLICT or BUSY: read again (a hold is then refused by check_free)
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 
 

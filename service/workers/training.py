@@ -1,58 +1,90 @@
-"""Training jobs: many steps on one session, run by the session's own worker.
+"""Training jobs: started by the session's worker, run by any live worker, from the store.
 
-A job is decoded and checked when it is started (a bad dataset is a 422 then, not a failed
-job later), then advanced one mini-batch at a time whenever the worker has nothing else to
-do, so other sessions on the same worker keep being served. Every mini-batch is an ordinary
-step through the sessions runner: committed (with its history row) before the next one, so a
-crash or a cancel leaves the session at its last completed step. While a job runs it holds
-its session: other steps, patches and deletes get 409 naming the job.
+Starting (``Trainer.start``): the dataset is decoded and checked at once (a bad one is a 422
+before anything starts), then the job is created in the store in one atomic step with its
+session's hold and its Idempotency-Key, so on every replica the session is the job's and
+one key makes one job.
+
+Running (``Trainer.tick`` and ``advance``): between requests, any worker claims a runnable
+job (a queued one, or one whose runner's lease lapsed because it died), keeps the lease
+renewed and advances the job one mini-batch at a time, taking turns with its other jobs.
+Each mini-batch is an ordinary step through the sessions runner, committed with its history
+row before the next, with the job as holder (nobody else may commit the session meanwhile)
+and an If-Match on the version the runner last saw, so a runner that lost its lease cannot
+apply a mini-batch twice. The session's step is therefore the truth about progress:
+``steps_done = session.step - start_step``. A resumed job recomputes where it is from that
+and the epoch's order from ``seed + epoch`` alone, so it ends with exactly the parameters an
+uninterrupted run would have had. Cancelling sets a flag the runner sees at its next report;
+the session keeps its last completed step.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import math
+import os
+import secrets
+import socket
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import orjson
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from service.engine import losses, specs
 from service.engine.limits import Limits
-from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError
-from service.workers.jobs import RunJob, iso
-from service.workers.sessions import Sessions
+from service.errors import (
+    GradsvcError,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    SessionBusy,
+    ShapeError,
+    TooManyRequests,
+)
+from service.store import Commit, JobRecord, Progress, SessionRecord
+from service.workers.jobs import Answer, Idem, RunJob, etag, job_view
+from service.workers.sessions import MAX_ATTEMPTS, Sessions, guarded, replay
 
-KEEP_FINISHED = 1000
-"""Finished jobs remembered per worker, for GET /v1/jobs/{id} after the end."""
+LEASE_SECONDS = 10.0
+"""A runner that has not renewed its lease for this long is presumed dead."""
+RENEW_SECONDS = 3.0
+REPORT_SECONDS = 0.1
+"""How often a runner writes its progress (event streams show at most ten a second)."""
+CLAIM_SECONDS = 0.5
+"""How often a worker asks the store for a runnable job."""
+MAX_RUNS = 4
+"""Jobs one worker runs at once, a mini-batch each in turn."""
+log = logging.getLogger("gradsvc.worker")
 
 
 @dataclass
-class TrainingRun:
-    id: str
-    owner: str
-    session: str
-    inputs: dict[str, torch.Tensor]
-    y: torch.Tensor
+class Run:
+    """A job this worker holds the lease of, with its dataset decoded on the session's device."""
+
+    job: JobRecord
     epochs: int
     batch_size: int
     shuffle: bool
     seed: int
+    inputs: dict[str, torch.Tensor]
+    y: torch.Tensor
+    etag: str
     step: int
-    rows: int
-    status: str = "queued"
-    epoch: int = 0
-    """0-based index of the epoch under way"""
-    batch: int = 0
-    """0-based index of the next mini-batch in the epoch"""
-    steps_done: int = 0
+    renewed: float
+    """time.monotonic() of the last lease renewal"""
+    reported: float
     loss: float | None = None
-    error: dict[str, Any] | None = None
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
     order: torch.Tensor | None = None
+    order_epoch: int = -1
+
+    @property
+    def rows(self) -> int:
+        return int(self.y.shape[0])
 
     @property
     def batches(self) -> int:
@@ -63,42 +95,42 @@ class TrainingRun:
         return self.epochs * self.batches
 
     @property
-    def finished(self) -> bool:
-        return self.status in ("succeeded", "failed", "cancelled")
+    def steps_done(self) -> int:
+        return self.step - self.job.start_step
 
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "session": self.session,
-            "status": self.status,
-            "progress": self.steps_done / self.total_steps,
-            "epoch": min(self.epoch + 1, self.epochs),
-            "epochs": self.epochs,
-            "steps_done": self.steps_done,
-            "total_steps": self.total_steps,
-            "step": self.step,
-            "loss": self.loss,
-            "error": self.error,
-            "created_at": iso(self.created_at),
-            "updated_at": iso(self.updated_at),
-        }
+    def progress(self) -> Progress:
+        epoch, batch = divmod(self.steps_done, self.batches)
+        return Progress(epoch, batch, self.steps_done, self.step, self.loss)
 
     def next_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if self.batch == 0 or self.order is None:
+        """The next mini-batch: the epoch's order is a function of seed and epoch alone."""
+        epoch, batch = divmod(self.steps_done, self.batches)
+        if self.order is None or self.order_epoch != epoch:
             if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                generator = torch.Generator().manual_seed(self.seed + epoch)
                 self.order = torch.randperm(self.rows, generator=generator)
             else:
                 self.order = torch.arange(self.rows)
-        rows = self.order[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+            self.order_epoch = epoch
+        rows = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
         return {k: v[rows] for k, v in self.inputs.items()}, self.y[rows]
 
 
 class Trainer:
-    def __init__(self, sessions: Sessions, limits: Limits, max_steps: int) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        limits: Limits,
+        max_steps: int,
+        job_ttl: float,
+        max_jobs_per_key: int = 0,
+    ) -> None:
         self.sessions, self.limits, self.max_steps = sessions, limits, max_steps
-        self.runs: OrderedDict[str, TrainingRun] = OrderedDict()
-        self.active: list[str] = []
+        self.job_ttl, self.max_jobs_per_key = job_ttl, max_jobs_per_key
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.runs: dict[str, Run] = {}
+        self._turns = itertools.count()
+        self._next_claim = 0.0
         self.finished: list[str] = []
         """how jobs ended, since drain_finished() last asked"""
 
@@ -108,15 +140,74 @@ class Trainer:
 
     @property
     def busy(self) -> bool:
-        return bool(self.active)
+        return bool(self.runs)
+
+    # -- starting -----------------------------------------------------------------------------
 
     def start(
-        self, owner: str, session_id: str, job_id: str, request: specs.TrainRequest
-    ) -> dict[str, Any]:
-        sessions = self.sessions
-        record = sessions.fetch(owner, session_id)
-        sessions.check_free(session_id)
-        built = sessions.load(record)
+        self,
+        owner: str,
+        session_id: str,
+        job_id: str,
+        request: specs.TrainRequest,
+        idem: Idem | None = None,
+    ) -> Answer:
+        """Check the dataset and create the job; under an Idempotency-Key, a retry (on any
+        replica) gets the first job back."""
+        store = self.sessions.store
+        if (stored := replay(store, idem)) is not None:
+            return stored
+        record = self.sessions.fetch(owner, session_id)
+        self.sessions.check_free(record)
+        inputs, y = self._dataset(record, request)
+        total = request.epochs * math.ceil(int(y.shape[0]) / request.batch_size)
+        if total > self.max_steps:
+            raise InvalidInput(
+                f"the job would take {total} steps; one job may take "
+                f"{self.max_steps}: fewer epochs or larger batches",
+                loc=("epochs",),
+            )
+        spec = request.model_dump(include={"epochs", "batch_size", "shuffle", "seed"})
+        tensors = {f"x.{k}": v.detach().cpu().contiguous() for k, v in inputs.items()}
+        tensors["y"] = y.detach().cpu().contiguous()
+        now = time.time()
+        job = JobRecord(
+            job_id,
+            owner,
+            session_id,
+            json.dumps({**spec, "rows": int(y.shape[0])}),
+            save_tensors(tensors),
+            record.step,
+            now,
+            now,
+            step=record.step,
+        )
+        answer = Answer(202, orjson.dumps(job_view(job)), {"Location": f"/v1/jobs/{job_id}"})
+        for _ in range(MAX_ATTEMPTS):
+            outcome = store.create_job(
+                job, idem.record(answer) if idem else None, self.max_jobs_per_key
+            )
+            if outcome is Commit.OK:
+                self._next_claim = 0.0  # this worker may well be free to run it: look now
+                return answer
+            if outcome is Commit.GONE:
+                raise NotFound(f"no session {session_id}")
+            if outcome is Commit.FULL:
+                raise TooManyRequests(
+                    f"this key already has {self.max_jobs_per_key} active jobs, the limit: "
+                    "wait for one to end",
+                    retry_after=60,
+                )
+            if outcome is Commit.BUSY:
+                self.sessions.check_free(self.sessions.fetch(owner, session_id))
+            elif (stored := replay(store, idem)) is not None:
+                return stored
+        raise GradsvcError("could not create the job")  # pragma: no cover
+
+    def _dataset(
+        self, record: SessionRecord, request: specs.TrainRequest
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        built = self.sessions.load(record)
         model = built.model
         try:
             inputs = model.decode_inputs(request.dataset.x, self.limits)
@@ -134,95 +225,156 @@ class Trainer:
                 f"dimension (x: {sorted(str(r) for r in rows)}, y: {list(y.shape)})",
                 loc=("dataset",),
             )
-        run = TrainingRun(
-            job_id,
-            owner,
-            session_id,
-            {k: v.to(model.device) for k, v in inputs.items()},
-            y.to(model.device),
-            request.epochs,
-            request.batch_size,
-            request.shuffle,
-            request.seed,
-            record.step,
-            int(y.shape[0]),
-        )
-        if run.rows == 0:
+        if y.shape[0] == 0:
             raise ShapeError("the dataset has no rows", loc=("dataset",))
-        if run.total_steps > self.max_steps:
-            raise InvalidInput(
-                f"the job would take {run.total_steps} steps; one job may take "
-                f"{self.max_steps}: fewer epochs or larger batches",
-                loc=("epochs",),
-            )
-        self.runs[job_id] = run
-        self.active.append(job_id)
-        sessions.held[session_id] = job_id
-        self._forget_old()
-        return run.view()
+        return inputs, y
+
+    # -- running ------------------------------------------------------------------------------
+
+    def idle_wait(self) -> float:
+        """How long an idle worker may wait for a request before it looks for a job."""
+        return max(0.01, self._next_claim - time.monotonic())
+
+    def tick(self) -> None:
+        """Claim a job when it is time to look (never more than every CLAIM_SECONDS), and
+        renew the leases that are due: cheap when neither is."""
+        now = time.monotonic()
+        for run in list(self.runs.values()):
+            if now - run.renewed >= RENEW_SECONDS:
+                self._report(run)
+        if now >= self._next_claim and len(self.runs) < MAX_RUNS:
+            self._next_claim = now + CLAIM_SECONDS
+            job = self.sessions.store.claim_job(self.worker, time.time(), LEASE_SECONDS)
+            if job is not None:
+                self._next_claim = 0.0  # there may be more
+                outcome = guarded(self._resume, job)
+                if isinstance(outcome, GradsvcError):
+                    self._finish(job, _reported(job), "failed", outcome)
+
+    def _resume(self, job: JobRecord) -> None:
+        """Take up a claimed job where its session is: its first run, or the next one."""
+        record = self.sessions.store.get(job.owner, job.session)
+        if record is None or record.hold != job.id:
+            raise NotFound(f"the session {job.session} of this job is gone")
+        spec = json.loads(job.spec)
+        built = self.sessions.load(record)
+        device = built.model.device
+        tensors = load_tensors(job.dataset)
+        inputs = {k[2:]: v.to(device) for k, v in tensors.items() if k.startswith("x.")}
+        now = time.monotonic()
+        run = Run(
+            job,
+            spec["epochs"],
+            spec["batch_size"],
+            spec["shuffle"],
+            spec["seed"],
+            inputs,
+            tensors["y"].to(device),
+            etag(record),
+            record.step,
+            now,
+            now,
+            loss=job.loss,
+        )
+        if job.cancel:
+            self._finish(run.job, run.progress(), "cancelled")
+        elif run.steps_done >= run.total_steps:  # its runner died between the last step and the end
+            self._finish(run.job, run.progress(), "succeeded")
+        else:
+            self.runs[job.id] = run
+            if job.attempts > 1:
+                log.info("resuming job %s at step %d (attempt %d)", job.id, run.step, job.attempts)
 
     def advance(self) -> None:
         """One mini-batch of the job whose turn it is (jobs take turns, step by step)."""
-        job_id = self.active.pop(0)
-        run = self.runs[job_id]
-        run.status = "running"
+        ids = list(self.runs)
+        run = self.runs[ids[next(self._turns) % len(ids)]]
         x, y = run.next_batch()
         request = specs.SessionBatchRequest.model_construct(
             batch=specs.Batch.model_construct(x=x, y=y), encoding="b64"
         )
-        job = RunJob(
-            "step", run.owner, run.session, request, holder=job_id, include=frozenset({"loss"})
+        step = RunJob(
+            "step",
+            run.job.owner,
+            run.job.session,
+            request,
+            if_match=run.etag,
+            holder=run.job.id,
+            include=frozenset({"loss"}),
         )
-        result = self.sessions.run_many([job])[0]
-        run.updated_at = time.time()
+        results = guarded(self.sessions.run_many, [step])
+        result = results if isinstance(results, GradsvcError) else results[0]
+        if isinstance(result, PreconditionFailed):  # the session moved: where is it now?
+            self._resync(run)
+            return
+        if isinstance(result, SessionBusy):  # the job is no longer ours to run
+            del self.runs[run.job.id]
+            return
         if isinstance(result, GradsvcError):
-            self._end(run, "failed", result)
+            self._finish(run.job, run.progress(), "failed", result)
             return
         body = orjson.loads(result.body)
-        run.step, run.loss = body["step"], body["loss"]
-        run.steps_done += 1
-        run.batch += 1
-        if run.batch == run.batches:
-            run.batch, run.epoch = 0, run.epoch + 1
-        if run.steps_done == run.total_steps:
-            self._end(run, "succeeded")
-        else:
-            self.active.append(job_id)
+        run.step, run.loss, run.etag = body["step"], body["loss"], result.headers["ETag"]
+        if run.steps_done >= run.total_steps:
+            self._finish(run.job, run.progress(), "succeeded")
+        elif time.monotonic() - run.reported >= REPORT_SECONDS:
+            self._report(run)
 
-    def view(self, owner: str, job_id: str) -> dict[str, Any]:
-        run = self.runs.get(job_id)
-        if run is None or run.owner != owner:
-            raise NotFound(f"no job {job_id}")
-        return run.view()
+    def _resync(self, run: Run) -> None:
+        record = self.sessions.store.get(run.job.owner, run.job.session)
+        if record is None or record.hold != run.job.id:
+            del self.runs[run.job.id]
+            return
+        run.etag, run.step = etag(record), record.step
 
-    def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
-        """Stop after the step in progress (there is none: this runs between steps)."""
-        view = self.view(owner, job_id)
-        run = self.runs[job_id]
-        if not run.finished:
-            self.active.remove(job_id)
-            self._end(run, "cancelled")
-            view = run.view()
-        return view
+    def _report(self, run: Run) -> None:
+        """Renew the lease and write the progress; stop if the lease is lost or a cancel came."""
+        now = time.monotonic()
+        job = self.sessions.store.renew_lease(
+            run.job.id, self.worker, time.time(), LEASE_SECONDS, run.progress()
+        )
+        run.renewed = run.reported = now
+        if job is None:
+            log.warning("lost the lease of job %s; another worker runs it", run.job.id)
+            del self.runs[run.job.id]
+        elif job.cancel:
+            self._finish(run.job, run.progress(), "cancelled")
 
-    def _end(self, run: TrainingRun, status: str, error: GradsvcError | None = None) -> None:
-        run.status, run.updated_at = status, time.time()
-        self.finished.append(status)
+    def _finish(
+        self, job: JobRecord, progress: Progress, status: str, error: GradsvcError | None = None
+    ) -> None:
+        problem = None
         if error is not None:
-            run.error = {
-                "type": error.type,
-                "title": error.title,
-                "status": error.status,
-                "detail": error.detail,
-            }
-        if self.sessions.held.get(run.session) == run.id:
-            del self.sessions.held[run.session]
-        run.inputs, run.y, run.order = {}, run.y[:0], None  # the dataset is done with
+            problem = json.dumps(
+                {
+                    "type": error.type,
+                    "title": error.title,
+                    "status": error.status,
+                    "detail": error.detail,
+                }
+            )
+        self.runs.pop(job.id, None)
+        if self.sessions.store.finish_job(
+            job.id, self.worker, status, progress, problem, time.time(), self.job_ttl
+        ):
+            self.finished.append(status)
 
-    def _forget_old(self) -> None:
-        finished = [k for k, r in self.runs.items() if r.finished]
-        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            del self.runs[key]
+    def release(self) -> None:
+        """On a clean stop, let the leases lapse now: another worker takes over at once."""
+        for run in list(self.runs.values()):
+            guarded(
+                self.sessions.store.renew_lease,
+                run.job.id,
+                self.worker,
+                time.time(),
+                -1.0,
+                run.progress(),
+            )
+        self.runs.clear()
+
+
+def _reported(job: JobRecord) -> Progress:
+    return Progress(job.epoch, job.batch, job.steps_done, job.step, job.loss)
 
 
 def _into_dataset(exc: GradsvcError) -> GradsvcError:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from service.engine.limits import Limits
-from service.errors import ComputeTimeout, GradsvcError
-from service.workers.jobs import Answer, RunJob
+from service.errors import ComputeTimeout, GradsvcError, NotFound
+from service.workers.jobs import Answer, RunJob, job_view
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
     from service.workers.sessions import Sessions
@@ -47,6 +47,7 @@ class WorkerConfig:
     max_batch: int
     session_cache: int
     max_train_steps: int
+    job_ttl: float = 7 * 24 * 3600.0
     log_level: str = "info"
 
 
@@ -120,7 +121,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     import torch
 
     from service.store import open_store
-    from service.workers.sessions import Sessions
+    from service.workers.sessions import Sessions, guarded
 
     torch.set_num_threads(config.threads)
     if config.device.startswith("cuda"):
@@ -140,7 +141,9 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     try:
         inbox.send(pickle.dumps((0, True, os.getpid(), Info())))
         while True:
-            # Requests first; a training job's next mini-batch when none is waiting.
+            # Requests first; a training job's next mini-batch when none is waiting. Jobs
+            # come from the store (any replica's), looked for at most every half second.
+            guarded(trainer.tick)
             if trainer.busy:
                 try:
                     first = inbox.get_nowait()
@@ -148,7 +151,10 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                     trainer.advance()
                     continue
             else:
-                first = inbox.get()
+                try:
+                    first = inbox.get(timeout=trainer.idle_wait())
+                except queue.Empty:
+                    continue
             if first is None:
                 break
             answers = worker.execute(worker.gather(first, inbox))
@@ -161,6 +167,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
+        trainer.release()
         store.close()
 
 
@@ -271,7 +278,7 @@ class Worker:
 
         self.sessions = sessions
         self.config = config
-        self.trainer = Trainer(sessions, config.limits, config.max_train_steps)
+        self.trainer = Trainer(sessions, config.limits, config.max_train_steps, config.job_ttl)
         self.ops: dict[str, Callable[..., Any]] = {
             "stateless": self._stateless,
             "create": sessions.create,
@@ -284,9 +291,9 @@ class Worker:
             "checkpoint": sessions.checkpoint,
             "run": sessions.run,
             "run_many": self._items,
-            "train": self._train,
-            "job": self.trainer.view,
-            "cancel": self.trainer.cancel,
+            "train": self.trainer.start,
+            "job": self._job,
+            "cancel": self._cancel,
             "ping": os.getpid,
         }
 
@@ -356,17 +363,18 @@ class Worker:
         """Many sessions' steps sent as one request (``POST /v1/sessions/step``)."""
         return self.sessions.run_many([replace(job, deadline=deadline) for job in jobs])
 
-    def _train(self, owner: str, session_id: str, job_id: str, request: Any, idem: Any) -> Answer:
-        """Start a training job; under an Idempotency-Key, a retry gets the first job back."""
-        import orjson
+    def _job(self, owner: str, job_id: str) -> dict[str, Any]:
+        """A job read through a worker: for a store only the workers can see (memory://)."""
+        job = self.sessions.store.get_job(owner, job_id, time.time())
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job_view(job)
 
-        from service.workers.sessions import remembered
-
-        def started() -> Answer:
-            view = self.trainer.start(owner, session_id, job_id, request)
-            return Answer(202, orjson.dumps(view), {"Location": f"/v1/jobs/{job_id}"})
-
-        return remembered(self.sessions.store, idem, started)
+    def _cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = self.sessions.store.cancel_job(owner, job_id, time.time(), self.config.job_ttl)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job_view(job)
 
     def _stateless(self, kind: Any, body: Any, idem: Any) -> Answer:
         import orjson

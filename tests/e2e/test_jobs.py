@@ -64,7 +64,8 @@ def test_a_10000_step_job_streams_progress_and_cancels_at_a_step(http: httpx.Cli
 
     # The session is the job's while it runs.
     held = http.post(f"/v1/sessions/{sid}/step", json={"batch": {"x": 1, "y": 3}})
-    assert job["id"] in assert_problem(held, 409)["detail"]
+    problem = assert_problem(held, 409)
+    assert (problem["type"], job["id"] in problem["detail"]) == ("session-busy", True)
     assert_problem(http.patch(f"/v1/sessions/{sid}", json={"name": "x"}), 409)
     assert_problem(http.delete(f"/v1/sessions/{sid}"), 409)
     assert http.get(f"/v1/sessions/{sid}").json()["job"] == job["id"]
