@@ -157,8 +157,9 @@ class Trainer:
         store = self.sessions.store
         if (stored := replay(store, idem)) is not None:
             return stored
-        record = self.sessions.fetch(owner, session_id)
-        self.sessions.check_free(record)
+        record = self._free(owner, session_id, idem)
+        if isinstance(record, Answer):
+            return record
         inputs, y = self._dataset(record, request)
         total = request.epochs * math.ceil(int(y.shape[0]) / request.batch_size)
         if total > self.max_steps:
@@ -199,10 +200,21 @@ class Trainer:
                     retry_after=60,
                 )
             if outcome is Commit.BUSY:
-                self.sessions.check_free(self.sessions.fetch(owner, session_id))
+                if isinstance(held := self._free(owner, session_id, idem), Answer):
+                    return held
             elif (stored := replay(store, idem)) is not None:
                 return stored
         raise GradsvcError("could not create the job")  # pragma: no cover
+
+    def _free(self, owner: str, session_id: str, idem: Idem | None) -> SessionRecord | Answer:
+        """The session, if no job holds it; else the answer stored under this request's key
+        (the job holding it may be this very request's, started on another replica: the key
+        and the hold are written together), or SessionBusy."""
+        record = self.sessions.fetch(owner, session_id)
+        if record.hold is not None and (stored := replay(self.sessions.store, idem)) is not None:
+            return stored
+        self.sessions.check_free(record)
+        return record
 
     def _dataset(
         self, record: SessionRecord, request: specs.TrainRequest
