@@ -25,6 +25,10 @@ from service.workers.pool import WorkerPool
 
 POLL_SECONDS = 0.1
 KEEPALIVE_SECONDS = 15.0
+CANCEL_WAIT_SECONDS = 5.0
+"""How long DELETE /v1/jobs/{id} waits for the runner to stop at a step (it looks at its
+next report, within a tenth of a second); a runner that died stops when the job is next
+claimed, and the answer then still says running."""
 
 
 class JobBoard:
@@ -41,13 +45,21 @@ class JobBoard:
         return job_view(job)
 
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        """Ask the job to stop, and answer how it ended once its runner has stopped it."""
         if self.via_workers:
             view: dict[str, Any] = await self.pool.call("cancel", owner, job_id)
-            return view
-        job = await asyncio.to_thread(self.store.cancel_job, owner, job_id, time.time(), self.ttl)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return job_view(job)
+        else:
+            job = await asyncio.to_thread(
+                self.store.cancel_job, owner, job_id, time.time(), self.ttl
+            )
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            view = job_view(job)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while view["status"] not in FINISHED and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_SECONDS / 2)
+            view = await self.get(owner, job_id)
+        return view
 
 
 @dataclass
