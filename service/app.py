@@ -32,7 +32,7 @@ Tensors travel as nested lists, `{"dtype","shape","data"}`, or `{"dtype","shape"
 (raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); its `type`
 is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor`,
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
-`method-not-allowed`, `unavailable`, `internal`.
+`method-not-allowed`, `session-busy`, `unavailable`, `internal`.
 """
 
 

@@ -59,6 +59,9 @@ CLAIM_SECONDS = 0.5
 """How often a worker asks the store for a runnable job."""
 MAX_RUNS = 4
 """Jobs one worker runs at once, a mini-batch each in turn."""
+MAX_JOB_ATTEMPTS = 5
+"""Runs a job gets when its steps fail inside the service (a store outage, a lost worker)
+before it is failed: the client's own errors (a non-finite loss) fail it at once."""
 log = logging.getLogger("gradsvc.worker")
 
 
@@ -323,6 +326,11 @@ class Trainer:
             del self.runs[run.job.id]
             return
         if isinstance(result, GradsvcError):
+            if result.status >= 500 and run.job.attempts < MAX_JOB_ATTEMPTS:
+                # Ours, not the job's: let the lease lapse; a worker resumes it from the step.
+                log.warning("job %s stopped here: %s", run.job.id, result.detail)
+                del self.runs[run.job.id]
+                return
             self._finish(run.job, run.progress(), "failed", result)
             return
         body = orjson.loads(result.body)
@@ -341,11 +349,10 @@ class Trainer:
 
     def _report(self, run: Run) -> None:
         """Renew the lease and write the progress; stop if the lease is lost or a cancel came."""
-        now = time.monotonic()
+        run.renewed = run.reported = time.monotonic()  # a failing store is not asked at once
         job = self.sessions.store.renew_lease(
             run.job.id, self.worker, time.time(), LEASE_SECONDS, run.progress()
         )
-        run.renewed = run.reported = now
         if job is None:
             log.warning("lost the lease of job %s; another worker runs it", run.job.id)
             del self.runs[run.job.id]

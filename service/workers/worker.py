@@ -148,7 +148,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 try:
                     first = inbox.get_nowait()
                 except queue.Empty:
-                    trainer.advance()
+                    guarded(trainer.advance)  # a store outage must not take the worker down
                     continue
             else:
                 try:

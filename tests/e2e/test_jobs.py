@@ -108,7 +108,7 @@ def test_a_job_equals_the_same_steps_taken_one_by_one(http: httpx.Client) -> Non
     while (done := http.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
         assert time.monotonic() < deadline, done
         time.sleep(0.05)
-    assert (done["steps_done"], done["progress"], done["epoch"]) == (6, 1.0, 3)
+    assert (done["steps_done"], done["progress"], done["epoch"], done["attempts"]) == (6, 1.0, 3, 1)
     a, b = (http.get(f"/v1/sessions/{s}").json() for s in (by_job, by_hand))
     assert a["params"] == b["params"] and a["step"] == b["step"] == 6
     # A finished job's stream is its end, at once.
