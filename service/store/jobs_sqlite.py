@@ -80,13 +80,20 @@ def get(db: sqlite3.Connection, owner: str, job_id: str, now: float) -> JobRecor
     )
 
 
+RUNNABLE = (
+    "SELECT id FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_expires < ?)"
+    " ORDER BY created_at, id LIMIT 1"
+)
+
+
+def runnable(db: sqlite3.Connection, now: float) -> bool:
+    """Whether a claim would find a job: a plain read, so that idle workers polling for jobs
+    never take the write lock."""
+    return db.execute(RUNNABLE, (now,)).fetchone() is not None
+
+
 def claim(db: sqlite3.Connection, worker: str, now: float, lease: float) -> JobRecord | None:
-    purge(db, now)
-    row = db.execute(
-        "SELECT id FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_expires < ?)"
-        " ORDER BY created_at, id LIMIT 1",
-        (now,),
-    ).fetchone()
+    row = db.execute(RUNNABLE, (now,)).fetchone()
     if row is None:
         return None
     db.execute(
@@ -143,6 +150,7 @@ def finish(
     cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {where}", args)
     if cursor.rowcount == 0:
         return False
+    purge(db, now)
     (session,) = db.execute("SELECT session FROM jobs WHERE id = ?", (job_id,)).fetchone()
     db.execute("UPDATE sessions SET hold = NULL WHERE id = ? AND hold = ?", (session, job_id))
     return True

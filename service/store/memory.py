@@ -154,7 +154,6 @@ class MemoryStore:
 
     def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
         with self._lock:
-            self._purge(now)
             runnable = [
                 j
                 for j in self._jobs.values()
@@ -211,6 +210,7 @@ class MemoryStore:
             if job is None:
                 return False
             self._end(job, status, now, ttl, error=error, lease_holder=None, **vars(progress))
+            self._purge(now)
             return True
 
     def cancel_job(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:

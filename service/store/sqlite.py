@@ -257,6 +257,8 @@ class SqliteStore:
         return jobs_sqlite.get(self._conn(), owner, job_id, now)
 
     def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
+        if not jobs_sqlite.runnable(self._conn(), now):
+            return None
         with self._write() as db:
             return jobs_sqlite.claim(db, worker, now, lease_seconds)
 

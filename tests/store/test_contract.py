@@ -539,3 +539,12 @@ def test_finished_jobs_are_purged_after_the_ttl_each_by_its_own_time(
     assert store.get_job(BOB, "j1", now + 101) is not None
     assert store.get_job(BOB, "j1", now + 151) is None
     assert store.claim_job("w", now + 200, 10) is None  # purging is no claim
+
+
+def test_a_job_starts_from_the_step_its_session_is_at(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.commit(stepped(record), 1, row(1)) is Commit.OK  # after the caller read it
+    assert store.create_job(replace(job(), start_step=0)) is Commit.OK
+    stored = store.get_job(ALICE, "j1", time.time())
+    assert stored is not None and (stored.start_step, stored.step) == (1, 1)
