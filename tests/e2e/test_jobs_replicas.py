@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from service.client import Client
 from tests.conftest import assert_problem
 from tests.e2e.server import Server
 
@@ -240,6 +241,11 @@ def test_a_restarted_server_resumes_its_job(tmp_path: Path) -> None:
             last: list[tuple[str, dict[str, Any]]] = []
             follower = threading.Thread(target=lambda: last.extend(events(http, jid)))
             follower.start()
+            # The client follows the job through the restart: 'interrupted' is not its end.
+            followed: list[Any] = []
+            gs = Client(server.url, tensors="numpy", retries=30, backoff=0.2, max_wait=1.0)
+            through = threading.Thread(target=lambda: followed.extend(gs.events(jid)))
+            through.start()
             time.sleep(0.3)
             assert server.terminate() == 0
             follower.join(10)
@@ -256,3 +262,8 @@ def test_a_restarted_server_resumes_its_job(tmp_path: Path) -> None:
             other = http.post(f"/v1/sessions/{twin}/train", json=LONG).json()["id"]
             wait(http, other, lambda j: j["status"] == "succeeded", timeout=120)
             assert params(http, resumed) == params(http, twin)
+        through.join(30)
+        gs.close()
+        final = followed[-1]
+        assert final.event == "end" and final.job is not None and final.job.status == "succeeded"
+        assert all(e.job.status != "interrupted" for e in followed if e.job is not None)
