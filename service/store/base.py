@@ -144,7 +144,9 @@ class JobStore(Protocol):
         is written, from the step the session is at (``start_step``), and holds its session."""
         ...
 
-    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None: ...
+    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
+        """The job, with an empty ``dataset`` (only ``claim_job`` reads that back)."""
+        ...
 
     def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
         """A queued job, or a running one whose lease lapsed, now running under ``worker``'s
@@ -159,7 +161,8 @@ class JobStore(Protocol):
         lease_seconds: float,
         progress: Progress | None = None,
     ) -> JobRecord | None:
-        """Extend the lease (and record progress); None if ``worker`` no longer holds it."""
+        """Extend the lease (and record progress); None if ``worker`` no longer holds it. The
+        job comes back without its dataset, as from ``get_job``."""
         ...
 
     def finish_job(

@@ -32,6 +32,8 @@ CREATE_RESULTS = {
     _BUSY: Commit.BUSY,
 }
 _NAMES = [f.name for f in fields(JobRecord)]
+_LIGHT = [n for n in _NAMES if n != "dataset"]
+"""What a read that does not run the job fetches: everything but the dataset."""
 _FLOATS = {"created_at", "updated_at", "lease_expires"}
 _INTS = {"start_step", "epoch", "batch", "steps_done", "step", "attempts"}
 _OPTIONAL = {"loss": float, "error": str, "lease_holder": str, "expires_at": float}
@@ -86,8 +88,8 @@ if found[1] ~= 'running' or found[2] ~= ARGV[2] then return false end
 redis.call('HSET', KEYS[1], 'lease_expires', ARGV[4], 'updated_at', ARGV[3])
 if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, #ARGV)) end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return redis.call('HGETALL', KEYS[1])
-"""
+return redis.call('HMGET', KEYS[1], LIGHT)
+""".replace("LIGHT", ", ".join(f"'{n}'" for n in _LIGHT))
 
 _END = """
 local function finish(key, prefix, id, ttl, first)
@@ -141,6 +143,13 @@ def encode(values: dict[str, Any]) -> list[str | bytes | int]:
             value = repr(value)
         items += [name, value]
     return items
+
+
+def _light(values: list[bytes | None]) -> JobRecord | None:
+    """A job from HMGET of the ``_LIGHT`` fields (its dataset left out, as empty)."""
+    if values[0] is None:
+        return None
+    return decode({n.encode(): v for n, v in zip(_LIGHT, values, strict=True) if v is not None})
 
 
 def decode(flat: list[bytes] | dict[bytes, bytes]) -> JobRecord | None:
@@ -198,7 +207,7 @@ class RedisJobs:
         return CREATE_RESULTS[int(self._create(keys=keys, args=args))]
 
     def get(self, owner: str, job_id: str, now: float) -> JobRecord | None:
-        job = decode(cast(dict[bytes, bytes], self._redis.hgetall(self._key(job_id))))
+        job = _light(cast(list[bytes | None], self._redis.hmget(self._key(job_id), _LIGHT)))
         if job is None or job.owner != owner or (job.expires_at or now + 1) <= now:
             return None
         return job
@@ -214,8 +223,8 @@ class RedisJobs:
         args: list[str | bytes | int] = [job_id, worker, repr(now), repr(now + lease)]
         if progress is not None:
             args += encode(vars(progress))
-        flat = self._renew(keys=[self._key(job_id), f"{self.prefix}jr"], args=args)
-        return decode(cast(list[bytes], flat)) if flat else None
+        values = self._renew(keys=[self._key(job_id), f"{self.prefix}jr"], args=args)
+        return _light(cast(list[bytes | None], values)) if values else None
 
     def finish(
         self,

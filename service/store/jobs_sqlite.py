@@ -26,6 +26,8 @@ CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs (expires_at);
 """
 _NAMES = [f.name for f in fields(JobRecord)]
 COLUMNS = ", ".join(_NAMES)
+LIGHT = ", ".join("x'' AS dataset" if n == "dataset" else n for n in _NAMES)
+"""Every column but the dataset (read as empty), for the reads that do not run the job."""
 _PROGRESS = ", ".join(f"{f.name} = ?" for f in fields(Progress))
 
 
@@ -73,7 +75,7 @@ def create(db: sqlite3.Connection, job: JobRecord, key_taken: bool, limit: int) 
 def get(db: sqlite3.Connection, owner: str, job_id: str, now: float) -> JobRecord | None:
     return _job(
         db.execute(
-            f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND owner = ? "
+            f"SELECT {LIGHT} FROM jobs WHERE id = ? AND owner = ? "
             "AND (expires_at IS NULL OR expires_at > ?)",
             (job_id, owner, now),
         ).fetchone()
@@ -122,7 +124,7 @@ def renew(
     )
     if cursor.rowcount == 0:
         return None
-    return _job(db.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+    return _job(db.execute(f"SELECT {LIGHT} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 def finish(

@@ -150,7 +150,7 @@ class MemoryStore:
         job = self._jobs.get(job_id)
         if job is None or job.owner != owner or (job.expires_at or now + 1) <= now:
             return None
-        return job
+        return replace(job, dataset=b"")
 
     def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
         with self._lock:
@@ -193,7 +193,7 @@ class MemoryStore:
             fields = vars(progress) if progress is not None else {}
             job = replace(job, lease_expires=now + lease_seconds, updated_at=now, **fields)
             self._jobs[job_id] = job
-            return job
+            return replace(job, dataset=b"")
 
     def finish_job(
         self,
@@ -221,7 +221,7 @@ class MemoryStore:
             if job.status == "queued":
                 return self._end(job, "cancelled", now, ttl, cancel=True)
             self._jobs[job_id] = job = replace(job, cancel=True, updated_at=now)
-            return job
+            return replace(job, dataset=b"")
 
     def _end(self, job: JobRecord, status: str, now: float, ttl: float, **fields: Any) -> JobRecord:
         """The final status and the hold's release, under the one lock."""

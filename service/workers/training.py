@@ -264,7 +264,10 @@ class Trainer:
                 self._next_claim = 0.0  # there may be more
                 outcome = guarded(self._resume, job)
                 if isinstance(outcome, GradsvcError):
-                    self._finish(job, _reported(job), "failed", outcome)
+                    if outcome.status >= 500 and job.attempts < MAX_JOB_ATTEMPTS:
+                        self._let_go(job)  # this worker cannot run it now; another may
+                    else:
+                        self._finish(job, _reported(job), "failed", outcome)
 
     def _resume(self, job: JobRecord) -> None:
         """Take up a claimed job where its session is: its first run, or the next one."""
@@ -329,7 +332,7 @@ class Trainer:
             if result.status >= 500 and run.job.attempts < MAX_JOB_ATTEMPTS:
                 # Ours, not the job's: let the lease lapse; a worker resumes it from the step.
                 log.warning("job %s stopped here: %s", run.job.id, result.detail)
-                del self.runs[run.job.id]
+                guarded(self._let_go, run.job, run.progress())
                 return
             self._finish(run.job, run.progress(), "failed", result)
             return
@@ -378,18 +381,16 @@ class Trainer:
         ):
             self.finished.append(status)
 
+    def _let_go(self, job: JobRecord, progress: Progress | None = None) -> None:
+        """End this worker's lease now (a lease that already lapsed): any worker may claim
+        the job at once."""
+        self.runs.pop(job.id, None)
+        self.sessions.store.renew_lease(job.id, self.worker, time.time(), -1.0, progress)
+
     def release(self) -> None:
-        """On a clean stop, let the leases lapse now: another worker takes over at once."""
+        """On a clean stop, let the leases go: another worker takes over at once."""
         for run in list(self.runs.values()):
-            guarded(
-                self.sessions.store.renew_lease,
-                run.job.id,
-                self.worker,
-                time.time(),
-                -1.0,
-                run.progress(),
-            )
-        self.runs.clear()
+            guarded(self._let_go, run.job, run.progress())
 
 
 def _reported(job: JobRecord) -> Progress:
