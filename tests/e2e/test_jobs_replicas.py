@@ -142,12 +142,18 @@ def test_the_other_replica_sees_the_job_and_its_hold(pair: Pair) -> None:
             assert problem["type"] == "session-busy" and jid in problem["detail"]
             assert f"DELETE /v1/jobs/{jid}" in problem["detail"]
         seen: list[tuple[str, dict[str, Any]]] = []
+        cancelled: dict[str, Any] | None = None
         for name, view in events(there, jid):
             seen.append((name, view))
-            if name == "progress" and view["steps_done"] > 0 and len(seen) == 3:
-                assert there.delete(f"/v1/jobs/{jid}").status_code == 200
+            if name == "progress" and view["steps_done"] > 0 and cancelled is None:
+                answer = there.delete(f"/v1/jobs/{jid}")
+                assert answer.status_code == 200
+                cancelled = answer.json()
+                assert cancelled["status"] == "cancelled"
         name, final = seen[-1]
         assert (name, final["status"]) == ("end", "cancelled")
+        progress = [v["steps_done"] for n, v in seen if n == "progress"]
+        assert progress == sorted(progress) and 0 < final["steps_done"] < 1200
         session = here.get(f"/v1/sessions/{sid}").json()
         assert session["job"] is None and session["step"] == final["steps_done"] == final["step"]
         assert here.get(f"/v1/jobs/{jid}").json()["status"] == "cancelled"
