@@ -6,6 +6,7 @@ row and the idempotency record. Nothing is acknowledged before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,9 @@ class SqliteStore:
         db = self._conn()
         db.executescript(SCHEMA + jobs_sqlite.SCHEMA)
         if "hold" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}:
-            db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")  # a file from before jobs
+            # A file from before jobs. Every worker opens the file at once: one adds it.
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")
 
     def _conn(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
