@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import redis
 
@@ -22,6 +24,7 @@ from service.store.base import (
     SessionStore,
 )
 from service.store.redis import RedisStore, _index_member
+from service.store.sqlite import SqliteStore
 from tests.store.conftest import StoreFactory
 
 ALICE, BOB = "alice", "bob"
@@ -553,3 +556,22 @@ def test_a_job_starts_from_the_step_its_session_is_at(store: SessionStore) -> No
     assert store.create_job(replace(job(), start_step=0)) is Commit.OK
     stored = store.get_job(ALICE, "j1", time.time())
     assert stored is not None and (stored.start_step, stored.step) == (1, 1)
+
+
+def test_sqlite_opens_a_file_from_before_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, "
+            "spec TEXT NOT NULL, state BLOB NOT NULL, step INTEGER NOT NULL, "
+            "version INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);"
+            "INSERT INTO sessions VALUES ('s1', 'alice', NULL, '{}', x'00', 3, 4, 1.0, 2.0);"
+        )
+    stores = [SqliteStore(str(path)) for _ in range(2)]
+    try:
+        record = stores[1].get(ALICE, "s1")
+        assert record is not None and (record.step, record.hold) == (3, None)
+        assert stores[0].create_job(job()) is Commit.OK
+    finally:
+        for store in stores:
+            store.close()
