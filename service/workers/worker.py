@@ -137,22 +137,22 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         batching=config.batch_window > 0,
     )
     worker = Worker(sessions, config)
-    trainer = worker.trainer
+    runner = worker.runner
     try:
         inbox.send(pickle.dumps((0, True, os.getpid(), Info())))
         while True:
             # Requests first; a training job's next mini-batch when none is waiting. Jobs
             # come from the store (any replica's), looked for at most every half second.
-            guarded(trainer.tick)
-            if trainer.busy:
+            guarded(runner.tick)
+            if runner.busy:
                 try:
                     first = inbox.get_nowait()
                 except queue.Empty:
-                    guarded(trainer.advance)  # a store outage must not take the worker down
+                    guarded(runner.advance)  # a store outage must not take the worker down
                     continue
             else:
                 try:
-                    first = inbox.get(timeout=trainer.idle_wait())
+                    first = inbox.get(timeout=runner.idle_wait())
                 except queue.Empty:
                     continue
             if first is None:
@@ -162,12 +162,12 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 info.held = len(sessions.cache)
                 if n == 0:
                     info.store, info.steps = store.drain(), sessions.drain_steps()
-                    info.jobs = trainer.drain_finished()
+                    info.jobs = runner.drain_finished()
                 inbox.send(_dumps(job_id, ok, value, info))
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
-        trainer.release()
+        runner.release()
         store.close()
 
 
@@ -274,11 +274,13 @@ class Inbox:
 
 class Worker:
     def __init__(self, sessions: Sessions, config: WorkerConfig) -> None:
+        from service.workers.runner import Runner
         from service.workers.training import Trainer
 
         self.sessions = sessions
         self.config = config
-        self.trainer = Trainer(sessions, config.limits, config.max_train_steps, config.job_ttl)
+        self.runner = Runner(sessions, config.job_ttl)
+        self.trainer = Trainer(sessions, config.limits, config.max_train_steps, self.runner)
         self.ops: dict[str, Callable[..., Any]] = {
             "stateless": self._stateless,
             "create": sessions.create,
