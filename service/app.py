@@ -14,6 +14,7 @@ from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
+from service.api.jobfeed import Feeds, JobBoard
 from service.api.metrics import Metrics, ObserveMiddleware
 from service.api.routes import compute, jobs, ops, sessions, ui
 from service.config import Settings
@@ -31,7 +32,7 @@ Tensors travel as nested lists, `{"dtype","shape","data"}`, or `{"dtype","shape"
 (raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); its `type`
 is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor`,
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
-`method-not-allowed`, `unavailable`, `internal`.
+`method-not-allowed`, `session-busy`, `unavailable`, `internal`.
 """
 
 
@@ -40,8 +41,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # This process's own store connection is for rate limits and readiness only: sessions
-        # are read and written by the workers (a memory:// store lives in the one worker).
+        # This process's own store connection is for rate limits, readiness and jobs (read
+        # and cancelled here on every replica): sessions are read and written by the workers
+        # (and a memory:// store lives in the one worker: there jobs are asked of it).
         app.state.store = open_store(settings.store)
         app.state.pool = metrics.pool = WorkerPool(settings, observer=metrics.observe)
         await app.state.pool.start()
@@ -52,10 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         app.state.inflight = InFlight()
-        app.state.jobs = jobs.Jobs()
+        app.state.jobs = board = JobBoard(
+            app.state.store,
+            app.state.pool,
+            ttl=settings.job_ttl,
+            via_workers=settings.store.startswith("memory:"),
+        )
+        app.state.feeds = Feeds(board)
         try:
             yield
         finally:
+            app.state.feeds.close()
             await app.state.pool.close()
             app.state.store.close()
 

@@ -376,6 +376,8 @@ class Job:
 
 
 JOB_DONE = frozenset({"succeeded", "failed", "cancelled"})
+INTERRUPTED_WAIT = 0.5
+"""Seconds before following a job again after its stream's server shut down."""
 
 
 @dataclass(frozen=True)
@@ -1156,13 +1158,15 @@ def _health(response: httpx.Response) -> Health:
 
 class _Events:
     """One ``events()`` iteration: reconnects with ``Last-Event-ID`` after a dropped stream,
-    ends after the stream ends or a job's state says it is done."""
+    or after a server that shut down ended it with ``interrupted`` (the job goes on, and the
+    next server follows it); ends after the stream ends or a job's state says it is done."""
 
     def __init__(self, core: _Core[Any], job_id: str) -> None:
         self.core, self.job_id = core, job_id
         self.parser = _SSEParser()
         self.attempt = 0
         self.finished = False
+        self.interrupted = False
         self.call: _Call[None] = _Call("GET", f"/v1/jobs/{_seg(job_id)}/events", _nothing)
 
     def headers(self) -> dict[str, str]:
@@ -1184,7 +1188,18 @@ class _Events:
         job = _job(data, self.job_id) if isinstance(data, dict) and "status" in data else None
         if job is not None and job.done:
             self.finished = True
+        if name == "end" and job is not None and job.status == "interrupted":
+            self.interrupted = True  # not the job's end: follow it on, elsewhere
+            return None
         return JobEvent(name, data, event_id, job)
+
+    def ended(self) -> float | None:
+        """The stream ended: None if that is the iteration's end, else the wait before
+        following the job again."""
+        if not self.interrupted:
+            return None
+        self.interrupted = False
+        return INTERRUPTED_WAIT
 
     def failed(self, response: httpx.Response) -> float:
         """An error answer instead of a stream: the wait before trying again, or raise."""
@@ -1438,7 +1453,9 @@ class Client(Generic[T]):
                                 yield event
                                 if stream.finished:
                                     return
-                        return
+                        if (resume := stream.ended()) is None:
+                            return
+                        wait = resume
             except httpx.TransportError as exc:
                 wait = stream.dropped(exc)
             time.sleep(wait)
@@ -1680,7 +1697,9 @@ class AsyncClient(Generic[T]):
                                 yield event
                                 if stream.finished:
                                     return
-                        return
+                        if (resume := stream.ended()) is None:
+                            return
+                        wait = resume
             except httpx.TransportError as exc:
                 wait = stream.dropped(exc)
             await anyio.sleep(wait)

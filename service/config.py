@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
+from service.store.base import JOB_TTL
 
 _DEFAULT = Limits()
 STORE_SCHEMES = ("memory://", "sqlite://", "redis://", "rediss://", "unix://")
@@ -107,6 +108,9 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="steps one training job may take (422 over)"
     )
     rate_burst: int = Field(default=100, ge=1, description="requests a key may send at once")
+    job_ttl: float = Field(
+        default=JOB_TTL, gt=0, description="seconds a finished training job is kept"
+    )
 
     @field_validator("store")
     @classmethod

@@ -12,6 +12,7 @@
     │   └── KeyReused               (422 idempotency-key-reused)  same key, another request
     ├── NotFound                    (404 not-found)          also: another key's session
     ├── Conflict                    (409 conflict)           the same key still in flight
+    │   └── SessionBusy             (409 session-busy)       a training job holds the session
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
     ├── TooManyRequests             (429 too-many-requests)  rate or session limit; Retry-After
     ├── Unavailable                 (503 unavailable)        queue full, draining, worker lost
@@ -91,6 +92,18 @@ class Conflict(GradsvcError):
     status = 409
     type = "conflict"
     title = "Conflict"
+
+
+class SessionBusy(Conflict):
+    type = "session-busy"
+    title = "Session busy"
+
+    @classmethod
+    def held_by(cls, job_id: str) -> SessionBusy:
+        return cls(
+            f"training job {job_id} holds this session; wait for it to end, or cancel it with "
+            f"DELETE /v1/jobs/{job_id}"
+        )
 
 
 class PreconditionFailed(GradsvcError):

@@ -224,6 +224,10 @@ class Job(BaseModel):
     total_steps: int
     step: int = Field(description="the session's step")
     loss: float | None = Field(description="the last mini-batch's loss")
+    attempts: int = Field(
+        description="runs of the job: 1, and one more each time a runner died and another "
+        "worker resumed it from its last committed step"
+    )
     error: dict[str, Any] | None = Field(description="a problem, if the job failed")
     created_at: str
     updated_at: str

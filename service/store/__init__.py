@@ -5,11 +5,14 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.store.base import (
+    JOB_TTL,
     Commit,
     CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
+    JobRecord,
+    Progress,
     SessionRecord,
     SessionStore,
 )
@@ -43,11 +46,14 @@ def open_store(url: str) -> SessionStore:
 
 
 __all__ = [
+    "JOB_TTL",
     "Commit",
     "CommitItem",
     "Cursor",
     "HistoryRow",
     "IdempotencyRecord",
+    "JobRecord",
+    "Progress",
     "SessionRecord",
     "SessionStore",
     "open_store",

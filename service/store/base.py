@@ -16,6 +16,10 @@ from typing import Protocol
 from service.store.ratelimit import Buckets
 
 IDEMPOTENCY_TTL = 24 * 3600.0
+JOB_TTL = 7 * 24 * 3600.0
+"""How long a finished job is kept (``--job-ttl``'s default)."""
+ACTIVE = ("queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
 Cursor = tuple[float, str]
 """(created_at, id) of the last session of the previous page."""
 
@@ -33,6 +37,9 @@ class SessionRecord:
     version: int
     created_at: float
     updated_at: float
+    hold: str | None = None
+    """The training job that holds the session: only its own steps may commit, and the
+    session cannot be deleted. Set and cleared by the job methods, never by ``commit``."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,9 @@ class Commit(enum.Enum):
     """The version moved, or the idempotency key was taken, since the caller read."""
     GONE = "gone"
     FULL = "full"
-    """The owner already has as many sessions as the limit allows."""
+    """The owner already has as many sessions (or active jobs) as the limit allows."""
+    BUSY = "busy"
+    """A training job other than the item's holder holds the session."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class CommitItem:
     expected_version: int
     history: HistoryRow | None = None
     idem: IdempotencyRecord | None = None
+    holder: str | None = None
+    """The training job this commit belongs to: it must be the session's hold (or both
+    none), else the commit is ``Commit.BUSY``."""
 
 
 def prefix_commits(
@@ -91,7 +103,105 @@ def prefix_commits(
     return outcomes
 
 
-class SessionStore(Protocol):
+@dataclass(frozen=True)
+class JobRecord:
+    """A training job at rest. Its progress is advisory: the session's step is the truth
+    (``steps_done = session.step - start_step``), since the job alone steps the session."""
+
+    id: str
+    owner: str
+    session: str
+    spec: str
+    """JSON: epochs, batch_size, shuffle, seed, rows (the train request minus the dataset)."""
+    dataset: bytes
+    """safetensors: the decoded inputs (``x.<name>``) and targets (``y``)."""
+    start_step: int
+    created_at: float
+    updated_at: float
+    status: str = "queued"
+    epoch: int = 0
+    """0-based index of the epoch under way"""
+    batch: int = 0
+    """0-based index of the next mini-batch in the epoch"""
+    steps_done: int = 0
+    step: int = 0
+    """the session's step"""
+    loss: float | None = None
+    error: str | None = None
+    """JSON: the problem a failed job ended with"""
+    attempts: int = 0
+    lease_holder: str | None = None
+    lease_expires: float = 0.0
+    cancel: bool = False
+    expires_at: float | None = None
+    """When a finished job is forgotten (finished + the job TTL)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a runner reports after its mini-batches."""
+
+    epoch: int
+    batch: int
+    steps_done: int
+    step: int
+    loss: float | None
+
+
+class JobStore(Protocol):
+    """Jobs, their holds and their leases. A lease is (holder, expiry): the runner that holds
+    an unexpired lease is the only one that may report on the job or finish it."""
+
+    def create_job(
+        self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
+        """At once: the session must be the owner's (GONE) and free (BUSY), the key free
+        (CONFLICT), the owner under ``limit`` active jobs (FULL; 0: no limit); then the job
+        is written, from the step the session is at (``start_step``), and holds its session."""
+        ...
+
+    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
+        """The job, with an empty ``dataset`` (only ``claim_job`` reads that back)."""
+        ...
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
+        """A queued job, or a running one whose lease lapsed, now running under ``worker``'s
+        lease with one more attempt; None if none. Two workers never claim one job."""
+        ...
+
+    def renew_lease(
+        self,
+        job_id: str,
+        worker: str,
+        now: float,
+        lease_seconds: float,
+        progress: Progress | None = None,
+    ) -> JobRecord | None:
+        """Extend the lease (and record progress); None if ``worker`` no longer holds it. The
+        job comes back without its dataset, as from ``get_job``."""
+        ...
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker: str,
+        status: str,
+        progress: Progress,
+        error: str | None,
+        now: float,
+        ttl: float,
+    ) -> bool:
+        """Write the final status and release the session's hold, together; False if
+        ``worker`` no longer holds the lease."""
+        ...
+
+    def cancel_job(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:
+        """Ask the job to stop: a queued job is cancelled at once (its hold released), a
+        running one is flagged for its runner. None if there is no such job."""
+        ...
+
+
+class SessionStore(JobStore, Protocol):
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
@@ -123,7 +233,9 @@ class SessionStore(Protocol):
         to a state that no acknowledged step left."""
         ...
 
-    def delete(self, owner: str, session_id: str) -> bool: ...
+    def delete(self, owner: str, session_id: str) -> bool:
+        """False if there is no such session, or a job holds it."""
+        ...
 
     def history(
         self, owner: str, session_id: str, limit: int, after_step: int = 0

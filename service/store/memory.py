@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from service.store.base import (
+    ACTIVE,
     IDEMPOTENCY_TTL,
     Commit,
     CommitItem,
     Cursor,
     HistoryRow,
     IdempotencyRecord,
+    JobRecord,
+    Progress,
     SessionRecord,
     prefix_commits,
 )
@@ -25,6 +29,7 @@ class MemoryStore:
         self._sessions: dict[str, SessionRecord] = {}
         self._history: dict[str, list[HistoryRow]] = {}
         self._idem: dict[tuple[str, str], IdempotencyRecord] = {}
+        self._jobs: dict[str, JobRecord] = {}
 
     def _key_taken(self, idem: IdempotencyRecord | None) -> bool:
         if idem is None:
@@ -78,9 +83,13 @@ class MemoryStore:
         current = self._sessions.get(record.id)
         if current is None or current.owner != record.owner:
             return Commit.GONE
+        if current.hold != item.holder:
+            return Commit.BUSY
         if current.version != item.expected_version or self._key_taken(item.idem):
             return Commit.CONFLICT
-        self._sessions[record.id] = replace(record, version=item.expected_version + 1)
+        self._sessions[record.id] = replace(
+            record, version=item.expected_version + 1, hold=current.hold
+        )
         if item.history is not None:
             self._history[record.id].append(item.history)
         if item.idem is not None:
@@ -89,7 +98,8 @@ class MemoryStore:
 
     def delete(self, owner: str, session_id: str) -> bool:
         with self._lock:
-            if self.get(owner, session_id) is None:
+            record = self.get(owner, session_id)
+            if record is None or record.hold is not None:
                 return False
             del self._sessions[session_id]
             del self._history[session_id]
@@ -112,6 +122,122 @@ class MemoryStore:
                 return False
             self._idem[(idem.owner, idem.key)] = idem
             return True
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(
+        self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
+        with self._lock:
+            self._purge(job.created_at)
+            session = self.get(job.owner, job.session)
+            if session is None:
+                return Commit.GONE
+            if session.hold is not None:
+                return Commit.BUSY
+            if job.id in self._jobs or self._key_taken(idem):
+                return Commit.CONFLICT
+            active = sum(j.owner == job.owner and j.status in ACTIVE for j in self._jobs.values())
+            if limit and active >= limit:
+                return Commit.FULL
+            # It starts from the step the session is at now, whatever the caller read.
+            self._jobs[job.id] = replace(job, start_step=session.step, step=session.step)
+            self._sessions[job.session] = replace(session, hold=job.id)
+            if idem is not None:
+                self._idem[(idem.owner, idem.key)] = idem
+            return Commit.OK
+
+    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != owner or (job.expires_at or now + 1) <= now:
+            return None
+        return replace(job, dataset=b"")
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
+        with self._lock:
+            runnable = [
+                j
+                for j in self._jobs.values()
+                if j.status == "queued" or (j.status == "running" and j.lease_expires < now)
+            ]
+            if not runnable:
+                return None
+            job = min(runnable, key=lambda j: (j.created_at, j.id))
+            claimed = replace(
+                job,
+                status="running",
+                attempts=job.attempts + 1,
+                lease_holder=worker,
+                lease_expires=now + lease_seconds,
+                updated_at=now,
+            )
+            self._jobs[job.id] = claimed
+            return claimed
+
+    def _leased(self, job_id: str, worker: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        ours = job is not None and job.status == "running" and job.lease_holder == worker
+        return job if ours else None
+
+    def renew_lease(
+        self,
+        job_id: str,
+        worker: str,
+        now: float,
+        lease_seconds: float,
+        progress: Progress | None = None,
+    ) -> JobRecord | None:
+        with self._lock:
+            job = self._leased(job_id, worker)
+            if job is None:
+                return None
+            fields = vars(progress) if progress is not None else {}
+            job = replace(job, lease_expires=now + lease_seconds, updated_at=now, **fields)
+            self._jobs[job_id] = job
+            return replace(job, dataset=b"")
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker: str,
+        status: str,
+        progress: Progress,
+        error: str | None,
+        now: float,
+        ttl: float,
+    ) -> bool:
+        with self._lock:
+            job = self._leased(job_id, worker)
+            if job is None:
+                return False
+            self._end(job, status, now, ttl, error=error, lease_holder=None, **vars(progress))
+            self._purge(now)
+            return True
+
+    def cancel_job(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:
+        with self._lock:
+            job = self.get_job(owner, job_id, now)
+            if job is None or job.status not in ACTIVE:
+                return job
+            if job.status == "queued":
+                return self._end(job, "cancelled", now, ttl, cancel=True)
+            self._jobs[job_id] = job = replace(job, cancel=True, updated_at=now)
+            return replace(job, dataset=b"")
+
+    def _end(self, job: JobRecord, status: str, now: float, ttl: float, **fields: Any) -> JobRecord:
+        """The final status and the hold's release, under the one lock."""
+        ended = replace(
+            job, status=status, updated_at=now, expires_at=now + ttl, dataset=b"", **fields
+        )
+        self._jobs[job.id] = ended
+        session = self._sessions.get(job.session)
+        if session is not None and session.hold == job.id:
+            self._sessions[job.session] = replace(session, hold=None)
+        return ended
+
+    def _purge(self, now: float) -> None:
+        for job_id in [k for k, j in self._jobs.items() if (j.expires_at or now + 1) <= now]:
+            del self._jobs[job_id]
 
     def buckets(self, rate: float, burst: int) -> MemoryBuckets:
         return MemoryBuckets(rate, burst)

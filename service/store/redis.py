@@ -12,6 +12,9 @@ Keys, all under ``prefix``::
                             hash: an idempotency record, with a Redis TTL of 24 h
     tx:{tx}:{id}            a refusal mark, alive only inside one ``commit_many`` transaction
 
+and the jobs' keys (``service.store.jobs_redis``). A session's ``hold`` field names the
+job that holds it; a commit from anyone else is refused, and so is a delete.
+
 A script runs atomically on the server, so ``commit`` is a compare-and-set on the session's
 version that writes the session, its history row and the idempotency record together, or
 nothing. Whether an idempotency key is taken is decided by the records' ``created_at``, as in
@@ -35,12 +38,21 @@ from service.store.base import (
     Cursor,
     HistoryRow,
     IdempotencyRecord,
+    JobRecord,
+    Progress,
     SessionRecord,
 )
+from service.store.jobs_redis import RedisJobs
 from service.store.ratelimit import RedisBuckets
 
-_OK, _CONFLICT, _GONE, _FULL = 0, 1, 2, 3
-_RESULTS = {_OK: Commit.OK, _CONFLICT: Commit.CONFLICT, _GONE: Commit.GONE, _FULL: Commit.FULL}
+_OK, _CONFLICT, _GONE, _FULL, _BUSY = 0, 1, 2, 3, 4
+_RESULTS = {
+    _OK: Commit.OK,
+    _CONFLICT: Commit.CONFLICT,
+    _GONE: Commit.GONE,
+    _FULL: Commit.FULL,
+    _BUSY: Commit.BUSY,
+}
 _ROW = struct.Struct(">qddd")
 """A history row as a sorted-set member: step, loss, grad_norm, at; floats exactly."""
 _STAMP = struct.Struct(">Q")
@@ -81,9 +93,10 @@ return 0
 
 # KEYS: session, history, the transaction's refusal mark for this session[, idem]. ARGV: ttl,
 # idem created_at, owner, expected version, has name ('1' or '0'), has history ('1' or '0'),
-# history step, history member, the number of session field/value items n, n items, then the
-# idem's field/value items. A refusal sets the mark, and a marked session's later items in the
-# same MULTI are refused: ``commit_many`` commits each session's items as a prefix.
+# history step, history member, the holder ('' for none), the number of session field/value
+# items n, n items, then the idem's field/value items. A refusal sets the mark, and a marked
+# session's later items in the same MULTI are refused: ``commit_many`` commits each session's
+# items as a prefix.
 _COMMIT = (
     _LUA_IDEM
     + """
@@ -94,21 +107,22 @@ local function refuse(code)
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return refuse(2) end
+if (redis.call('HGET', KEYS[1], 'hold') or '') ~= ARGV[9] then return refuse(4) end
 if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then return refuse(1) end
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return refuse(1) end
-local n = tonumber(ARGV[9])
-redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n))
+local n = tonumber(ARGV[10])
+redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + n))
 if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8]) end
-if idem then idem_put(idem, ARGV[1], 10 + n, #ARGV) end
+if idem then idem_put(idem, ARGV[1], 11 + n, #ARGV) end
 return 0
 """
 )
 
 # KEYS: session, history, owner index. ARGV: owner.
 _DELETE = """
-local found = redis.call('HMGET', KEYS[1], 'owner', 'index')
-if found[1] ~= ARGV[1] then return 0 end
+local found = redis.call('HMGET', KEYS[1], 'owner', 'index', 'hold')
+if found[1] ~= ARGV[1] or found[3] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], found[2])
 return 1
@@ -135,6 +149,7 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
         self._remember = self._redis.register_script(_REMEMBER)
+        self._jobs = RedisJobs(self._redis, prefix)
 
     def buckets(self, rate: float, burst: int) -> RedisBuckets:
         """Rate limits shared by every replica on this Redis."""
@@ -255,7 +270,7 @@ class RedisStore:
         else:
             member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at)
             args += ["1", history.step, member]
-        args += [len(fields), *fields]
+        args += [item.holder or "", len(fields), *fields]
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)
@@ -304,6 +319,45 @@ class RedisStore:
         args: list[str | bytes | int] = [self._ttl, _idem_created(idem), *_idem_fields(idem)]
         return bool(self._remember(keys=keys, args=args))
 
+    # -- jobs (service.store.jobs_redis) ----------------------------------------------------
+
+    def create_job(
+        self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
+        claim = None if idem is None else (self._idem_key(idem.owner, idem.key), _idem_fields(idem))
+        return self._jobs.create(job, self._session_key(job.session), claim, self._ttl, limit)
+
+    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
+        return self._jobs.get(owner, job_id, now)
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
+        return self._jobs.claim(worker, now, lease_seconds)
+
+    def renew_lease(
+        self,
+        job_id: str,
+        worker: str,
+        now: float,
+        lease_seconds: float,
+        progress: Progress | None = None,
+    ) -> JobRecord | None:
+        return self._jobs.renew(job_id, worker, now, lease_seconds, progress)
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker: str,
+        status: str,
+        progress: Progress,
+        error: str | None,
+        now: float,
+        ttl: float,
+    ) -> bool:
+        return self._jobs.finish(job_id, worker, status, progress, error, now, ttl)
+
+    def cancel_job(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:
+        return self._jobs.cancel(owner, job_id, now, ttl)
+
     def ping(self) -> bool:
         try:
             return bool(self._redis.ping())
@@ -335,6 +389,8 @@ def _session_fields(r: SessionRecord) -> list[str | bytes | int]:
     ]
     if r.name is not None:
         fields += ["name", r.name]
+    if r.hold is not None:
+        fields += ["hold", r.hold]
     return fields
 
 
@@ -348,7 +404,7 @@ def _index_member(created_at: float, session_id: str) -> bytes:
 def _session(session_id: str, raw: dict[bytes, bytes], owner: str) -> SessionRecord | None:
     if not raw or raw[b"owner"].decode() != owner:
         return None
-    name = raw.get(b"name")
+    name, hold = raw.get(b"name"), raw.get(b"hold")
     return SessionRecord(
         id=session_id,
         owner=owner,
@@ -359,6 +415,7 @@ def _session(session_id: str, raw: dict[bytes, bytes], owner: str) -> SessionRec
         version=int(raw[b"version"]),
         created_at=float(raw[b"created_at"]),
         updated_at=float(raw[b"updated_at"]),
+        hold=hold.decode() if hold else None,
     )
 
 

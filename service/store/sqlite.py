@@ -6,12 +6,14 @@ row and the idempotency record. Nothing is acknowledged before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from service.store import jobs_sqlite
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
@@ -19,6 +21,8 @@ from service.store.base import (
     Cursor,
     HistoryRow,
     IdempotencyRecord,
+    JobRecord,
+    Progress,
     SessionRecord,
     prefix_commits,
 )
@@ -28,7 +32,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, spec TEXT NOT NULL,
     state BLOB NOT NULL, step INTEGER NOT NULL, version INTEGER NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, hold TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, created_at, id);
 CREATE TABLE IF NOT EXISTS history (
@@ -42,7 +46,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (owner, key)
 );
 """
-_COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at"
+_COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at, hold"
 
 
 class SqliteStore:
@@ -55,7 +59,12 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        self._conn().executescript(SCHEMA)
+        db = self._conn()
+        db.executescript(SCHEMA + jobs_sqlite.SCHEMA)
+        if "hold" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}:
+            # A file from before jobs. Every worker opens the file at once: one adds it.
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")
 
     def _conn(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -119,7 +128,7 @@ class SqliteStore:
                     return Commit.FULL
             try:
                 db.execute(
-                    f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", _row(record)
+                    f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _row(record)
                 )
             except sqlite3.IntegrityError:
                 return Commit.CONFLICT
@@ -165,10 +174,13 @@ class SqliteStore:
     def _commit_one(self, db: sqlite3.Connection, item: CommitItem) -> Commit:
         record, expected = item.record, item.expected_version
         row = db.execute(
-            "SELECT version FROM sessions WHERE id = ? AND owner = ?", (record.id, record.owner)
+            "SELECT version, hold FROM sessions WHERE id = ? AND owner = ?",
+            (record.id, record.owner),
         ).fetchone()
         if row is None:
             return Commit.GONE
+        if row[1] != item.holder:
+            return Commit.BUSY
         if row[0] != expected or self._key_taken(db, item.idem):
             return Commit.CONFLICT
         db.execute(
@@ -195,7 +207,8 @@ class SqliteStore:
     def delete(self, owner: str, session_id: str) -> bool:
         with self._write() as db:
             cursor = db.execute(
-                "DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+                "DELETE FROM sessions WHERE id = ? AND owner = ? AND hold IS NULL",
+                (session_id, owner),
             )
             return cursor.rowcount > 0
 
@@ -233,6 +246,54 @@ class SqliteStore:
             self._put_idem(db, idem)
             return True
 
+    # -- jobs (service.store.jobs_sqlite, each call one transaction) -------------------------
+
+    def create_job(
+        self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
+    ) -> Commit:
+        with self._write() as db:
+            outcome = jobs_sqlite.create(db, job, self._key_taken(db, idem), limit)
+            if outcome is Commit.OK:
+                self._put_idem(db, idem)
+            return outcome
+
+    def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
+        return jobs_sqlite.get(self._conn(), owner, job_id, now)
+
+    def claim_job(self, worker: str, now: float, lease_seconds: float) -> JobRecord | None:
+        if not jobs_sqlite.runnable(self._conn(), now):
+            return None
+        with self._write() as db:
+            return jobs_sqlite.claim(db, worker, now, lease_seconds)
+
+    def renew_lease(
+        self,
+        job_id: str,
+        worker: str,
+        now: float,
+        lease_seconds: float,
+        progress: Progress | None = None,
+    ) -> JobRecord | None:
+        with self._write() as db:
+            return jobs_sqlite.renew(db, job_id, worker, now, lease_seconds, progress)
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker: str,
+        status: str,
+        progress: Progress,
+        error: str | None,
+        now: float,
+        ttl: float,
+    ) -> bool:
+        with self._write() as db:
+            return jobs_sqlite.finish(db, job_id, worker, status, progress, error, now, ttl)
+
+    def cancel_job(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:
+        with self._write() as db:
+            return jobs_sqlite.cancel(db, owner, job_id, now, ttl)
+
     def buckets(self, rate: float, burst: int) -> MemoryBuckets:
         # One file serves one machine's processes; each keeps its own buckets.
         return MemoryBuckets(rate, burst)
@@ -248,4 +309,15 @@ class SqliteStore:
 
 
 def _row(r: SessionRecord) -> tuple[object, ...]:
-    return (r.id, r.owner, r.name, r.spec, r.state, r.step, r.version, r.created_at, r.updated_at)
+    return (
+        r.id,
+        r.owner,
+        r.name,
+        r.spec,
+        r.state,
+        r.step,
+        r.version,
+        r.created_at,
+        r.updated_at,
+        r.hold,
+    )

@@ -12,10 +12,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from service.engine import specs
 from service.engine.specs import Kind
-from service.store import IdempotencyRecord, SessionRecord
+from service.store import IdempotencyRecord, JobRecord, SessionRecord
 
 
 @dataclass
@@ -71,6 +72,28 @@ class RunJob:
     include: frozenset[str] = frozenset({"loss", "grads", "params", "outputs"})
     """What the answer carries besides the step: a training job's own steps need only the
     loss; ``POST /v1/sessions/step`` items what the request's ``include`` names."""
+
+
+def job_view(job: JobRecord) -> dict[str, Any]:
+    """A job as GET /v1/jobs/{id} shows it (and its event stream, and POST .../train)."""
+    spec = json.loads(job.spec)
+    total = spec["epochs"] * math.ceil(spec["rows"] / spec["batch_size"])
+    return {
+        "id": job.id,
+        "session": job.session,
+        "status": job.status,
+        "progress": min(1.0, job.steps_done / total),
+        "epoch": min(job.epoch + 1, spec["epochs"]),
+        "epochs": spec["epochs"],
+        "steps_done": job.steps_done,
+        "total_steps": total,
+        "step": job.step,
+        "loss": job.loss,
+        "attempts": job.attempts,
+        "error": json.loads(job.error) if job.error else None,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+    }
 
 
 def new_id() -> str:

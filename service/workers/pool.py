@@ -71,6 +71,7 @@ class WorkerPool:
                     max_batch=settings.max_batch,
                     session_cache=settings.session_cache,
                     max_train_steps=settings.max_train_steps,
+                    job_ttl=settings.job_ttl,
                     log_level=settings.log_level,
                 ),
             )
@@ -175,12 +176,13 @@ class WorkerPool:
     ) -> Answer:
         return await self._call(m.Train(owner, session_id, job_id, request, idem), session_id)
 
-    async def job(self, owner: str, job_id: str, key: str) -> dict[str, Any]:
-        """A training job, from the worker of its session ``key``."""
-        return await self._call(m.JobView(owner, job_id), key)
+    async def job(self, owner: str, job_id: str) -> dict[str, Any]:
+        """A training job, read from the store by any worker."""
+        return await self._call(m.JobView(owner, job_id), None)
 
-    async def cancel(self, owner: str, job_id: str, key: str) -> dict[str, Any]:
-        return await self._call(m.Cancel(owner, job_id), key)
+    async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        """Ask a training job to stop, through any worker."""
+        return await self._call(m.Cancel(owner, job_id), None)
 
     async def ping(self, key: str | None = None) -> int:
         """The pid of the worker that answers for ``key``."""

@@ -233,7 +233,7 @@ class Pass:
         }
         answer = self.sessions.answer(200, body, committed)
         idem = job.idem.record(answer) if job.idem else None
-        item = CommitItem(new, record.version, history, idem)
+        item = CommitItem(new, record.version, history, idem, holder=job.holder)
         chain.staged.append(Staged(prepared.index, answer, item))
         chain.record = committed
 

@@ -22,11 +22,11 @@ from service.engine import models, optimizers, specs, state
 from service.engine.limits import Limits
 from service.engine.tensors import decode, encode
 from service.errors import (
-    Conflict,
     GradsvcError,
     InvalidInput,
     NotFound,
     PreconditionFailed,
+    SessionBusy,
     SpecError,
     TooManyRequests,
     Unavailable,
@@ -67,21 +67,20 @@ class Sessions:
         self.batching = batching
         self.steps = 0
         """steps committed, since drain_steps() last asked"""
-        self.held: dict[str, str] = {}
-        """session id → the training job that holds it (in this worker)"""
 
     def drain_steps(self) -> int:
         steps, self.steps = self.steps, 0
         return steps
 
-    def check_free(self, record: SessionRecord, holder: str | None = None) -> None:
-        """Conflict if a training job other than ``holder`` holds the session."""
-        job = self.held.get(record.id)
-        if job is not None and job != holder:
-            raise Conflict(
-                f"training job {job} holds this session; wait for it, or cancel it with "
-                f"DELETE /v1/jobs/{job}"
-            )
+    @staticmethod
+    def check_free(record: SessionRecord, holder: str | None = None) -> None:
+        """SessionBusy unless the session's hold is ``holder``'s (or both are none). The hold
+        lives in the session row, so this sees every replica's jobs; the store's
+        compare-and-set checks it again at the commit."""
+        if record.hold != holder:
+            if record.hold is None:
+                raise SessionBusy(f"training job {holder} no longer holds this session")
+            raise SessionBusy.held_by(record.hold)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -135,7 +134,7 @@ class Sessions:
             **spec,
             "step": record.step,
             "version": record.version,
-            "job": self.held.get(record.id),
+            "job": record.hold,
             "params": params,
             "created_at": iso(record.created_at),
             "updated_at": iso(record.updated_at),
@@ -278,10 +277,13 @@ class Sessions:
         return Built(record.version, spec, model, optimizer)
 
     def delete(self, owner: str, session_id: str) -> None:
-        self.check_free(self.fetch(owner, session_id))
-        self.cache.drop((owner, session_id))
-        if not self.store.delete(owner, session_id):
-            raise NotFound(f"no session {session_id}")
+        for _ in range(MAX_ATTEMPTS):
+            self.check_free(self.fetch(owner, session_id))
+            self.cache.drop((owner, session_id))
+            if self.store.delete(owner, session_id):
+                return
+            # Refused: gone, or a job took the hold since the read; the next read says which.
+        raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 
     def history(self, owner: str, session_id: str, limit: int, after: int) -> list[HistoryRow]:
         self.fetch(owner, session_id)
@@ -325,6 +327,7 @@ class Sessions:
                 return self.answer(200, self.view(new), new)
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
+            # CONFLICT or BUSY: read again (a hold is then refused by check_free)
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 
 

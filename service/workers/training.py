@@ -1,122 +1,119 @@
-"""Training jobs: many steps on one session, run by the session's own worker.
+"""Starting training jobs: the dataset checked at once, the job created in the store.
 
-A job is decoded and checked when it is started (a bad dataset is a 422 then, not a failed
-job later), then advanced one mini-batch at a time whenever the worker has nothing else to
-do, so other sessions on the same worker keep being served. Every mini-batch is an ordinary
-step through the sessions runner: committed (with its history row) before the next one, so a
-crash or a cancel leaves the session at its last completed step. While a job runs it holds
-its session: other steps, patches and deletes get 409 naming the job.
+The session's worker decodes and checks the dataset (a bad one is a 422 before anything
+starts), then creates the job in the store in one atomic step with its session's hold and
+its Idempotency-Key: on every replica the session is then the job's, and one key makes one
+job. Any live worker then runs it (``service.workers.runner``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 import torch
+from safetensors.torch import save as save_tensors
 
 from service.engine import losses, specs
 from service.engine.limits import Limits
-from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError
-from service.workers.jobs import RunJob, iso
-from service.workers.sessions import Sessions
-
-KEEP_FINISHED = 1000
-"""Finished jobs remembered per worker, for GET /v1/jobs/{id} after the end."""
-
-
-@dataclass
-class TrainingRun:
-    id: str
-    owner: str
-    session: str
-    inputs: dict[str, torch.Tensor]
-    y: torch.Tensor
-    epochs: int
-    batch_size: int
-    shuffle: bool
-    seed: int
-    step: int
-    rows: int
-    status: str = "queued"
-    epoch: int = 0
-    """0-based index of the epoch under way"""
-    batch: int = 0
-    """0-based index of the next mini-batch in the epoch"""
-    steps_done: int = 0
-    loss: float | None = None
-    error: dict[str, Any] | None = None
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    order: torch.Tensor | None = None
-
-    @property
-    def batches(self) -> int:
-        return math.ceil(self.rows / self.batch_size)
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.batches
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("succeeded", "failed", "cancelled")
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "session": self.session,
-            "status": self.status,
-            "progress": self.steps_done / self.total_steps,
-            "epoch": min(self.epoch + 1, self.epochs),
-            "epochs": self.epochs,
-            "steps_done": self.steps_done,
-            "total_steps": self.total_steps,
-            "step": self.step,
-            "loss": self.loss,
-            "error": self.error,
-            "created_at": iso(self.created_at),
-            "updated_at": iso(self.updated_at),
-        }
-
-    def next_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if self.batch == 0 or self.order is None:
-            if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                self.order = torch.randperm(self.rows, generator=generator)
-            else:
-                self.order = torch.arange(self.rows)
-        rows = self.order[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
-        return {k: v[rows] for k, v in self.inputs.items()}, self.y[rows]
+from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError, TooManyRequests
+from service.store import Commit, JobRecord, SessionRecord
+from service.workers.idempotent import replay
+from service.workers.jobs import Answer, Idem, job_view
+from service.workers.runner import Runner
+from service.workers.sessions import MAX_ATTEMPTS, Sessions
 
 
 class Trainer:
-    def __init__(self, sessions: Sessions, limits: Limits, max_steps: int) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        limits: Limits,
+        max_steps: int,
+        runner: Runner,
+        max_jobs_per_key: int = 0,
+    ) -> None:
         self.sessions, self.limits, self.max_steps = sessions, limits, max_steps
-        self.runs: OrderedDict[str, TrainingRun] = OrderedDict()
-        self.active: list[str] = []
-        self.finished: list[str] = []
-        """how jobs ended, since drain_finished() last asked"""
-
-    def drain_finished(self) -> list[str]:
-        finished, self.finished = self.finished, []
-        return finished
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.active)
+        self.runner, self.max_jobs_per_key = runner, max_jobs_per_key
 
     def start(
-        self, owner: str, session_id: str, job_id: str, request: specs.TrainRequest
-    ) -> dict[str, Any]:
-        sessions = self.sessions
-        record = sessions.fetch(owner, session_id)
-        sessions.check_free(record)
-        built = sessions.load(record)
+        self,
+        owner: str,
+        session_id: str,
+        job_id: str,
+        request: specs.TrainRequest,
+        idem: Idem | None = None,
+    ) -> Answer:
+        """Check the dataset and create the job; under an Idempotency-Key, a retry (on any
+        replica) gets the first job back."""
+        store = self.sessions.store
+        if (stored := replay(store, idem)) is not None:
+            return stored
+        record = self._free(owner, session_id, idem)
+        if isinstance(record, Answer):
+            return record
+        inputs, y = self._dataset(record, request)
+        total = request.epochs * math.ceil(int(y.shape[0]) / request.batch_size)
+        if total > self.max_steps:
+            raise InvalidInput(
+                f"the job would take {total} steps; one job may take "
+                f"{self.max_steps}: fewer epochs or larger batches",
+                loc=("epochs",),
+            )
+        spec = request.model_dump(include={"epochs", "batch_size", "shuffle", "seed"})
+        tensors = {f"x.{k}": v.detach().cpu().contiguous() for k, v in inputs.items()}
+        tensors["y"] = y.detach().cpu().contiguous()
+        now = time.time()
+        job = JobRecord(
+            job_id,
+            owner,
+            session_id,
+            json.dumps({**spec, "rows": int(y.shape[0])}),
+            save_tensors(tensors),
+            record.step,
+            now,
+            now,
+            step=record.step,
+        )
+        answer = Answer(202, orjson.dumps(job_view(job)), {"Location": f"/v1/jobs/{job_id}"})
+        for _ in range(MAX_ATTEMPTS):
+            outcome = store.create_job(
+                job, idem.record(answer) if idem else None, self.max_jobs_per_key
+            )
+            if outcome is Commit.OK:
+                self.runner.wake()  # this worker may well be free to run it
+                return answer
+            if outcome is Commit.GONE:
+                raise NotFound(f"no session {session_id}")
+            if outcome is Commit.FULL:
+                raise TooManyRequests(
+                    f"this key already has {self.max_jobs_per_key} active jobs, the limit: "
+                    "wait for one to end",
+                    retry_after=60,
+                )
+            if outcome is Commit.BUSY:
+                if isinstance(held := self._free(owner, session_id, idem), Answer):
+                    return held
+            elif (stored := replay(store, idem)) is not None:
+                return stored
+        raise GradsvcError("could not create the job")  # pragma: no cover
+
+    def _free(self, owner: str, session_id: str, idem: Idem | None) -> SessionRecord | Answer:
+        """The session, if no job holds it; else the answer stored under this request's key
+        (the job holding it may be this very request's, started on another replica: the key
+        and the hold are written together), or SessionBusy."""
+        record = self.sessions.fetch(owner, session_id)
+        if record.hold is not None and (stored := replay(self.sessions.store, idem)) is not None:
+            return stored
+        self.sessions.check_free(record)
+        return record
+
+    def _dataset(
+        self, record: SessionRecord, request: specs.TrainRequest
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        built = self.sessions.load(record)
         model = built.model
         try:
             inputs = model.decode_inputs(request.dataset.x, self.limits)
@@ -134,95 +131,9 @@ class Trainer:
                 f"dimension (x: {sorted(str(r) for r in rows)}, y: {list(y.shape)})",
                 loc=("dataset",),
             )
-        run = TrainingRun(
-            job_id,
-            owner,
-            session_id,
-            {k: v.to(model.device) for k, v in inputs.items()},
-            y.to(model.device),
-            request.epochs,
-            request.batch_size,
-            request.shuffle,
-            request.seed,
-            record.step,
-            int(y.shape[0]),
-        )
-        if run.rows == 0:
+        if y.shape[0] == 0:
             raise ShapeError("the dataset has no rows", loc=("dataset",))
-        if run.total_steps > self.max_steps:
-            raise InvalidInput(
-                f"the job would take {run.total_steps} steps; one job may take "
-                f"{self.max_steps}: fewer epochs or larger batches",
-                loc=("epochs",),
-            )
-        self.runs[job_id] = run
-        self.active.append(job_id)
-        sessions.held[session_id] = job_id
-        self._forget_old()
-        return run.view()
-
-    def advance(self) -> None:
-        """One mini-batch of the job whose turn it is (jobs take turns, step by step)."""
-        job_id = self.active.pop(0)
-        run = self.runs[job_id]
-        run.status = "running"
-        x, y = run.next_batch()
-        request = specs.SessionBatchRequest.model_construct(
-            batch=specs.Batch.model_construct(x=x, y=y), encoding="b64"
-        )
-        job = RunJob(
-            "step", run.owner, run.session, request, holder=job_id, include=frozenset({"loss"})
-        )
-        result = self.sessions.run_many([job])[0]
-        run.updated_at = time.time()
-        if isinstance(result, GradsvcError):
-            self._end(run, "failed", result)
-            return
-        body = orjson.loads(result.body)
-        run.step, run.loss = body["step"], body["loss"]
-        run.steps_done += 1
-        run.batch += 1
-        if run.batch == run.batches:
-            run.batch, run.epoch = 0, run.epoch + 1
-        if run.steps_done == run.total_steps:
-            self._end(run, "succeeded")
-        else:
-            self.active.append(job_id)
-
-    def view(self, owner: str, job_id: str) -> dict[str, Any]:
-        run = self.runs.get(job_id)
-        if run is None or run.owner != owner:
-            raise NotFound(f"no job {job_id}")
-        return run.view()
-
-    def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
-        """Stop after the step in progress (there is none: this runs between steps)."""
-        view = self.view(owner, job_id)
-        run = self.runs[job_id]
-        if not run.finished:
-            self.active.remove(job_id)
-            self._end(run, "cancelled")
-            view = run.view()
-        return view
-
-    def _end(self, run: TrainingRun, status: str, error: GradsvcError | None = None) -> None:
-        run.status, run.updated_at = status, time.time()
-        self.finished.append(status)
-        if error is not None:
-            run.error = {
-                "type": error.type,
-                "title": error.title,
-                "status": error.status,
-                "detail": error.detail,
-            }
-        if self.sessions.held.get(run.session) == run.id:
-            del self.sessions.held[run.session]
-        run.inputs, run.y, run.order = {}, run.y[:0], None  # the dataset is done with
-
-    def _forget_old(self) -> None:
-        finished = [k for k, r in self.runs.items() if r.finished]
-        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            del self.runs[key]
+        return inputs, y
 
 
 def _into_dataset(exc: GradsvcError) -> GradsvcError:

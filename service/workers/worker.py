@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, assert_never
 
 from service.engine.limits import Limits
-from service.errors import ComputeTimeout, GradsvcError
+from service.errors import ComputeTimeout, GradsvcError, NotFound
 from service.workers import messages as m
 from service.workers.inbox import Inbox
-from service.workers.jobs import Answer, Idem
+from service.workers.jobs import Answer, Idem, job_view
 from service.workers.messages import Info, Job, Reply
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
@@ -46,6 +46,7 @@ class WorkerConfig:
     max_batch: int
     session_cache: int
     max_train_steps: int
+    job_ttl: float = 7 * 24 * 3600.0
     log_level: str = "info"
 
 
@@ -86,6 +87,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     import torch
 
     from service.store import open_store
+    from service.workers.compute import guarded
     from service.workers.sessions import Sessions
 
     torch.set_num_threads(config.threads)
@@ -102,19 +104,24 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         batching=config.batch_window > 0,
     )
     worker = Worker(sessions, config)
-    trainer = worker.trainer
+    runner = worker.runner
     try:
         inbox.send(Reply(0, True, os.getpid(), Info()))
         while True:
-            # Requests first; a training job's next mini-batch when none is waiting.
-            if trainer.busy:
+            # Requests first; a training job's next mini-batch when none is waiting. Jobs
+            # come from the store (any replica's), looked for at most every half second.
+            guarded(runner.tick)
+            if runner.busy:
                 try:
                     first = inbox.get_nowait()
                 except queue.Empty:
-                    trainer.advance()
+                    guarded(runner.advance)  # a store outage must not take the worker down
                     continue
             else:
-                first = inbox.get()
+                try:
+                    first = inbox.get(timeout=runner.idle_wait())
+                except queue.Empty:
+                    continue
             if first is None:
                 break
 
@@ -122,13 +129,14 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 info = reply.info
                 info.held = len(sessions.cache)
                 info.store, info.steps = store.drain(), sessions.drain_steps()
-                info.jobs = trainer.drain_finished()
+                info.jobs = runner.drain_finished()
                 inbox.send(reply)
 
             worker.execute(worker.gather(first, inbox), send)
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
+        runner.release()
         store.close()
 
 
@@ -161,11 +169,13 @@ class _Group:
 
 class Worker:
     def __init__(self, sessions: Sessions, config: WorkerConfig) -> None:
+        from service.workers.runner import Runner
         from service.workers.training import Trainer
 
         self.sessions = sessions
         self.config = config
-        self.trainer = Trainer(sessions, config.limits, config.max_train_steps)
+        self.runner = Runner(sessions, config.job_ttl)
+        self.trainer = Trainer(sessions, config.limits, config.max_train_steps, self.runner)
 
     def gather(self, first: Job, inbox: Inbox) -> list[Job]:
         """``first``, and when batching, the steps queued behind it: those already here, and
@@ -261,29 +271,28 @@ class Worker:
             case m.RunMany(jobs):  # many sessions' steps in one request: POST /v1/sessions/step
                 return sessions.run_many([replace(job, deadline=deadline) for job in jobs])
             case m.Train(owner, session_id, job_id, request, idem):
-                return self._train(owner, session_id, job_id, request, idem)
+                return trainer.start(owner, session_id, job_id, request, idem)
             case m.JobView(owner, job_id):
-                return trainer.view(owner, job_id)
+                return self._job(owner, job_id)
             case m.Cancel(owner, job_id):
-                return trainer.cancel(owner, job_id)
+                return self._cancel(owner, job_id)
             case m.Ping():
                 return os.getpid()
             case _:
                 assert_never(message)
 
-    def _train(
-        self, owner: str, session_id: str, job_id: str, request: Any, idem: Idem | None
-    ) -> Answer:
-        """Start a training job; under an Idempotency-Key, a retry gets the first job back."""
-        import orjson
+    def _job(self, owner: str, job_id: str) -> dict[str, Any]:
+        """A job read through a worker: for a store only the workers can see (memory://)."""
+        job = self.sessions.store.get_job(owner, job_id, time.time())
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job_view(job)
 
-        from service.workers.idempotent import remembered
-
-        def started() -> Answer:
-            view = self.trainer.start(owner, session_id, job_id, request)
-            return Answer(202, orjson.dumps(view), {"Location": f"/v1/jobs/{job_id}"})
-
-        return remembered(self.sessions.store, idem, started)
+    def _cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = self.sessions.store.cancel_job(owner, job_id, time.time(), self.config.job_ttl)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job_view(job)
 
     def _stateless(self, kind: Any, body: Any, idem: Idem | None) -> Answer:
         import orjson

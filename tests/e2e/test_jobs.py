@@ -64,7 +64,8 @@ def test_a_10000_step_job_streams_progress_and_cancels_at_a_step(http: httpx.Cli
 
     # The session is the job's while it runs.
     held = http.post(f"/v1/sessions/{sid}/step", json={"batch": {"x": 1, "y": 3}})
-    assert job["id"] in assert_problem(held, 409)["detail"]
+    problem = assert_problem(held, 409)
+    assert (problem["type"], job["id"] in problem["detail"]) == ("session-busy", True)
     assert_problem(http.patch(f"/v1/sessions/{sid}", json={"name": "x"}), 409)
     assert_problem(http.delete(f"/v1/sessions/{sid}"), 409)
     assert http.get(f"/v1/sessions/{sid}").json()["job"] == job["id"]
@@ -107,7 +108,7 @@ def test_a_job_equals_the_same_steps_taken_one_by_one(http: httpx.Client) -> Non
     while (done := http.get(f"/v1/jobs/{job['id']}").json())["status"] != "succeeded":
         assert time.monotonic() < deadline, done
         time.sleep(0.05)
-    assert (done["steps_done"], done["progress"], done["epoch"]) == (6, 1.0, 3)
+    assert (done["steps_done"], done["progress"], done["epoch"], done["attempts"]) == (6, 1.0, 3, 1)
     a, b = (http.get(f"/v1/sessions/{s}").json() for s in (by_job, by_hand))
     assert a["params"] == b["params"] and a["step"] == b["step"] == 6
     # A finished job's stream is its end, at once.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import redis
 
@@ -16,10 +18,13 @@ from service.store.base import (
     CommitItem,
     HistoryRow,
     IdempotencyRecord,
+    JobRecord,
+    Progress,
     SessionRecord,
     SessionStore,
 )
 from service.store.redis import RedisStore, _index_member
+from service.store.sqlite import SqliteStore
 from tests.store.conftest import StoreFactory
 
 ALICE, BOB = "alice", "bob"
@@ -389,3 +394,215 @@ def test_redis_index_members_sort_as_created_at_then_id() -> None:
     pairs = [(t, sid) for t in stamps for sid in ("", "a", "a\x00", "ab", "b", "é")]
     members = sorted(pairs, key=lambda p: _index_member(*p))
     assert members == sorted(pairs)
+
+
+# -- jobs, holds and leases ----------------------------------------------------------------
+
+TTL = 3600.0
+
+
+def job(jid: str = "j1", sid: str = "s1", owner: str = ALICE, at: float | None = None) -> JobRecord:
+    now = time.time() if at is None else at
+    return JobRecord(
+        id=jid,
+        owner=owner,
+        session=sid,
+        spec='{"epochs": 2, "batch_size": 1, "shuffle": true, "seed": 0, "rows": 4}',
+        dataset=EVERY_BYTE,
+        start_step=0,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def progress(steps: int, loss: float | None = 0.25) -> Progress:
+    return Progress(epoch=steps // 4, batch=steps % 4, steps_done=steps, step=steps, loss=loss)
+
+
+def test_a_job_holds_its_session_from_the_moment_it_is_created(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.create_job(job()) is Commit.OK
+    got = store.get(ALICE, "s1")
+    assert got is not None and got.hold == "j1"
+    stored = store.get_job(ALICE, "j1", time.time())
+    # Reads leave the dataset out (a stream reads a job ten times a second); claims have it.
+    assert stored is not None and (stored.status, stored.dataset) == ("queued", b"")
+    assert store.get_job(BOB, "j1", time.time()) is None
+    # A second job on the held session, or a job on a missing one, is refused whole.
+    assert store.create_job(job("j2")) is Commit.BUSY
+    assert store.create_job(job("j3", sid="nope")) is Commit.GONE
+    assert store.get_job(ALICE, "j2", time.time()) is None
+    claimed = store.claim_job("w1", time.time(), 10)
+    assert claimed is not None and claimed.dataset == EVERY_BYTE
+    renewed = store.renew_lease("j1", "w1", time.time(), 10)
+    assert renewed is not None and renewed.dataset == b"" and renewed.spec == stored.spec
+
+
+def test_commits_of_a_held_session_are_the_holders_alone(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.create_job(job()) is Commit.OK
+    assert store.commit(stepped(record), 1) is Commit.BUSY
+    other = CommitItem(stepped(record), 1, holder="j9")
+    mine = CommitItem(stepped(record), 1, row(1), holder="j1")
+    assert store.commit_many([other, mine]) == [Commit.BUSY, Commit.OK]
+    got = store.get(ALICE, "s1")
+    assert got is not None and (got.step, got.hold) == (1, "j1")  # a commit keeps the hold
+    assert store.delete(ALICE, "s1") is False
+    assert store.get(ALICE, "s1") is not None
+    # Once the job is over the session is free again, and its holder's commits are refused.
+    claimed = store.claim_job("w1", time.time(), 10)
+    assert claimed is not None
+    assert store.finish_job("j1", "w1", "succeeded", progress(1), None, time.time(), TTL)
+    late = CommitItem(stepped(got), got.version, holder="j1")
+    assert store.commit_many([late]) == [Commit.BUSY]
+    assert store.commit(stepped(got), got.version) is Commit.OK
+    assert store.delete(ALICE, "s1") is True
+
+
+def test_a_claim_is_exclusive_and_a_lapsed_lease_is_reclaimed(
+    store_factory: StoreFactory,
+) -> None:
+    first = store_factory()
+    for n in range(3):
+        assert first.create(session(f"s{n}")) is Commit.OK
+        assert first.create_job(job(f"j{n}", f"s{n}", at=1000.0 + n)) is Commit.OK
+    now = time.time()
+    claims: list[str] = []
+    lock = threading.Lock()
+
+    def claim(worker: str) -> None:
+        store = store_factory()
+        while (got := store.claim_job(worker, now, 10)) is not None:
+            with lock:
+                claims.append(got.id)
+
+    threads = [threading.Thread(target=claim, args=(f"w{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claims) == ["j0", "j1", "j2"]
+    j0 = first.get_job(ALICE, "j0", now)
+    assert j0 is not None and (j0.status, j0.attempts) == ("running", 1)
+    holder = j0.lease_holder
+    assert holder is not None
+    # Renewed, the lease holds; a stranger can neither renew it nor finish the job.
+    assert first.renew_lease("j0", holder, now + 5, 10, progress(2)) is not None
+    for other in ("j1", "j2"):
+        running = first.get_job(ALICE, other, now)
+        assert running is not None and running.lease_holder is not None
+        assert first.renew_lease(other, running.lease_holder, now + 100, 100) is not None
+    assert first.claim_job("late", now + 12, 10) is None
+    assert first.renew_lease("j0", "late", now + 12, 10) is None
+    assert not first.finish_job("j0", "late", "failed", progress(0), None, now, TTL)
+    # Lapsed, any worker takes it over, with one more attempt and the progress kept.
+    again = first.claim_job("w9", now + 16, 10)
+    assert again is not None and again.id == "j0"
+    assert (again.attempts, again.lease_holder, again.steps_done, again.loss) == (2, "w9", 2, 0.25)
+    assert first.renew_lease("j0", holder, now + 16, 10) is None
+    assert first.finish_job("j0", "w9", "succeeded", progress(8, None), None, now + 17, TTL)
+    done = first.get_job(ALICE, "j0", now + 17)
+    assert done is not None
+    assert (done.status, done.steps_done, done.loss, done.lease_holder) == (
+        "succeeded",
+        8,
+        None,
+        None,
+    )
+    s0 = first.get(ALICE, "s0")
+    assert s0 is not None and s0.hold is None
+
+
+def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: SessionStore) -> None:
+    now = time.time()
+    for n in range(2):
+        assert store.create(session(f"s{n}")) is Commit.OK
+        assert store.create_job(job(f"j{n}", f"s{n}", at=now + n)) is Commit.OK
+    assert store.claim_job("w1", now, 10) is not None  # j0, the older
+    assert store.cancel_job(BOB, "j1", now, TTL) is None
+    queued = store.cancel_job(ALICE, "j1", now, TTL)
+    assert queued is not None and (queued.status, queued.cancel) == ("cancelled", True)
+    s1 = store.get(ALICE, "s1")
+    assert s1 is not None and s1.hold is None
+    running = store.cancel_job(ALICE, "j0", now, TTL)
+    assert running is not None and (running.status, running.cancel) == ("running", True)
+    seen = store.renew_lease("j0", "w1", now, 10)
+    assert seen is not None and seen.cancel
+    assert store.finish_job("j0", "w1", "cancelled", progress(1), None, now, TTL)
+    assert store.claim_job("w2", now + 60, 10) is None  # nothing left to run
+
+
+def test_one_idempotency_key_makes_one_job(store_factory: StoreFactory) -> None:
+    first = store_factory()
+    for n in range(8):
+        assert first.create(session(f"s{n}")) is Commit.OK
+    outcomes: list[Commit] = []
+
+    def start(n: int) -> None:
+        outcomes.append(store_factory().create_job(job(f"j{n}", f"s{n}"), idem("train")))
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.value for o in outcomes) == ["conflict"] * 7 + ["ok"]
+    held = [first.get(ALICE, f"s{n}") for n in range(8)]
+    assert sum(r is not None and r.hold is not None for r in held) == 1
+    assert first.idempotency(ALICE, "train", time.time()) is not None
+
+
+def test_the_active_job_limit_counts_the_owners_own(store: SessionStore) -> None:
+    for n, owner in enumerate([ALICE, ALICE, BOB]):
+        assert store.create(session(f"s{n}", owner=owner)) is Commit.OK
+    assert store.create_job(job("j0", "s0"), limit=1) is Commit.OK
+    assert store.create_job(job("j1", "s1"), limit=1) is Commit.FULL
+    assert store.create_job(job("j2", "s2", owner=BOB), limit=1) is Commit.OK
+    assert store.cancel_job(ALICE, "j0", time.time(), TTL) is not None
+    assert store.create_job(job("j1", "s1"), limit=1) is Commit.OK
+
+
+def test_finished_jobs_are_purged_after_the_ttl_each_by_its_own_time(
+    store: SessionStore,
+) -> None:
+    now = time.time()
+    for n, owner in enumerate([ALICE, BOB]):
+        assert store.create(session(f"s{n}", owner=owner)) is Commit.OK
+        assert store.create_job(job(f"j{n}", f"s{n}", owner=owner, at=now)) is Commit.OK
+    assert store.cancel_job(ALICE, "j0", now, 100) is not None
+    assert store.cancel_job(BOB, "j1", now + 50, 100) is not None
+    assert store.get_job(ALICE, "j0", now + 99) is not None
+    assert store.get_job(ALICE, "j0", now + 101) is None
+    assert store.get_job(BOB, "j1", now + 101) is not None
+    assert store.get_job(BOB, "j1", now + 151) is None
+    assert store.claim_job("w", now + 200, 10) is None  # purging is no claim
+
+
+def test_a_job_starts_from_the_step_its_session_is_at(store: SessionStore) -> None:
+    record = session()
+    assert store.create(record) is Commit.OK
+    assert store.commit(stepped(record), 1, row(1)) is Commit.OK  # after the caller read it
+    assert store.create_job(replace(job(), start_step=0)) is Commit.OK
+    stored = store.get_job(ALICE, "j1", time.time())
+    assert stored is not None and (stored.start_step, stored.step) == (1, 1)
+
+
+def test_sqlite_opens_a_file_from_before_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, "
+            "spec TEXT NOT NULL, state BLOB NOT NULL, step INTEGER NOT NULL, "
+            "version INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);"
+            "INSERT INTO sessions VALUES ('s1', 'alice', NULL, '{}', x'00', 3, 4, 1.0, 2.0);"
+        )
+    stores = [SqliteStore(str(path)) for _ in range(2)]
+    try:
+        record = stores[1].get(ALICE, "s1")
+        assert record is not None and (record.step, record.hold) == (3, None)
+        assert stores[0].create_job(job()) is Commit.OK
+    finally:
+        for store in stores:
+            store.close()

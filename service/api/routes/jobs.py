@@ -1,18 +1,14 @@
 """Training jobs: many steps on one session, with live progress (Server-Sent Events).
 
-A job lives in the worker of its session; this process remembers which session each job it
-started belongs to (so it can route to it) and the last state it saw (so that a job whose
-worker died is reported failed, not forgotten). Jobs are therefore visible on the replica
-that started them.
+Jobs live in the store, not in one process (``service.workers.training``): any replica
+answers GET and DELETE of a job and follows its events, a job holds its session on every
+replica, and a job whose runner died is resumed by another worker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
@@ -23,72 +19,28 @@ from service.api import schemas
 from service.api.auth import PrincipalDep
 from service.api.deps import InFlightDep, PoolDep
 from service.api.idempotency import IdemDep
+from service.api.jobfeed import Feeds, JobBoard
 from service.api.problems import responses
 from service.api.responses import FastJSONRoute, respond
 from service.api.routes.sessions import SessionId, checked
 from service.engine import specs
-from service.errors import GradsvcError, NotFound, Unavailable
-from service.workers.pool import WorkerPool
 
 router = APIRouter(tags=["jobs"], route_class=FastJSONRoute)
 JobId = Annotated[str, Path(description="a job id, as returned by POST .../train")]
-POLL_SECONDS = 0.1
-KEEPALIVE_SECONDS = 15.0
-REMEMBERED = 10_000
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
-@dataclass
-class Known:
-    owner: str
-    session: str
-    last: dict[str, Any]
+async def _board(request: Request) -> JobBoard:
+    board: JobBoard = request.app.state.jobs
+    return board
 
 
-class Jobs:
-    """The jobs this process started: job id → its owner, session and last seen state."""
-
-    def __init__(self) -> None:
-        self.known: OrderedDict[str, Known] = OrderedDict()
-
-    def add(self, owner: str, view: dict[str, Any]) -> None:
-        self.known[view["id"]] = Known(owner, view["session"], view)
-        while len(self.known) > REMEMBERED:
-            self.known.popitem(last=False)
-
-    async def view(
-        self, pool: WorkerPool, owner: str, job_id: str, cancel: bool = False
-    ) -> dict[str, Any]:
-        known = self.known.get(job_id)
-        if known is None or known.owner != owner:
-            raise NotFound(f"no job {job_id}")
-        try:
-            ask = pool.cancel if cancel else pool.job
-            view = await ask(owner, job_id, known.session)
-        except NotFound:  # its worker restarted: what was committed stays, the job is over
-            view = known.last
-            if view["status"] not in FINISHED:
-                view = {
-                    **view,
-                    "status": "failed",
-                    "error": {
-                        "type": "unavailable",
-                        "title": "Service unavailable",
-                        "status": 503,
-                        "detail": "the worker running this job stopped; the session keeps "
-                        "its last completed step",
-                    },
-                }
-        known.last = view
-        return view
+async def _feeds(request: Request) -> Feeds:
+    feeds: Feeds = request.app.state.feeds
+    return feeds
 
 
-async def _jobs(request: Request) -> Jobs:
-    jobs: Jobs = request.app.state.jobs
-    return jobs
-
-
-JobsDep = Annotated[Jobs, Depends(_jobs)]
+JobsDep = Annotated[JobBoard, Depends(_board)]
+FeedsDep = Annotated[Feeds, Depends(_feeds)]
 
 
 @router.post(
@@ -98,10 +50,12 @@ JobsDep = Annotated[Jobs, Depends(_jobs)]
     responses=responses(400, 404, 409, 422, 503, 504),
     summary="Start a training job: epochs of mini-batch steps, each one committed",
     description=(
-        "Answers 202 at once with the job and `Location: /v1/jobs/{id}`. The job runs in the "
-        "session's worker, commits every mini-batch (so a crash or a cancel leaves the session "
-        "at its last completed step), and holds the session: other steps, patches and deletes "
-        "get 409 naming the job until it ends. It goes on if the client goes away."
+        "Answers 202 at once with the job and `Location: /v1/jobs/{id}`. The job is kept in the "
+        "store and run by any live worker of any replica; it commits every mini-batch (so a "
+        "crash or a cancel leaves the session at its last completed step, and a job whose "
+        "runner died is resumed from there), and holds the session on every replica: other "
+        "steps, patches and deletes get 409 `session-busy` naming the job until it ends. It "
+        "goes on if the client goes away."
     ),
 )
 async def train(
@@ -112,12 +66,10 @@ async def train(
     idem: IdemDep,
     pool: PoolDep,
     inflight: InFlightDep,
-    jobs: JobsDep,
 ) -> Response:
     job_id = "j_" + secrets.token_urlsafe(16)
     async with inflight.hold(idem):
         answer = await pool.train(owner, checked(session_id), job_id, body, idem)
-    jobs.add(owner, orjson.loads(answer.body))
     if not answer.replayed:
         request.app.state.metrics.jobs.labels("started").inc()
     return respond(answer)
@@ -129,8 +81,8 @@ async def train(
     responses=responses(404, 503),
     summary="A training job's state and progress",
 )
-async def job(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep) -> Any:
-    return await jobs.view(pool, owner, job_id)
+async def job(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
+    return await jobs.get(owner, job_id)
 
 
 @router.delete(
@@ -139,8 +91,8 @@ async def job(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep) 
     responses=responses(404, 503),
     summary="Cancel a training job; the session keeps its last completed step",
 )
-async def cancel(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep) -> Any:
-    return await jobs.view(pool, owner, job_id, cancel=True)
+async def cancel(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
+    return await jobs.cancel(owner, job_id)
 
 
 @router.get(
@@ -150,8 +102,9 @@ async def cancel(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDe
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
             "description": (
                 "`event: progress` (the job, as GET /v1/jobs/{id} gives it) whenever it has "
-                "moved, at most ten a second; then one `event: end` with the final job. "
-                "`id` is the number of steps done."
+                "moved, at most ten a second; then one `event: end` with the final job "
+                "(status `interrupted` if this server shuts down while the job goes on "
+                "elsewhere). `id` is the number of steps done."
             ),
         },
         **responses(404, 503),
@@ -160,31 +113,20 @@ async def cancel(job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDe
     summary="Follow a training job: Server-Sent Events",
 )
 async def events(
-    job_id: JobId, owner: PrincipalDep, pool: PoolDep, jobs: JobsDep
+    job_id: JobId, owner: PrincipalDep, jobs: JobsDep, feeds: FeedsDep
 ) -> StreamingResponse:
-    first = await jobs.view(pool, owner, job_id)  # 404 before the stream starts
+    first = await jobs.get(owner, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[bytes]:
-        view: dict[str, Any] = first
         sent: tuple[Any, ...] | None = None
-        quiet = 0.0
-        while True:
-            moved = (view["status"], view["steps_done"])
-            if view["status"] in FINISHED:
-                yield _event("end", view)
-                return
-            if moved != sent:
-                yield _event("progress", view)
-                sent, quiet = moved, 0.0
-            elif quiet >= KEEPALIVE_SECONDS:
+        async for view in feeds.follow(owner, first):
+            if view is None:
                 yield b": keep-alive\n\n"
-                quiet = 0.0
-            await asyncio.sleep(POLL_SECONDS)
-            quiet += POLL_SECONDS
-            try:
-                view = await jobs.view(pool, owner, job_id)
-            except (Unavailable, GradsvcError):
-                continue  # a full queue or a restart: try again at the next tick
+            elif view["status"] not in ("queued", "running"):
+                yield _event("end", view)
+            elif (moved := (view["status"], view["steps_done"])) != sent:
+                yield _event("progress", view)
+                sent = moved
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
