@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +18,9 @@ from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.metrics import Metrics, ObserveMiddleware
 from service.api.routes import compute, jobs, ops, sessions, ui
+from service.api.store_health import StoreHealth, purge_forever
 from service.config import Settings
-from service.store import open_store
+from service.store import EphemeralFile, is_memory, open_store
 from service.workers.pool import WorkerPool
 
 DESCRIPTION = """\
@@ -40,10 +43,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # This process's own store connection is for rate limits and readiness only: sessions
-        # are read and written by the workers (a memory:// store lives in the one worker).
-        app.state.store = open_store(settings.store)
-        app.state.pool = metrics.pool = WorkerPool(settings, observer=metrics.observe)
+        # This process's own store connection is for rate limits, readiness, whole-request
+        # idempotency records and their purge: sessions are read and written by the workers.
+        # memory:// is a private file that this process makes and every worker shares.
+        ephemeral = EphemeralFile() if is_memory(settings.store) else None
+        serving = settings.model_copy(update={"store": ephemeral.url}) if ephemeral else settings
+        app.state.store = open_store(serving.store, idempotency_ttl=settings.idempotency_ttl)
+        app.state.store_health = StoreHealth(app.state.store)
+        purger = asyncio.create_task(purge_forever(app.state.store))
+        app.state.pool = metrics.pool = WorkerPool(serving, observer=metrics.observe)
         await app.state.pool.start()
         rate_limited = keys is not None and settings.rate_limit > 0
         app.state.buckets = (
@@ -56,8 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             await app.state.pool.close()
             app.state.store.close()
+            if ephemeral is not None:
+                ephemeral.remove()
 
     app = FastAPI(
         title="gradsvc",

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
+from service.store.base import IDEMPOTENCY_TTL
 
 _DEFAULT = Limits()
 STORE_SCHEMES = ("memory://", "sqlite://", "redis://", "rediss://", "unix://")
@@ -20,7 +21,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
     store: str = Field(
         default="sqlite:///data/gradsvc.db",
-        description="sqlite:///path, memory:// or redis://host:port/db",
+        description=(
+            "sqlite:///path, memory:// (a private temporary SQLite file shared by the "
+            "workers, removed at exit) or redis://host:port/db"
+        ),
+    )
+    idempotency_ttl: float = Field(
+        default=IDEMPOTENCY_TTL,
+        gt=0,
+        description="seconds an Idempotency-Key's answer is kept, then deleted",
     )
     api_keys: str | None = Field(
         default=None, description="comma-separated API keys (Authorization: Bearer <key>)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from service.store.base import (
+    IDEMPOTENCY_TTL,
     Commit,
     CommitItem,
     Cursor,
@@ -13,19 +14,34 @@ from service.store.base import (
     SessionRecord,
     SessionStore,
 )
+from service.store.ephemeral import EphemeralFile, is_memory
 
 
-def open_store(url: str) -> SessionStore:
-    """``memory://``, ``sqlite:///path`` (relative) or ``sqlite:////abs/path``,
-    ``redis://host:port/db[?prefix=NAME]``."""
-    if url == "memory://" or url.startswith("memory:"):
+def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+    """``memory://`` (this process only: the server makes it a shared file, see
+    ``store.ephemeral``), ``sqlite:///path`` (relative) or ``sqlite:////abs/path`` with
+    options ``?busy_timeout=MS`` (how long a write waits for another process's lock, 5000 by
+    default) and ``?synchronous=off|normal|full`` (full by default),
+    ``redis://host:port/db[?prefix=NAME]`` with redis-py's URL options (``socket_timeout``
+    ...). ``idempotency_ttl``: seconds an idempotency record is kept."""
+    if is_memory(url):
         from service.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(idempotency_ttl=idempotency_ttl)
     if url.startswith("sqlite://"):
-        from service.store.sqlite import SqliteStore
+        from service.store.sqlite import BUSY_TIMEOUT_MS, SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///") or "gradsvc.db")
+        path, _, options_text = url.removeprefix("sqlite:///").partition("?")
+        options = dict(parse_qsl(options_text))
+        unknown = set(options) - {"busy_timeout", "synchronous"}
+        if unknown:
+            raise ValueError(f"unknown SQLite store options {sorted(unknown)} in {url!r}")
+        return SqliteStore(
+            path or "gradsvc.db",
+            idempotency_ttl=idempotency_ttl,
+            busy_timeout_ms=int(options.get("busy_timeout", BUSY_TIMEOUT_MS)),
+            synchronous=options.get("synchronous", "full"),
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore
 
@@ -36,19 +52,22 @@ def open_store(url: str) -> SessionStore:
         rest = urlunsplit(
             parts._replace(query=urlencode([kv for kv in query if kv[0] != "prefix"]))
         )
-        return RedisStore(rest, prefix=f"{prefix}:")
+        return RedisStore(rest, prefix=f"{prefix}:", idempotency_ttl=idempotency_ttl)
     raise ValueError(
         f"unknown store {url!r}: use memory://, sqlite:///path or redis://host:port/db"
     )
 
 
 __all__ = [
+    "IDEMPOTENCY_TTL",
     "Commit",
+    "EphemeralFile",
     "CommitItem",
     "Cursor",
     "HistoryRow",
     "IdempotencyRecord",
     "SessionRecord",
     "SessionStore",
+    "is_memory",
     "open_store",
 ]

@@ -16,6 +16,7 @@ from typing import Protocol
 from service.store.ratelimit import Buckets
 
 IDEMPOTENCY_TTL = 24 * 3600.0
+"""The default of ``--idempotency-ttl``: seconds an idempotency record is kept."""
 Cursor = tuple[float, str]
 """(created_at, id) of the last session of the previous page."""
 
@@ -119,5 +120,16 @@ class SessionStore(Protocol):
         ...
 
     def ping(self) -> bool: ...
+
+    def writable(self) -> None:
+        """Return if a write would go through now, else raise what it would meet
+        (``StoreUnavailable``, ``InsufficientStorage``): /readyz's probe, a real tiny write."""
+        ...
+
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Delete the idempotency records older than the store's TTL at ``now``, at most
+        ``batch`` per transaction; the number deleted (0 where the store expires them
+        itself)."""
+        ...
 
     def close(self) -> None: ...

@@ -423,7 +423,12 @@ class Sessions:
         results: list[Answer | GradsvcError | None],
     ) -> list[int]:
         """The pass's staged steps, in one transaction; the jobs to go again come back."""
-        statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
+        try:
+            statuses = self.store.commit_many([c[2] for c in commits]) if commits else []
+        except GradsvcError:  # store trouble: nothing committed, so no built state stands
+            for prepared, _, _ in commits:
+                self._evict(prepared.job.session_id)
+            raise
         again: list[int] = []
         lost: set[str] = set()
         for (prepared, answer, item), status in zip(commits, statuses, strict=True):

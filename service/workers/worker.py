@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.engine.limits import Limits
 from service.errors import ComputeTimeout, GradsvcError
+from service.store.base import IDEMPOTENCY_TTL
 from service.workers.jobs import Answer, RunJob
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
@@ -48,6 +49,7 @@ class WorkerConfig:
     session_cache: int
     max_train_steps: int
     log_level: str = "info"
+    idempotency_ttl: float = IDEMPOTENCY_TTL
 
 
 @dataclass
@@ -126,7 +128,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
     inbox = Inbox(sock)
-    store = TimedStore(open_store(config.store))
+    store = TimedStore(open_store(config.store, idempotency_ttl=config.idempotency_ttl))
     sessions = Sessions(
         store,
         config.limits,
