@@ -34,7 +34,9 @@ Tensors travel as nested lists, `{"dtype","shape","data"}`, or `{"dtype","shape"
 (raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); its `type`
 is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor`,
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
-`method-not-allowed`, `unavailable`, `internal`.
+`method-not-allowed`, `unavailable`, `store-unavailable` (503: the store is unreachable,
+locked or refuses writes; retry after `Retry-After`), `insufficient-storage` (507: the
+store's disk or memory is full), `internal`.
 """
 
 

@@ -90,7 +90,7 @@ async def create(
     "/restore",
     status_code=201,
     response_model=schemas.Session,
-    responses=responses(400, 404, 409, 413, 422, 503),
+    responses=responses(400, 404, 409, 413, 422, 503, 507),
     summary="A new session from a checkpoint file",
     openapi_extra={
         "requestBody": {
