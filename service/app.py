@@ -18,7 +18,7 @@ from service.api.bodylimit import BodyLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.metrics import Metrics, ObserveMiddleware
 from service.api.routes import compute, jobs, ops, sessions, ui
-from service.api.store_health import StoreHealth, purge_forever
+from service.api.store_health import PURGE_EVERY, StoreHealth, purge_forever
 from service.config import Settings
 from service.store import EphemeralFile, is_memory, open_store
 from service.workers.pool import WorkerPool
@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         serving = settings.model_copy(update={"store": ephemeral.url}) if ephemeral else settings
         app.state.store = open_store(serving.store, idempotency_ttl=settings.idempotency_ttl)
         app.state.store_health = StoreHealth(app.state.store)
-        purger = asyncio.create_task(purge_forever(app.state.store))
+        every = min(PURGE_EVERY, max(settings.idempotency_ttl, 0.5))
+        purger = asyncio.create_task(purge_forever(app.state.store, every))
         app.state.pool = metrics.pool = WorkerPool(serving, observer=metrics.observe)
         await app.state.pool.start()
         rate_limited = keys is not None and settings.rate_limit > 0

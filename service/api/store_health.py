@@ -20,7 +20,8 @@ log = logging.getLogger("gradsvc.store")
 PROBE_EVERY = 1.0
 """Seconds a probe's answer stands for."""
 PURGE_EVERY = 60.0
-"""Seconds between two sweeps of expired idempotency records."""
+"""Seconds between two sweeps of expired idempotency records (the TTL, if that is shorter:
+no record outlives twice its TTL)."""
 
 
 class StoreHealth:

@@ -3,13 +3,16 @@ buckets on Redis (asked before any route runs) and /readyz's write probe."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import assert_problem
+from tests.api.test_many_sessions import SEED_SESSION
+from tests.conftest import assert_problem, ready
 from tests.e2e.server import free_port
 
 
@@ -26,3 +29,28 @@ def test_an_unreachable_redis_is_503_store_unavailable_not_500() -> None:
             assert time.monotonic() < deadline, ready  # "unavailable": the workers start
             time.sleep(0.1)
         assert "cannot take writes" in ready["detail"]
+
+
+def test_expired_idempotency_records_are_purged_in_the_background(tmp_path: Path) -> None:
+    db = tmp_path / "purge.db"
+    settings = Settings(
+        store=f"sqlite:///{db}", idempotency_ttl=1.0, devices="cpu", workers_per_device=1
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready(client)
+        created = client.post("/v1/sessions", json=SEED_SESSION, headers={"Idempotency-Key": "p"})
+        assert created.status_code == 201
+
+        def records() -> int:
+            with sqlite3.connect(db) as raw:
+                (count,) = raw.execute("SELECT count(*) FROM idempotency").fetchone()
+            return int(count)
+
+        assert records() == 1
+        deadline = time.monotonic() + 30
+        while records():
+            assert time.monotonic() < deadline, "the expired record was never purged"
+            time.sleep(0.2)
+        # The session stays; only its key's record is gone, so the key is free again.
+        again = client.post("/v1/sessions", json=SEED_SESSION, headers={"Idempotency-Key": "p"})
+        assert again.status_code == 201 and again.json()["id"] != created.json()["id"]

@@ -1,5 +1,6 @@
 """Store trouble with real servers: a SQLite file locked by another process, a full disk, a
-Redis paused (SIGSTOP) and one stopped, and a memory:// server whose worker is SIGKILLed.
+Redis paused (SIGSTOP), one stopped and one at its maxmemory, and a memory:// server whose
+worker is SIGKILLed.
 
 Each time: a step answers the right problem (503 ``store-unavailable`` with Retry-After, or
 507 ``insufficient-storage``), /readyz answers 503 while it lasts, and afterwards the server
@@ -256,6 +257,24 @@ def test_redis_stopped_then_restarted(redis_server: tuple[Server, OwnRedis]) -> 
     finally:
         own.start()
     recovered(server, sid, "stop-2", 2)
+
+
+def test_redis_at_its_maxmemory(redis_server: tuple[Server, OwnRedis]) -> None:
+    import redis
+
+    server, own = redis_server
+    sid = create(server)
+    assert step(server, sid, "oom-1").status_code == 200
+    admin = redis.Redis.from_url(own.url)
+    try:
+        admin.config_set("maxmemory", 1)  # every write is over it now: OOM, nothing evicted
+        try:
+            trouble(server, sid, "oom-2", 507, "insufficient-storage")
+        finally:
+            admin.config_set("maxmemory", 0)
+    finally:
+        admin.close()
+    recovered(server, sid, "oom-2", 2)
 
 
 def test_memory_store_survives_a_worker_kill() -> None:
