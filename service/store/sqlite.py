@@ -278,8 +278,8 @@ class SqliteStore:
             disk = os.statvfs(Path(self.path).parent)
             if disk.f_bavail * disk.f_frsize < MIN_FREE_BYTES:
                 raise InsufficientStorage(
-                    f"the disk holding {self.path} has less than {MIN_FREE_BYTES // 1024} KiB "
-                    "free; steps cannot be written until an operator frees space"
+                    f"the disk holding the SQLite store has less than {MIN_FREE_BYTES // 1024} "
+                    "KiB free; steps cannot be written until an operator frees space"
                 )
         with self._probe_lock:
             if self._probe_db is None:
