@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
+from service.store import sqlite_options
 from service.store.base import IDEMPOTENCY_TTL
 
 _DEFAULT = Limits()
@@ -122,6 +123,8 @@ class Settings(BaseSettings):
     def _known_store(cls, url: str) -> str:
         if not url.startswith(STORE_SCHEMES):
             raise ValueError(f"unknown store {url!r}: use memory://, sqlite:///path or redis://...")
+        if url.startswith("sqlite://"):
+            sqlite_options(url)
         return url
 
     @model_validator(mode="after")

@@ -15,6 +15,28 @@ from service.store.base import (
     SessionStore,
 )
 from service.store.ephemeral import EphemeralFile, is_memory
+from service.store.sqlite import BUSY_TIMEOUT_MS
+
+
+def sqlite_options(url: str) -> tuple[str, int, str]:
+    """A ``sqlite://`` URL's path, busy timeout (ms) and synchronous mode; ValueError, with
+    what to write instead, for an option it does not know or a value it cannot use (checked
+    when the settings are read, so that a typo stops the start with a message)."""
+    path, _, text = url.removeprefix("sqlite:///").partition("?")
+    options = dict(parse_qsl(text, keep_blank_values=True))
+    unknown = sorted(set(options) - {"busy_timeout", "synchronous"})
+    if unknown:
+        raise ValueError(
+            f"unknown SQLite store option {unknown[0]!r}: use ?busy_timeout=MS or "
+            "?synchronous=off|normal|full"
+        )
+    busy = options.get("busy_timeout", str(BUSY_TIMEOUT_MS))
+    if not busy.isdigit():
+        raise ValueError(f"busy_timeout must be whole milliseconds, not {busy!r}")
+    synchronous = options.get("synchronous", "full").lower()
+    if synchronous not in ("off", "normal", "full"):
+        raise ValueError(f"synchronous must be off, normal or full, not {synchronous!r}")
+    return path or "gradsvc.db", int(busy), synchronous
 
 
 def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
@@ -29,18 +51,14 @@ def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> Session
 
         return MemoryStore(idempotency_ttl=idempotency_ttl)
     if url.startswith("sqlite://"):
-        from service.store.sqlite import BUSY_TIMEOUT_MS, SqliteStore
+        from service.store.sqlite import SqliteStore
 
-        path, _, options_text = url.removeprefix("sqlite:///").partition("?")
-        options = dict(parse_qsl(options_text))
-        unknown = set(options) - {"busy_timeout", "synchronous"}
-        if unknown:
-            raise ValueError(f"unknown SQLite store options {sorted(unknown)} in {url!r}")
+        path, busy_timeout_ms, synchronous = sqlite_options(url)
         return SqliteStore(
-            path or "gradsvc.db",
+            path,
             idempotency_ttl=idempotency_ttl,
-            busy_timeout_ms=int(options.get("busy_timeout", BUSY_TIMEOUT_MS)),
-            synchronous=options.get("synchronous", "full"),
+            busy_timeout_ms=busy_timeout_ms,
+            synchronous=synchronous,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore
@@ -70,4 +88,5 @@ __all__ = [
     "SessionStore",
     "is_memory",
     "open_store",
+    "sqlite_options",
 ]

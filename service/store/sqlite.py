@@ -52,6 +52,7 @@ CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 BUSY_TIMEOUT_MS = 5000
+"""How long a writer waits for another process's lock by default (``?busy_timeout=MS``)."""
 PROBE_TIMEOUT_MS = 1000
 """/readyz's write probe waits this long for a lock at most: a probe must answer quickly."""
 MIN_FREE_BYTES = 64 * 1024

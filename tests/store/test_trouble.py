@@ -87,3 +87,20 @@ def test_the_errors_cross_the_worker_socket_intact() -> None:
             error.type,
         )
     assert pickle.loads(pickle.dumps(StoreUnavailable("x", retry_after=7))).retry_after == 7
+
+
+def test_sqlite_url_options_are_checked_when_the_settings_are_read(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from service.config import Settings
+    from service.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'o.db'}?busy_timeout=50&synchronous=off")
+    try:
+        assert isinstance(store, SqliteStore)
+        assert (store.busy_timeout_ms, store.synchronous) == (50, "OFF")
+    finally:
+        store.close()
+    for bad in ("?busy=5", "?busy_timeout=soon", "?synchronous=sometimes"):
+        with pytest.raises(ValidationError):
+            Settings(store=f"sqlite:///{tmp_path / 'o.db'}{bad}")
