@@ -18,13 +18,15 @@ from service.store.ephemeral import EphemeralFile, is_memory
 from service.store.sqlite import BUSY_TIMEOUT_MS
 
 
-def sqlite_options(url: str) -> tuple[str, int, str]:
-    """A ``sqlite://`` URL's path, busy timeout (ms) and synchronous mode; ValueError, with
+def sqlite_options(url: str) -> tuple[str, int, str, int | None]:
+    """A ``sqlite://`` URL's path, busy timeout (ms), synchronous mode and page cap
+    (``?max_pages=N``, for tests: a file that may not grow past N pages plays a full disk
+    where a small disk cannot be mounted); ValueError, with
     what to write instead, for an option it does not know or a value it cannot use (checked
     when the settings are read, so that a typo stops the start with a message)."""
     path, _, text = url.removeprefix("sqlite:///").partition("?")
     options = dict(parse_qsl(text, keep_blank_values=True))
-    unknown = sorted(set(options) - {"busy_timeout", "synchronous"})
+    unknown = sorted(set(options) - {"busy_timeout", "synchronous", "max_pages"})
     if unknown:
         raise ValueError(
             f"unknown SQLite store option {unknown[0]!r}: use ?busy_timeout=MS or "
@@ -36,7 +38,10 @@ def sqlite_options(url: str) -> tuple[str, int, str]:
     synchronous = options.get("synchronous", "full").lower()
     if synchronous not in ("off", "normal", "full"):
         raise ValueError(f"synchronous must be off, normal or full, not {synchronous!r}")
-    return path or "gradsvc.db", int(busy), synchronous
+    pages = options.get("max_pages")
+    if pages is not None and not pages.isdigit():
+        raise ValueError(f"max_pages must be a whole number of pages, not {pages!r}")
+    return path or "gradsvc.db", int(busy), synchronous, None if pages is None else int(pages)
 
 
 def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
@@ -53,12 +58,13 @@ def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> Session
     if url.startswith("sqlite://"):
         from service.store.sqlite import SqliteStore
 
-        path, busy_timeout_ms, synchronous = sqlite_options(url)
+        path, busy_timeout_ms, synchronous, max_pages = sqlite_options(url)
         return SqliteStore(
             path,
             idempotency_ttl=idempotency_ttl,
             busy_timeout_ms=busy_timeout_ms,
             synchronous=synchronous,
+            max_pages=max_pages,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore

@@ -69,6 +69,7 @@ class SqliteStore:
         idempotency_ttl: float = IDEMPOTENCY_TTL,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         synchronous: str = "full",
+        max_pages: int | None = None,
     ) -> None:
         if synchronous.lower() not in ("off", "normal", "full"):
             raise ValueError(f"synchronous must be off, normal or full, not {synchronous!r}")
@@ -78,6 +79,7 @@ class SqliteStore:
         self.idempotency_ttl = idempotency_ttl
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous.upper()
+        self.max_pages = max_pages
         self._probe_lock = threading.Lock()
         self._probe_db: sqlite3.Connection | None = None
         # One connection per thread: WAL lets readers go on while another thread's commit
@@ -95,6 +97,7 @@ class SqliteStore:
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            self._cap(db)
             self._local.db = db
             with self._all_lock:
                 self._all.append(db)
@@ -289,7 +292,17 @@ class SqliteStore:
                 )
                 timeout = min(PROBE_TIMEOUT_MS, self.busy_timeout_ms)
                 self._probe_db.execute(f"PRAGMA busy_timeout={int(timeout)}")
+                self._cap(self._probe_db)
             db = self._probe_db
+            if self.max_pages is not None:
+                (pages,) = db.execute("PRAGMA page_count").fetchone()
+                (free,) = db.execute("PRAGMA freelist_count").fetchone()
+                (size,) = db.execute("PRAGMA page_size").fetchone()
+                if (self.max_pages - pages + free) * size < MIN_FREE_BYTES:
+                    raise InsufficientStorage(
+                        f"the SQLite store is at its cap of {self.max_pages} pages; steps "
+                        "cannot be written until sessions are deleted"
+                    )
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),))
@@ -298,6 +311,10 @@ class SqliteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def _cap(self, db: sqlite3.Connection) -> None:
+        if self.max_pages is not None:
+            db.execute(f"PRAGMA max_page_count={int(self.max_pages)}")
 
     def purge(self, now: float, batch: int = 500) -> int:
         """Delete the idempotency records older than the TTL, ``batch`` per transaction (so
