@@ -104,3 +104,25 @@ def test_sqlite_url_options_are_checked_when_the_settings_are_read(tmp_path: Pat
     for bad in ("?busy=5", "?busy_timeout=soon", "?synchronous=sometimes"):
         with pytest.raises(ValidationError):
             Settings(store=f"sqlite:///{tmp_path / 'o.db'}{bad}")
+
+
+def test_memory_files_of_dead_servers_are_removed_by_the_next_one() -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from service.store.ephemeral import PREFIX, EphemeralFile
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (orphan / "pid").write_text(str(gone.pid))
+    live = EphemeralFile()
+    try:
+        assert not orphan.exists()
+        assert live.directory.exists() and live.url.startswith("sqlite:///")
+        EphemeralFile().remove()  # another live one leaves this one alone
+        assert live.directory.exists()
+    finally:
+        live.remove()
+    assert not live.directory.exists()
