@@ -27,7 +27,6 @@ T = TypeVar("T")
 Translate = Callable[[BaseException], GradsvcError | None]
 
 _LOCKED = ("database is locked", "database table is locked", "busy")
-_FULL = ("database or disk is full", "disk i/o error")
 _FULL_CODES = {getattr(sqlite3, "SQLITE_FULL", 13)}
 _BUSY_CODES = {getattr(sqlite3, "SQLITE_BUSY", 5), getattr(sqlite3, "SQLITE_LOCKED", 6)}
 
@@ -42,7 +41,7 @@ def sqlite_trouble(exc: BaseException) -> GradsvcError | None:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         code &= 0xFF  # the primary code: SQLITE_IOERR_WRITE is IOERR, and so on
-    if code in _FULL_CODES or text.startswith(_FULL[0]):
+    if code in _FULL_CODES or text.startswith("database or disk is full"):
         return _full("the disk holding the SQLite store is full")
     if code in _BUSY_CODES or any(word in text for word in _LOCKED):
         return StoreUnavailable(
@@ -54,7 +53,7 @@ def sqlite_trouble(exc: BaseException) -> GradsvcError | None:
             f"the SQLite store refuses writes ({exc}); nothing was written: retry shortly, "
             "and check the file's permissions and mount"
         )
-    if _FULL[1] in text:
+    if "disk i/o error" in text:
         return StoreUnavailable(
             "the SQLite store could not write to its disk (I/O error); nothing was written: "
             "retry shortly, and check the disk"
