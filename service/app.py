@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +19,9 @@ from service.api.idempotency import InFlight
 from service.api.jobfeed import Feeds, JobBoard
 from service.api.metrics import Metrics, ObserveMiddleware
 from service.api.routes import compute, jobs, ops, sessions, ui
+from service.api.store_health import PURGE_EVERY, StoreHealth, purge_forever
 from service.config import Settings
-from service.store import open_store
+from service.store import EphemeralFile, is_memory, open_store
 from service.workers.pool import WorkerPool
 
 DESCRIPTION = """\
@@ -32,7 +35,9 @@ Tensors travel as nested lists, `{"dtype","shape","data"}`, or `{"dtype","shape"
 (raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); its `type`
 is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor`,
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
-`method-not-allowed`, `session-busy`, `unavailable`, `internal`.
+`method-not-allowed`, `session-busy`, `unavailable`, `store-unavailable` (503: the store is
+unreachable, locked or refuses writes; retry after `Retry-After`), `insufficient-storage`
+(507: the store's disk or memory is full), `internal`.
 """
 
 
@@ -41,11 +46,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # This process's own store connection is for rate limits, readiness and jobs (read
-        # and cancelled here on every replica): sessions are read and written by the workers
-        # (and a memory:// store lives in the one worker: there jobs are asked of it).
-        app.state.store = open_store(settings.store)
-        app.state.pool = metrics.pool = WorkerPool(settings, observer=metrics.observe)
+        # This process's own store connection is for rate limits, readiness, jobs (read and
+        # cancelled here on every replica), whole-request idempotency records and their
+        # purge: sessions are read and written by the workers. memory:// is a private file
+        # that this process makes and every worker shares.
+        ephemeral = EphemeralFile() if is_memory(settings.store) else None
+        serving = settings.model_copy(update={"store": ephemeral.url}) if ephemeral else settings
+        app.state.store = open_store(serving.store, idempotency_ttl=settings.idempotency_ttl)
+        app.state.store_health = StoreHealth(app.state.store)
+        every = min(PURGE_EVERY, max(settings.idempotency_ttl, 0.5))
+        purger = asyncio.create_task(purge_forever(app.state.store, every))
+        app.state.pool = metrics.pool = WorkerPool(serving, observer=metrics.observe)
         await app.state.pool.start()
         rate_limited = keys is not None and settings.rate_limit > 0
         app.state.buckets = (
@@ -58,15 +69,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store,
             app.state.pool,
             ttl=settings.job_ttl,
-            via_workers=settings.store.startswith("memory:"),
+            via_workers=False,  # memory:// too is a file this process reads
         )
         app.state.feeds = Feeds(board)
         try:
             yield
         finally:
             app.state.feeds.close()
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             await app.state.pool.close()
             app.state.store.close()
+            if ephemeral is not None:
+                ephemeral.remove()
 
     app = FastAPI(
         title="gradsvc",

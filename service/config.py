@@ -8,7 +8,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
-from service.store.base import JOB_TTL
+from service.store import sqlite_options
+from service.store.base import IDEMPOTENCY_TTL, JOB_TTL
 
 _DEFAULT = Limits()
 STORE_SCHEMES = ("memory://", "sqlite://", "redis://", "rediss://", "unix://")
@@ -21,7 +22,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
     store: str = Field(
         default="sqlite:///data/gradsvc.db",
-        description="sqlite:///path, memory:// or redis://host:port/db",
+        description=(
+            "sqlite:///path, memory:// (a private temporary SQLite file shared by the "
+            "workers, removed at exit) or redis://host:port/db"
+        ),
+    )
+    idempotency_ttl: float = Field(
+        default=IDEMPOTENCY_TTL,
+        gt=0,
+        description="seconds an Idempotency-Key's answer is kept, then deleted",
     )
     api_keys: str | None = Field(
         default=None, description="comma-separated API keys (Authorization: Bearer <key>)"
@@ -117,6 +126,8 @@ class Settings(BaseSettings):
     def _known_store(cls, url: str) -> str:
         if not url.startswith(STORE_SCHEMES):
             raise ValueError(f"unknown store {url!r}: use memory://, sqlite:///path or redis://...")
+        if url.startswith("sqlite://"):
+            sqlite_options(url)
         return url
 
     @model_validator(mode="after")

@@ -16,8 +16,14 @@
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
     ├── TooManyRequests             (429 too-many-requests)  rate or session limit; Retry-After
     ├── Unavailable                 (503 unavailable)        queue full, draining, worker lost
+    │   └── StoreUnavailable        (503 store-unavailable)  store unreachable, locked, read-only
     ├── ComputeTimeout              (504 compute-timeout)    over --compute-timeout; no change
-    └── OutOfMemory                 (507 out-of-memory)      the device ran out of memory
+    ├── OutOfMemory                 (507 out-of-memory)      the device ran out of memory
+    └── InsufficientStorage         (507 insufficient-storage) the store's disk or memory is full
+
+Store trouble is not a bug: ``store/`` turns a locked file, a full disk or an unreachable
+Redis into ``StoreUnavailable`` or ``InsufficientStorage`` at its own boundary, so that the
+client is told to retry (or the operator to make room) instead of seeing a 500.
 
 ``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
 ``application/problem+json`` bodies. ``loc`` points into the request body where it can.
@@ -138,6 +144,17 @@ class Unavailable(GradsvcError):
         self.retry_after = retry_after
 
 
+class StoreUnavailable(Unavailable):
+    """The store could not be reached, stayed locked past its busy wait, or refused writes.
+    Nothing was written; the same request can be sent again."""
+
+    type = "store-unavailable"
+    title = "Session store unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 2) -> None:
+        super().__init__(detail, retry_after=retry_after)
+
+
 class ComputeTimeout(GradsvcError):
     status = 504
     type = "compute-timeout"
@@ -148,3 +165,12 @@ class OutOfMemory(GradsvcError):
     status = 507
     type = "out-of-memory"
     title = "Out of device memory"
+
+
+class InsufficientStorage(GradsvcError):
+    """The store has no room left (a full disk, Redis at its maxmemory). Nothing was written;
+    retrying helps only once an operator has made room."""
+
+    status = 507
+    type = "insufficient-storage"
+    title = "Insufficient storage"

@@ -11,6 +11,7 @@ With no keys configured the service is open and every caller is the anonymous pr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.problems import send_problem
 from service.config import Settings
+from service.errors import GradsvcError
 from service.store.ratelimit import Buckets
 
 ANONYMOUS = ""
@@ -107,7 +109,17 @@ class AuthMiddleware:
             # Made with the store when the app starts: Redis shares them between replicas.
             buckets: Buckets | None = getattr(scope["app"].state, "buckets", None)
             if buckets is not None:
-                wait = buckets.take(principal, time.time())
+                try:  # a bucket in Redis is a round trip: off the event loop, then
+                    wait = (
+                        await asyncio.to_thread(buckets.take, principal, time.time())
+                        if buckets.remote
+                        else buckets.take(principal, time.time())
+                    )
+                except GradsvcError as exc:  # the store's trouble (StoreUnavailable, ...)
+                    retry = getattr(exc, "retry_after", None)
+                    headers = {"Retry-After": str(retry)} if retry is not None else None
+                    await send_problem(send, exc.status, exc.type, exc.title, exc.detail, headers)
+                    return
                 if wait > 0:
                     await send_problem(
                         send,

@@ -16,6 +16,7 @@ from typing import Protocol
 from service.store.ratelimit import Buckets
 
 IDEMPOTENCY_TTL = 24 * 3600.0
+"""The default of ``--idempotency-ttl``: seconds an idempotency record is kept."""
 JOB_TTL = 7 * 24 * 3600.0
 """How long a finished job is kept (``--job-ttl``'s default)."""
 ACTIVE = ("queued", "running")
@@ -253,5 +254,16 @@ class SessionStore(JobStore, Protocol):
         ...
 
     def ping(self) -> bool: ...
+
+    def writable(self) -> None:
+        """Return if a write would go through now, else raise what it would meet
+        (``StoreUnavailable``, ``InsufficientStorage``): /readyz's probe, a real tiny write."""
+        ...
+
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Delete the idempotency records older than the store's TTL at ``now``, at most
+        ``batch`` per transaction; the number deleted (0 where the store expires them
+        itself)."""
+        ...
 
     def close(self) -> None: ...

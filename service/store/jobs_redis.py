@@ -62,7 +62,7 @@ redis.call('HSET', KEYS[1], 'hold', ARGV[4])
 if idem then
   redis.call('DEL', idem)
   redis.call('HSET', idem, unpack(ARGV, 8 + n, #ARGV))
-  redis.call('EXPIRE', idem, ARGV[1])
+  redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[1]) * 1000))
 end
 return 0
 """
@@ -193,12 +193,12 @@ class RedisJobs:
         job: JobRecord,
         session_key: str,
         idem: tuple[str, list[str | bytes | int]] | None,
-        idem_ttl: int,
+        idem_ttl: str,
         limit: int,
     ) -> Commit:
         items = encode(vars(job))
         keys = [session_key, self._key(job.id), f"{self.prefix}jq", f"{self.prefix}ja:{job.owner}"]
-        args: list[str | bytes | int] = [idem_ttl, "0", job.owner, job.id, limit]
+        args: list[str | bytes | int] = [idem_ttl, "0", job.owner, job.id, limit]  # ttl in s
         args += [repr(job.created_at), len(items), *items]
         if idem is not None:
             keys.append(idem[0])

@@ -1,4 +1,6 @@
-"""An in-memory store: for tests and throwaway use. Same semantics, no durability."""
+"""An in-memory store, in one process: the contract's test seam. Same semantics, no
+durability, and no sharing between processes (``memory://`` is a private SQLite file, so
+that every worker sees its sessions and a worker's crash loses none)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from service.store.ratelimit import MemoryBuckets
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> None:
+        self.idempotency_ttl = idempotency_ttl
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionRecord] = {}
         self._history: dict[str, list[HistoryRow]] = {}
@@ -35,7 +38,7 @@ class MemoryStore:
         if idem is None:
             return False
         old = self._idem.get((idem.owner, idem.key))
-        return old is not None and old.created_at + IDEMPOTENCY_TTL > idem.created_at
+        return old is not None and old.created_at + self.idempotency_ttl > idem.created_at
 
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
@@ -114,7 +117,8 @@ class MemoryStore:
 
     def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
         record = self._idem.get((owner, key))
-        return record if record is not None and record.created_at + IDEMPOTENCY_TTL > now else None
+        fresh = record is not None and record.created_at + self.idempotency_ttl > now
+        return record if fresh else None
 
     def remember(self, idem: IdempotencyRecord) -> bool:
         with self._lock:
@@ -244,6 +248,24 @@ class MemoryStore:
 
     def ping(self) -> bool:
         return True
+
+    def writable(self) -> None:
+        """Memory is always writable (until the process runs out, which is not ours to see)."""
+
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Delete the idempotency records older than the TTL, ``batch`` under the lock at a
+        time; the number deleted."""
+        deleted = 0
+        while True:
+            with self._lock:
+                old = [
+                    k for k, r in self._idem.items() if r.created_at + self.idempotency_ttl <= now
+                ][:batch]
+                for k in old:
+                    del self._idem[k]
+            deleted += len(old)
+            if len(old) < batch:
+                return deleted
 
     def close(self) -> None:
         pass

@@ -11,12 +11,19 @@ from typing import Protocol, cast
 
 import redis
 
+from service.store.trouble import redis_trouble, translated
+
 
 class Buckets(Protocol):
+    remote: bool
+    """whether ``take`` is a round trip (to Redis), to be made off the event loop"""
+
     def take(self, key: str, now: float) -> float: ...
 
 
 class MemoryBuckets:
+    remote = False
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
         self._lock = threading.Lock()
@@ -47,7 +54,10 @@ return tostring(wait)
 """
 
 
+@translated(redis_trouble)
 class RedisBuckets:
+    remote = True
+
     def __init__(self, client: redis.Redis, rate: float, burst: int, prefix: str) -> None:
         self.rate, self.burst, self.prefix = rate, burst, prefix
         self._take = client.register_script(_TAKE)

@@ -9,7 +9,9 @@ Keys, all under ``prefix``::
                             so (created_at, id) order is lexicographic and a cursor is one
                             exclusive ZRANGEBYLEX bound, with no offsets to drift
     i:{len(owner)}:{owner}:{key}
-                            hash: an idempotency record, with a Redis TTL of 24 h
+                            hash: an idempotency record, with a Redis TTL of
+                            ``idempotency_ttl`` (24 h by default): Redis purges them itself
+    health                  a string /readyz's write probe sets, with a TTL of 10 s
     tx:{tx}:{id}            a refusal mark, alive only inside one ``commit_many`` transaction
 
 and the jobs' keys (``service.store.jobs_redis``). A session's ``hold`` field names the
@@ -19,17 +21,23 @@ A script runs atomically on the server, so ``commit`` is a compare-and-set on th
 version that writes the session, its history row and the idempotency record together, or
 nothing. Whether an idempotency key is taken is decided by the records' ``created_at``, as in
 the other stores; the Redis TTL only reclaims the space.
+
+Every call waits ``socket_timeout`` (5 s unless the URL says otherwise) at most, so a paused
+or unreachable Redis is a ``StoreUnavailable`` rather than a hung worker; a call on a
+connection that Redis dropped (a restart) is retried once, on a new one.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import struct
+import time
 from collections.abc import Sequence
 from typing import cast
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 from service.store.base import (
     IDEMPOTENCY_TTL,
@@ -44,6 +52,7 @@ from service.store.base import (
 )
 from service.store.jobs_redis import RedisJobs
 from service.store.ratelimit import RedisBuckets
+from service.store.trouble import redis_trouble, translated
 
 _OK, _CONFLICT, _GONE, _FULL, _BUSY = 0, 1, 2, 3, 4
 _RESULTS = {
@@ -67,7 +76,7 @@ end
 local function idem_put(key, ttl, first, last)
   redis.call('DEL', key)
   redis.call('HSET', key, unpack(ARGV, first, last))
-  redis.call('EXPIRE', key, ttl)
+  redis.call('PEXPIRE', key, math.ceil(tonumber(ttl) * 1000))
 end
 """
 
@@ -139,12 +148,30 @@ return 1
 )
 
 
+TIMEOUT = 5.0
+"""Seconds a call waits for Redis (connect, or an answer), unless the URL sets its own."""
+PROBE_TIMEOUT = 1.0
+
+
+@translated(redis_trouble)
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "gradsvc:") -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "gradsvc:", idempotency_ttl: float = IDEMPOTENCY_TTL
+    ) -> None:
         self.prefix = prefix
-        # Bytes in, bytes out: state and bodies must round-trip exactly.
-        self._redis = redis.Redis.from_url(url, decode_responses=False)
-        self._ttl = math.ceil(IDEMPOTENCY_TTL)
+        self.url = url
+        self.idempotency_ttl = idempotency_ttl
+        # Bytes in, bytes out: state and bodies must round-trip exactly. A dropped connection
+        # is retried once (Redis restarted); a timeout is not (the server may still run it).
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, (redis.ConnectionError,)),
+        )
+        self._probe: redis.Redis | None = None
+        self._ttl = repr(float(idempotency_ttl))
         self._create = self._redis.register_script(_CREATE)
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
@@ -312,7 +339,7 @@ class RedisStore:
             headers=raw[b"headers"].decode(),
             created_at=float(raw[b"created_at"]),
         )
-        return record if record.created_at + IDEMPOTENCY_TTL > now else None
+        return record if record.created_at + self.idempotency_ttl > now else None
 
     def remember(self, idem: IdempotencyRecord) -> bool:
         keys = [self._idem_key(idem.owner, idem.key)]
@@ -364,8 +391,28 @@ class RedisStore:
         except redis.RedisError:
             return False
 
+    def writable(self) -> None:
+        """Raise the trouble a write would meet now (unreachable, paused, loading, at its
+        maxmemory, a read-only replica), else return: a real SET with a short TTL, on a
+        client of its own that waits a second at most."""
+        if self._probe is None:
+            self._probe = redis.Redis.from_url(
+                self.url,
+                socket_timeout=PROBE_TIMEOUT,
+                socket_connect_timeout=PROBE_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
+        self._probe.set(f"{self.prefix}health", repr(time.time()), px=10_000)
+
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Nothing to do: every idempotency record carries a Redis TTL of the same length,
+        and Redis deletes expired keys itself."""
+        return 0
+
     def close(self) -> None:
         self._redis.close()
+        if self._probe is not None:
+            self._probe.close()
 
 
 def _session_fields(r: SessionRecord) -> list[str | bytes | int]:

@@ -2,17 +2,24 @@
 
 A commit is one transaction: the version compare-and-set on the session row, the history
 row and the idempotency record. Nothing is acknowledged before it returns.
+
+Trouble is short and named: a writer waits ``busy_timeout`` ms (5 s by default, not 30) for
+another process's lock, then the call is a ``StoreUnavailable``; a full disk is an
+``InsufficientStorage`` (``store.trouble``). Either way the transaction is rolled back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from service.errors import InsufficientStorage
 from service.store import jobs_sqlite
 from service.store.base import (
     IDEMPOTENCY_TTL,
@@ -27,6 +34,7 @@ from service.store.base import (
     prefix_commits,
 )
 from service.store.ratelimit import MemoryBuckets
+from service.store.trouble import sqlite_trouble, translated
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -45,15 +53,40 @@ CREATE TABLE IF NOT EXISTS idempotency (
     body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (owner, key)
 );
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
+BUSY_TIMEOUT_MS = 5000
+"""How long a writer waits for another process's lock by default (``?busy_timeout=MS``)."""
+PROBE_TIMEOUT_MS = 1000
+"""/readyz's write probe waits this long for a lock at most: a probe must answer quickly."""
+MIN_FREE_BYTES = 64 * 1024
+"""Below this much free disk the store is reported full: a step's write could not fit."""
 _COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at, hold"
 
 
+@translated(sqlite_trouble)
 class SqliteStore:
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        synchronous: str = "full",
+        max_pages: int | None = None,
+    ) -> None:
+        if synchronous.lower() not in ("off", "normal", "full"):
+            raise ValueError(f"synchronous must be off, normal or full, not {synchronous!r}")
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.idempotency_ttl = idempotency_ttl
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous.upper()
+        self.max_pages = max_pages
+        self._probe_lock = threading.Lock()
+        self._probe_db: sqlite3.Connection | None = None
         # One connection per thread: WAL lets readers go on while another thread's commit
         # waits for its fsync; SQLite itself serialises the writers (BEGIN IMMEDIATE).
         self._local = threading.local()
@@ -71,9 +104,10 @@ class SqliteStore:
         if db is None:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            self._cap(db)
             self._local.db = db
             with self._all_lock:
                 self._all.append(db)
@@ -85,10 +119,11 @@ class SqliteStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")  # a full disk can fail here, too: then roll back as well
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     def _key_taken(self, db: sqlite3.Connection, idem: IdempotencyRecord | None) -> bool:
         if idem is None:
@@ -96,7 +131,7 @@ class SqliteStore:
         row = db.execute(
             "SELECT created_at FROM idempotency WHERE owner = ? AND key = ?", (idem.owner, idem.key)
         ).fetchone()
-        return row is not None and row[0] + IDEMPOTENCY_TTL > idem.created_at
+        return row is not None and row[0] + self.idempotency_ttl > idem.created_at
 
     @staticmethod
     def _put_idem(db: sqlite3.Connection, idem: IdempotencyRecord | None) -> None:
@@ -233,7 +268,7 @@ class SqliteStore:
             .execute(
                 "SELECT owner, key, fingerprint, status, body, headers, created_at "
                 "FROM idempotency WHERE owner = ? AND key = ? AND created_at > ?",
-                (owner, key, now - IDEMPOTENCY_TTL),
+                (owner, key, now - self.idempotency_ttl),
             )
             .fetchone()
         )
@@ -301,11 +336,72 @@ class SqliteStore:
     def ping(self) -> bool:
         return bool(self._conn().execute("SELECT 1").fetchone() == (1,))
 
+    def writable(self) -> None:
+        """Raise the trouble a write would meet now, else return: a full disk, or a lock
+        held past a short wait. It commits a real one-row write (a rolled-back one would
+        not notice a full disk), on a connection of its own with a short busy wait."""
+        if self.path != ":memory:":
+            disk = os.statvfs(Path(self.path).parent)
+            if disk.f_bavail * disk.f_frsize < MIN_FREE_BYTES:
+                raise InsufficientStorage(
+                    f"the disk holding the SQLite store has less than {MIN_FREE_BYTES // 1024} "
+                    "KiB free; steps cannot be written until an operator frees space"
+                )
+        with self._probe_lock:
+            if self._probe_db is None:
+                self._probe_db = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None
+                )
+                timeout = min(PROBE_TIMEOUT_MS, self.busy_timeout_ms)
+                self._probe_db.execute(f"PRAGMA busy_timeout={int(timeout)}")
+                self._cap(self._probe_db)
+            db = self._probe_db
+            if self.max_pages is not None:
+                (pages,) = db.execute("PRAGMA page_count").fetchone()
+                (free,) = db.execute("PRAGMA freelist_count").fetchone()
+                (size,) = db.execute("PRAGMA page_size").fetchone()
+                if (self.max_pages - pages + free) * size < MIN_FREE_BYTES:
+                    raise InsufficientStorage(
+                        f"the SQLite store is at its cap of {self.max_pages} pages; steps "
+                        "cannot be written until sessions are deleted"
+                    )
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _cap(self, db: sqlite3.Connection) -> None:
+        if self.max_pages is not None:
+            db.execute(f"PRAGMA max_page_count={int(self.max_pages)}")
+
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Delete the idempotency records older than the TTL, ``batch`` per transaction (so
+        that no writer waits long behind it); the number deleted."""
+        deleted = 0
+        while True:
+            with self._write() as db:
+                count = db.execute(
+                    "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency "
+                    "WHERE created_at <= ? LIMIT ?)",
+                    (now - self.idempotency_ttl, batch),
+                ).rowcount
+            deleted += count
+            if count < batch:
+                return deleted
+
     def close(self) -> None:
         with self._all_lock:
             for db in self._all:
                 db.close()
             self._all.clear()
+        with self._probe_lock:
+            if self._probe_db is not None:
+                self._probe_db.close()
+                self._probe_db = None
 
 
 def _row(r: SessionRecord) -> tuple[object, ...]:

@@ -35,9 +35,8 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def layout(devices: str, per_device: int | None, *, single: bool = False) -> Layout:
-    """The workers for ``--devices``/``--workers-per-device``; ``single`` (a memory:// store,
-    which one process must own) means exactly one worker."""
+def layout(devices: str, per_device: int | None) -> Layout:
+    """The workers for ``--devices``/``--workers-per-device``."""
     names = _expand(devices)
     cores = os.cpu_count() or 1
     cpu_default = max(1, cores // 2)
@@ -45,8 +44,6 @@ def layout(devices: str, per_device: int | None, *, single: bool = False) -> Lay
     for name in names:
         count = per_device or (cpu_default if name == "cpu" else 1)
         workers.extend([name] * count)
-    if single:
-        workers = workers[:1]
     cpu_workers = sum(1 for w in workers if w == "cpu") or 1
     # One core is left to the API process (HTTP, JSON, validation): torch's threads spin while
     # they wait for each other, so a thread that has to share its core stalls all the others.

@@ -46,8 +46,7 @@ class WorkerPool:
     def __init__(self, settings: Settings, observer: Callable[[Info], None] | None = None) -> None:
         self.observer = observer
         """called with what each answer tells besides the answer (metrics)"""
-        single = settings.store.startswith("memory:")  # one process must own the sessions
-        self.layout = devices.layout(settings.devices, settings.workers_per_device, single=single)
+        self.layout = devices.layout(settings.devices, settings.workers_per_device)
         self.queue_size = settings.queue_size
         self.timeout = settings.compute_timeout
         self.context = multiprocessing.get_context("spawn")
@@ -73,6 +72,7 @@ class WorkerPool:
                     max_train_steps=settings.max_train_steps,
                     job_ttl=settings.job_ttl,
                     log_level=settings.log_level,
+                    idempotency_ttl=settings.idempotency_ttl,
                 ),
             )
             for i, device in enumerate(self.layout.devices)

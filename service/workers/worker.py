@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 
 from service.engine.limits import Limits
 from service.errors import ComputeTimeout, GradsvcError, NotFound
+from service.store.base import IDEMPOTENCY_TTL
 from service.workers import messages as m
 from service.workers.inbox import Inbox
 from service.workers.jobs import Answer, Idem, job_view
@@ -48,6 +49,7 @@ class WorkerConfig:
     max_train_steps: int
     job_ttl: float = 7 * 24 * 3600.0
     log_level: str = "info"
+    idempotency_ttl: float = IDEMPOTENCY_TTL
 
 
 class TimedStore:
@@ -94,7 +96,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
     inbox = Inbox(sock)
-    store = TimedStore(open_store(config.store))
+    store = TimedStore(open_store(config.store, idempotency_ttl=config.idempotency_ttl))
     sessions = Sessions(
         store,
         config.limits,

@@ -255,8 +255,12 @@ def test_step_many(server: Server, mode: str) -> None:
         assert isinstance(got[2].error, NotFoundError)
         with pytest.raises(NotFoundError):
             got[2].raise_for_error()
-        again = await aw(gs.step_many([BatchItem(a, 1, 3, idempotency_key=key)]))
+        retry = [BatchItem(a, 1, 3, idempotency_key=key)]
+        again = await aw(gs.step_many(retry, include=["loss", "params"]))
         assert again[0].replayed and again[0].step == 1
+        # The key names what shaped the answer too: another include is another request.
+        other = await aw(gs.step_many(retry))
+        assert other[0].status == 422 and not other[0].ok
         assert (await aw(gs.get_session(a))).step == 1
 
     run(mode, server.url, scenario)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import redis
 
-from service.store.base import SessionStore
+from service.store.base import IDEMPOTENCY_TTL, SessionStore
 from service.store.memory import MemoryStore
 from service.store.redis import RedisStore
 from service.store.sqlite import SqliteStore
 
-StoreFactory = Callable[[], SessionStore]
-"""Another store on the same data: the same object (memory), file (sqlite) or prefix (redis)."""
+
+class StoreFactory(Protocol):
+    """Another store on the same data: the same object (memory), file (sqlite) or prefix
+    (redis); ``idempotency_ttl`` for the stores it opens (memory: the first call's)."""
+
+    def __call__(self, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore: ...
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -24,25 +29,25 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     opened: list[SessionStore] = []
     kind: str = request.param
     if kind == "memory":
-        shared = MemoryStore()
-        opened.append(shared)
 
-        def open_one() -> SessionStore:
-            return shared
+        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+            if not opened:
+                opened.append(MemoryStore(idempotency_ttl=idempotency_ttl))
+            return opened[0]
 
     elif kind == "sqlite":
         path = str(tmp_path / "gradsvc.db")
 
-        def open_one() -> SessionStore:
-            opened.append(SqliteStore(path))
+        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+            opened.append(SqliteStore(path, idempotency_ttl=idempotency_ttl))
             return opened[-1]
 
     else:
         url: str = request.getfixturevalue("redis_url")
         prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
 
-        def open_one() -> SessionStore:
-            opened.append(RedisStore(url, prefix=prefix))
+        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+            opened.append(RedisStore(url, prefix=prefix, idempotency_ttl=idempotency_ttl))
             return opened[-1]
 
     yield open_one

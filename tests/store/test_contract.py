@@ -607,3 +607,48 @@ def test_sqlite_opens_a_file_from_before_jobs(tmp_path: Path) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+def test_expired_records_are_purged_in_batches(store_factory: StoreFactory) -> None:
+    """With a tiny TTL: records older than it are deleted by ``purge`` (Redis: by its own key
+    TTLs, which follow the setting), a batch at a time; younger ones stay. Reading with a
+    ``now`` from before the expiry shows whether a record is still physically there."""
+    ttl = 0.5
+    store = store_factory(idempotency_ttl=ttl)
+    written = time.time()
+    old = [idem(f"old-{i}", created_at=written) for i in range(5)]
+    for record in old:
+        assert store.remember(record) is True
+    assert store.idempotency(ALICE, "old-0", written + ttl / 2) == old[0]
+    time.sleep(ttl + 0.2)
+    fresh = idem("fresh")
+    assert store.remember(fresh) is True
+    assert store.idempotency(ALICE, "old-0", time.time()) is None  # expired: not served
+    deleted = store.purge(time.time(), batch=2)
+    assert deleted in (0, 5)  # Redis deletes them itself (0); the others here, two at a time
+    for record in old:
+        assert store.idempotency(ALICE, record.key, written) is None  # gone, not only stale
+    assert store.idempotency(ALICE, "fresh", fresh.created_at) == fresh
+    assert store.purge(time.time()) == 0
+    # An expired key may be taken again, by a commit as by remember.
+    assert store.create(session("s1"), idem("old-1")) is Commit.OK
+
+
+def test_a_healthy_store_is_writable(store: SessionStore) -> None:
+    store.writable()
+    store.writable()
+    assert store.create(session()) is Commit.OK
+
+
+def test_redis_key_ttls_follow_the_setting(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix, idempotency_ttl=90.0)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert store.remember(idem("t")) is True
+        (key,) = client.scan_iter(match=f"{prefix}i:*")
+        assert 85_000 < client.pttl(key) <= 90_000
+        client.delete(key)
+    finally:
+        client.close()
+        store.close()

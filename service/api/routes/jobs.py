@@ -47,7 +47,7 @@ FeedsDep = Annotated[Feeds, Depends(_feeds)]
     "/v1/sessions/{session_id}/train",
     status_code=202,
     response_model=schemas.Job,
-    responses=responses(400, 404, 409, 422, 503, 504),
+    responses=responses(400, 404, 409, 422, 503, 504, 507),
     summary="Start a training job: epochs of mini-batch steps, each one committed",
     description=(
         "Answers 202 at once with the job and `Location: /v1/jobs/{id}`. The job is kept in the "

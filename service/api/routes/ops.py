@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from fastapi import APIRouter, Request, Response
 
 from service.api import metrics, schemas
-from service.api.deps import PoolDep, StoreDep
+from service.api.deps import PoolDep
 from service.api.problems import responses
-from service.errors import Unavailable
+from service.api.store_health import StoreHealth
+from service.errors import StoreUnavailable, Unavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -26,16 +26,14 @@ async def healthz() -> schemas.Health:
     responses=responses(503),
     summary="Store and compute ready (503 otherwise)",
 )
-async def readyz(pool: PoolDep, store: StoreDep) -> schemas.Health:
+async def readyz(request: Request, pool: PoolDep) -> schemas.Health:
     if not pool.ready:
         states = ", ".join(f"{w.index}: {w.state}" for w in pool.workers)
         raise Unavailable(f"not every worker is up ({states})")
-    try:
-        reachable = await asyncio.to_thread(store.ping)
-    except Exception:  # any failure to reach the store means not ready, whatever its kind
-        reachable = False
-    if not reachable:
-        raise Unavailable("the session store does not answer")
+    health: StoreHealth = request.app.state.store_health
+    trouble = await health.trouble()
+    if trouble is not None:  # a full disk too: not ready is 503, whatever the cause
+        raise StoreUnavailable(f"the session store cannot take writes: {trouble.detail}")
     return schemas.Health(status="ready")
 
 

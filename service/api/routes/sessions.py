@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -14,16 +17,18 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Resp
 
 from service.api import schemas
 from service.api.auth import PrincipalDep
-from service.api.deps import InFlightDep, PoolDep
-from service.api.idempotency import IdemDep, InFlight
+from service.api.deps import InFlightDep, PoolDep, StoreDep
+from service.api.idempotency import IdemDep, InFlight, bulk_item, item_key
 from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import GradsvcError, InvalidInput, NotFound
+from service.errors import GradsvcError, InvalidInput, KeyReused, NotFound
+from service.store import SessionStore
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso, new_id
 from service.workers.pool import WorkerPool
 
+log = logging.getLogger("gradsvc")
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=FastJSONRoute)
 SessionId = Annotated[str, Path(description="a session id, as returned by POST /v1/sessions")]
 IfMatch = Annotated[
@@ -85,7 +90,7 @@ async def create(
     "/restore",
     status_code=201,
     response_model=schemas.Session,
-    responses=responses(400, 404, 409, 413, 422, 503),
+    responses=responses(400, 404, 409, 413, 422, 503, 507),
     summary="A new session from a checkpoint file",
     openapi_extra={
         "requestBody": {
@@ -111,7 +116,7 @@ async def restore(
     "/step",
     response_model=schemas.SessionsStepResponse,
     response_model_exclude_none=True,
-    responses=responses(400, 422, 503, 504),
+    responses=responses(400, 409, 422, 503, 504, 507),
     summary="Many sessions, one step each, in one request",
     description=(
         "For services that train many small models: one round trip, one vectorised "
@@ -119,8 +124,10 @@ async def restore(
         "in request order, each with its own `status`: 200 and the step's results (only those "
         "named in `include`), or a `problem`. Each item is applied exactly as its own "
         "`POST /v1/sessions/{id}/step` would be; several items for one session are applied "
-        "in order. Exactly once under retries: give each item an `idempotency_key`, or send "
-        "the request with an `Idempotency-Key` header (item *i* then uses `<key>#<i>`)."
+        "in order. Exactly once under retries: send the request with an `Idempotency-Key` "
+        "header (it covers the whole request: a retry gets every item as first answered, and "
+        "another body under it is a 422), or give items an `idempotency_key` of their own "
+        "(kept apart from request keys: an item key never takes a single step's record)."
     ),
 )
 async def step_many(
@@ -131,12 +138,68 @@ async def step_many(
     idem: IdemDep,
     pool: PoolDep,
     inflight: InFlightDep,
+    store: StoreDep,
 ) -> Response:
+    async with inflight.hold(idem):
+        if idem is not None and (stored := await _stored_request(store, idem)) is not None:
+            return stored
+        payload, replayed = await _step_items(body, owner, idem, pool)
+        if idem is not None:
+            await _remember_request(store, idem, payload)
+    headers = {"Idempotent-Replayed": "true"} if replayed and idem else None
+    return Response(payload, 200, headers, media_type="application/json")
+
+
+async def _stored_request(store: SessionStore, idem: Idem) -> Response | None:
+    """The whole answer stored under the request's header key, replayed; KeyReused if the
+    key named another request (its stored record, or, if the first try died before storing
+    it, its first item's)."""
+    now = time.time()
+    record = await asyncio.to_thread(store.idempotency, idem.owner, idem.key, now)
+    if record is None:
+        first = await asyncio.to_thread(store.idempotency, idem.owner, bulk_item(idem.key, 0), now)
+        if first is not None and first.fingerprint != _bulk_fingerprint(idem, 0):
+            raise _reused()
+        return None
+    if record.fingerprint != idem.fingerprint:
+        raise _reused()
+    items = orjson.loads(record.body)["items"]
+    for item in items:  # every item is answered from the key, as first answered
+        item["replayed"] = True
+    return Response(
+        orjson.dumps({"items": items}),
+        record.status,
+        {"Idempotent-Replayed": "true"},
+        media_type="application/json",
+    )
+
+
+def _reused() -> KeyReused:
+    return KeyReused(
+        "this Idempotency-Key was used for a different request: in POST /v1/sessions/step "
+        "it covers the whole body (items, include, encoding); use a new key for a new request"
+    )
+
+
+async def _remember_request(store: SessionStore, idem: Idem, payload: bytes) -> None:
+    """Store the whole answer. The items are committed already, each under its own key, so
+    if this fails a retry still applies nothing twice: it is logged, not answered."""
+    record = idem.record(Answer(200, payload, {"Content-Type": "application/json"}))
+    try:
+        await asyncio.to_thread(store.remember, record)
+    except GradsvcError as exc:
+        log.warning("could not store a POST /v1/sessions/step answer: %s", exc.detail)
+
+
+async def _step_items(
+    body: specs.SessionsStepRequest, owner: str, idem: Idem | None, pool: WorkerPool
+) -> tuple[bytes, bool]:
+    """Every item stepped, in its session's worker: the answer's bytes, and whether every
+    item was answered from its key."""
     answers: list[Answer | GradsvcError | None] = [None] * len(body.items)
     include = frozenset(body.include)
     jobs: dict[int, RunJob] = {}
     for i, item in enumerate(body.items):
-        key = item.idempotency_key or (f"{idem.key}#{i}" if idem else None)
         try:
             session_id = checked(item.session)
         except NotFound as exc:
@@ -145,10 +208,9 @@ async def step_many(
         request = specs.SessionGradientsRequest.model_construct(
             batch=item.batch, encoding=body.encoding, explain=False
         )
-        item_idem = _item_idem(owner, key, item)
+        item_idem = _item_idem(owner, item, body, idem, i)
         jobs[i] = RunJob("step", owner, session_id, request, item_idem, include=include)
-    async with inflight.hold(idem):
-        results = await pool.step_many(list(jobs.values()))
+    results = await pool.step_many(list(jobs.values()))
     for i, result in zip(jobs, results, strict=True):
         answers[i] = result
     items = [
@@ -156,16 +218,31 @@ async def step_many(
         for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
     ]
     replayed = all(isinstance(a, Answer) and a.replayed for a in answers)
-    headers = {"Idempotent-Replayed": "true"} if replayed and idem else None
-    return Response(orjson.dumps({"items": items}), 200, headers, media_type="application/json")
+    return orjson.dumps({"items": items}), replayed
 
 
-def _item_idem(owner: str, key: str | None, item: specs.SessionsStepItem) -> Idem | None:
-    if key is None:
-        return None
-    digest = hashlib.sha256(f"POST /v1/sessions/step {item.session}\n".encode())
-    digest.update(orjson.dumps(item.batch.model_dump(mode="json")))
-    return Idem(owner, key, digest.hexdigest())
+def _item_idem(
+    owner: str,
+    item: specs.SessionsStepItem,
+    body: specs.SessionsStepRequest,
+    idem: Idem | None,
+    index: int,
+) -> Idem | None:
+    """An item's own key (what it names: its session, its batch, and the request's
+    ``include`` and ``encoding``, which shape its answer), or its place under the header key
+    (named by the whole request and the index)."""
+    if item.idempotency_key is not None:
+        digest = hashlib.sha256(f"POST /v1/sessions/step item {item.session}\n".encode())
+        digest.update(orjson.dumps(sorted(body.include)) + body.encoding.encode() + b"\n")
+        digest.update(orjson.dumps(item.batch.model_dump(mode="json")))
+        return Idem(owner, item_key(item.idempotency_key), digest.hexdigest())
+    if idem is not None:
+        return Idem(owner, bulk_item(idem.key, index), _bulk_fingerprint(idem, index))
+    return None
+
+
+def _bulk_fingerprint(idem: Idem, index: int) -> str:
+    return hashlib.sha256(f"{idem.fingerprint}#{index}".encode()).hexdigest()
 
 
 _INCLUDED = {"grad_norm": "loss"}  # "loss" brings the gradient norm along, as history does
