@@ -102,10 +102,12 @@ return 0
 
 # KEYS: session, history, the transaction's refusal mark for this session[, idem]. ARGV: ttl,
 # idem created_at, owner, expected version, has name ('1' or '0'), has history ('1' or '0'),
-# history step, history member, the holder ('' for none), the number of session field/value
-# items n, n items, then the idem's field/value items. A refusal sets the mark, and a marked
-# session's later items in the same MULTI are refused: ``commit_many`` commits each session's
-# items as a prefix.
+# history step, history member, the holder ('' for none), the time after which the caller has
+# given up waiting (server clock), the number of session field/value items n, n items, then
+# the idem's field/value items. A refusal sets the mark, and a marked session's later items in
+# the same MULTI are refused: ``commit_many`` commits each session's items as a prefix. A
+# script that only runs once its caller has timed out (the server was paused, say) refuses:
+# its caller has been told the outcome is unknown, and must not find it applied behind it.
 _COMMIT = (
     _LUA_IDEM
     + """
@@ -119,11 +121,13 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return refuse(2) end
 if (redis.call('HGET', KEYS[1], 'hold') or '') ~= ARGV[9] then return refuse(4) end
 if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then return refuse(1) end
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return refuse(1) end
-local n = tonumber(ARGV[10])
-redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + n))
+local clock = redis.call('TIME')
+if tonumber(clock[1]) + tonumber(clock[2]) / 1e6 > tonumber(ARGV[10]) then return refuse(1) end
+local n = tonumber(ARGV[11])
+redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + n))
 if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8]) end
-if idem then idem_put(idem, ARGV[1], 11 + n, #ARGV) end
+if idem then idem_put(idem, ARGV[1], 12 + n, #ARGV) end
 return 0
 """
 )
@@ -297,7 +301,10 @@ class RedisStore:
         else:
             member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at)
             args += ["1", history.step, member]
-        args += [item.holder or "", len(fields), *fields]
+        # The caller stops waiting at socket_timeout; refusing a second before that leaves room
+        # for the replicas' and the Redis server's clocks to differ by up to a second.
+        not_after = repr(time.time() + TIMEOUT * 0.8)
+        args += [item.holder or "", not_after, len(fields), *fields]
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)

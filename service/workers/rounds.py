@@ -254,6 +254,10 @@ class Pass:
         self.committed = True
         for chain in chains:
             statuses = [next(outcomes) for _ in chain.staged]
+            if Commit.CONFLICT in statuses:
+                # Refused as moved on, perhaps by this very step: a store's client may have
+                # resent a transaction whose first try did commit. The history says.
+                statuses = self._confirmed(chain)
             done = next((k for k, s in enumerate(statuses) if s is not Commit.OK), len(statuses))
             for staged in chain.staged[:done]:
                 self.results[staged.index] = staged.answer
@@ -270,8 +274,9 @@ class Pass:
                 self.sessions.cache.put(chain.key, chain.base + done, chain.built)
 
     def _confirmed(self, chain: Chain) -> list[Commit | None]:
-        """After a failed ``commit_many``: which of the chain's staged steps the store holds
-        (their history rows are written with them), OK or CONFLICT; None where it cannot say."""
+        """Which of the chain's staged steps the store holds (their history rows, stamped to
+        the microsecond, are written with them): OK or CONFLICT; None where it cannot say.
+        For a ``commit_many`` that failed, or refused a step."""
         if not chain.staged:
             return []
         first = chain.staged[0].item.history

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import redis
 
 from service.store.base import (
@@ -651,4 +652,26 @@ def test_redis_key_ttls_follow_the_setting(redis_url: str) -> None:
         client.delete(key)
     finally:
         client.close()
+        store.close()
+
+
+def test_redis_refuses_a_commit_that_runs_after_its_caller_gave_up(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit script carries the time its caller stops waiting; run later (the server was
+    paused, the transaction queued), it refuses, so a caller told "unknown" finds nothing
+    applied behind its back."""
+    import service.store.redis as redis_store
+
+    store = RedisStore(redis_url, prefix=f"gradsvc-test:{uuid.uuid4().hex}:")
+    try:
+        record = session()
+        assert store.create(record) is Commit.OK
+        sent_long_ago = time.time() - 2 * redis_store.TIMEOUT
+        monkeypatch.setattr(redis_store.time, "time", lambda: sent_long_ago)
+        assert store.commit_many([CommitItem(stepped(record), 1, row(1))]) == [Commit.CONFLICT]
+        monkeypatch.undo()
+        assert store.get(ALICE, "s1") == record
+        assert store.commit_many([CommitItem(stepped(record), 1, row(1))]) == [Commit.OK]
+    finally:
         store.close()

@@ -148,3 +148,24 @@ def test_a_committed_steps_answer_does_not_wait_behind_later_work(
     jobs = [m.Job(1, m.Run(step("s", 3)), math.inf), m.Job(2, m.Run(gradients("s", 3)), math.inf)]
     worker.execute(jobs, lambda reply: sent.append(reply.job_id))
     assert seen_when_reading == [[1]] and sent == [1, 2]
+
+
+def test_a_refusal_of_a_step_that_did_commit_is_answered_as_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store client that resends a transaction after a dropped connection gets 'moved on'
+    for a step its first try committed: the history shows the step is this one, so it is
+    answered, not run a second time."""
+    worker, store = make_worker(tmp_path / "e.db")
+    create(worker.sessions, "s")
+    real_commit = store.commit_many
+
+    def resent(items: Any) -> Any:
+        real_commit(items)
+        return real_commit(items)  # the resend: every item now refused
+
+    monkeypatch.setattr(store, "commit_many", resent)
+    jobs = [m.Job(1, m.Run(step("s", 3)), math.inf), m.Job(2, m.Run(step("s", 5)), math.inf)]
+    sent = execute(worker, jobs)
+    assert [r.ok for r, _ in sent.values()] == [True, True]
+    assert [r.step for r in store.history(ALICE, "s", 10)] == [1, 2]
