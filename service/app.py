@@ -69,7 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store,
             app.state.pool,
             ttl=settings.job_ttl,
-            via_workers=False,  # memory:// too is a file this process reads
         )
         app.state.feeds = Feeds(board)
         try:

@@ -1,7 +1,7 @@
 """Jobs as this API process sees them: read from the store, on every replica alike.
 
 ``JobBoard`` reads and cancels jobs in the store (off the event loop: the store is
-synchronous). With ``memory://`` only the workers share one store, so there it asks a worker.
+synchronous); ``memory://`` too is a file this process shares with its workers.
 
 ``Feeds`` keeps one reader per followed job: however many event streams follow a job in this
 process, the store is read once per tick for all of them. When the server shuts down every
@@ -32,13 +32,10 @@ claimed, and the answer then still says running."""
 
 
 class JobBoard:
-    def __init__(self, store: SessionStore, pool: WorkerPool, *, ttl: float, via_workers: bool):
-        self.store, self.pool, self.ttl, self.via_workers = store, pool, ttl, via_workers
+    def __init__(self, store: SessionStore, pool: WorkerPool, *, ttl: float) -> None:
+        self.store, self.pool, self.ttl = store, pool, ttl
 
     async def get(self, owner: str, job_id: str) -> dict[str, Any]:
-        if self.via_workers:
-            view: dict[str, Any] = await self.pool.job(owner, job_id)
-            return view
         job = await asyncio.to_thread(self.store.get_job, owner, job_id, time.time())
         if job is None:
             raise NotFound(f"no job {job_id}")
@@ -46,15 +43,10 @@ class JobBoard:
 
     async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
         """Ask the job to stop, and answer how it ended once its runner has stopped it."""
-        if self.via_workers:
-            view: dict[str, Any] = await self.pool.cancel(owner, job_id)
-        else:
-            job = await asyncio.to_thread(
-                self.store.cancel_job, owner, job_id, time.time(), self.ttl
-            )
-            if job is None:
-                raise NotFound(f"no job {job_id}")
-            view = job_view(job)
+        job = await asyncio.to_thread(self.store.cancel_job, owner, job_id, time.time(), self.ttl)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        view = job_view(job)
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         while view["status"] not in FINISHED and time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS / 2)

@@ -125,22 +125,6 @@ class Train(Message[Answer]):
 
 
 @dataclass(frozen=True)
-class JobView(Message[dict[str, Any]]):
-    """A training job as ``GET /v1/jobs/{id}`` shows it."""
-
-    owner: str
-    job_id: str
-
-
-@dataclass(frozen=True)
-class Cancel(Message[dict[str, Any]]):
-    """Stop a training job; answered with its view."""
-
-    owner: str
-    job_id: str
-
-
-@dataclass(frozen=True)
 class Ping(Message[int]):
     """Answered with the worker's pid."""
 
@@ -158,8 +142,6 @@ Request = (
     | Run
     | RunMany
     | Train
-    | JobView
-    | Cancel
     | Ping
 )
 """Every message a worker answers."""

@@ -176,14 +176,6 @@ class WorkerPool:
     ) -> Answer:
         return await self._call(m.Train(owner, session_id, job_id, request, idem), session_id)
 
-    async def job(self, owner: str, job_id: str) -> dict[str, Any]:
-        """A training job, read from the store by any worker."""
-        return await self._call(m.JobView(owner, job_id), None)
-
-    async def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
-        """Ask a training job to stop, through any worker."""
-        return await self._call(m.Cancel(owner, job_id), None)
-
     async def ping(self, key: str | None = None) -> int:
         """The pid of the worker that answers for ``key``."""
         return await self._call(m.Ping(), key)

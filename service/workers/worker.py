@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, assert_never
 
 from service.engine.limits import Limits
-from service.errors import ComputeTimeout, GradsvcError, NotFound
+from service.errors import ComputeTimeout, GradsvcError
 from service.store.base import IDEMPOTENCY_TTL
 from service.workers import messages as m
 from service.workers.inbox import Inbox
-from service.workers.jobs import Answer, Idem, job_view
+from service.workers.jobs import Answer, Idem
 from service.workers.messages import Info, Job, Reply
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
@@ -274,27 +274,10 @@ class Worker:
                 return sessions.run_many([replace(job, deadline=deadline) for job in jobs])
             case m.Train(owner, session_id, job_id, request, idem):
                 return trainer.start(owner, session_id, job_id, request, idem)
-            case m.JobView(owner, job_id):
-                return self._job(owner, job_id)
-            case m.Cancel(owner, job_id):
-                return self._cancel(owner, job_id)
             case m.Ping():
                 return os.getpid()
             case _:
                 assert_never(message)
-
-    def _job(self, owner: str, job_id: str) -> dict[str, Any]:
-        """A job read through a worker: for a store only the workers can see (memory://)."""
-        job = self.sessions.store.get_job(owner, job_id, time.time())
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return job_view(job)
-
-    def _cancel(self, owner: str, job_id: str) -> dict[str, Any]:
-        job = self.sessions.store.cancel_job(owner, job_id, time.time(), self.config.job_ttl)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return job_view(job)
 
     def _stateless(self, kind: Any, body: Any, idem: Idem | None) -> Answer:
         import orjson
