@@ -21,7 +21,8 @@ def _free_port() -> int:
         return port
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether a Redis server answers at ``url`` (within half a second)."""
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         return bool(client.ping())
@@ -59,7 +60,7 @@ def _start(server: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             )
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:
-            if _answers(url):
+            if answers(url):
                 return proc, url
             time.sleep(0.05)
         _stop(proc)

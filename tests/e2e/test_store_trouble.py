@@ -35,6 +35,7 @@ import pytest
 
 from tests.conftest import SEED_STEP, assert_problem
 from tests.e2e.server import Server, free_port
+from tests.redis_server import answers
 
 pytestmark = pytest.mark.slow
 SESSION = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
@@ -249,15 +250,7 @@ class OwnRedis:
         return self
 
     def _answers(self) -> bool:
-        import redis
-
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        return answers(self.url)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

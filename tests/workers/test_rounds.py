@@ -24,18 +24,11 @@ from service.store.sqlite import SqliteStore
 from service.workers import rounds
 from service.workers.jobs import Answer, RunJob
 from service.workers.sessions import Sessions
+from tests.conftest import SEED_STEP
 
 ALICE, BOB = "alice", "bob"
-SEED = {
-    "model": {
-        "type": "expression",
-        "expression": "w * x + 1",
-        "params": {"w": {"value": [1.0]}},
-        "dtype": "float64",
-    },
-    "loss": "squared",
-    "optimizer": {"type": "sgd", "lr": 0.1},
-}
+SEED = {k: v for k, v in SEED_STEP.items() if k != "batch"}
+"""The notebook's session: w · x + 1, squared loss, SGD 0.1."""
 
 
 @pytest.fixture
