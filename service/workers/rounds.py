@@ -8,12 +8,12 @@ state is staged, not committed, and the chain's next link starts from it. After 
 round, every staged step of the pass goes to the store in one transaction (a group commit),
 which commits each session's items as a prefix (``SessionStore.commit_many``).
 
-A chain stops, and its remaining links go to the next pass (where they start from the state
-the store holds), when a link
-- fails (an error, a non-finite result, its deadline): nothing after it is committed on the
-  strength of a pass that had a failure in it;
-- is a read (gradients, forward) behind staged steps: a read sees committed state only, since
-  its answer may be stored under its Idempotency-Key at once.
+A failed link (an error, a non-finite result, its deadline) is answered and skipped: the
+next link starts from the last state the chain applied, never from the failed one; a failed
+step that may have touched the model's tensors has the model rebuilt from that state's
+bytes. A chain stops, and its remaining links go to the next pass (where they start from the
+state the store holds), when a read (gradients, forward) comes behind staged steps: a read
+sees committed state only, since its answer may be stored under its Idempotency-Key at once.
 
 A result computed on staged state stands only if that state commits: when a chain's k-th
 staged step is refused (another writer moved the session, its key was taken, its deadline
@@ -42,6 +42,7 @@ from service.engine.step import Result, encode_result
 from service.errors import (
     ComputeTimeout,
     GradsvcError,
+    InsufficientStorage,
     NotFound,
     PreconditionFailed,
     Unavailable,
@@ -62,6 +63,11 @@ Outcome = Answer | GradsvcError
 
 def timed_out() -> ComputeTimeout:
     return ComputeTimeout("the request ran past the compute timeout; nothing was changed")
+
+
+def failure_or(failure: GradsvcError | None, default: GradsvcError) -> GradsvcError:
+    """A full store is an answer even when the commit cannot be confirmed: it wrote nothing."""
+    return failure if isinstance(failure, InsufficientStorage) else default
 
 
 def unconfirmed() -> Unavailable:
@@ -98,7 +104,7 @@ class Chain:
     """(job index, staged steps it was computed on) of links answered without a commit"""
     stopped: bool = False
     tainted: bool = False
-    """a failed or uncommitted step may have changed ``built``'s tensors"""
+    """``built`` holds steps that did not commit: it must not go back to the cache"""
 
     def stop(self, index: int | None = None) -> None:
         """No more links this pass; ``index`` (a link not run) goes first in the next."""
@@ -195,10 +201,11 @@ class Pass:
         return Prepared(i, job, record, built, inputs)
 
     def _fail(self, chain: Chain, i: int, error: GradsvcError, *, touched: bool) -> None:
+        """Link i ends with ``error``; the chain goes on from the state it had applied."""
         self.results[i] = error
         chain.settled.append((i, len(chain.staged)))
-        chain.stop()
-        chain.tainted = chain.tainted or touched
+        if touched and chain.built is not None and chain.record is not None:
+            chain.built = self.sessions.rebuilt(chain.record)
 
     def _settle(self, chain: Chain, i: int, answer: Answer) -> None:
         self.results[i] = answer
@@ -247,14 +254,16 @@ class Pass:
                 self._cut(chain, late[0], timed_out())
         items = [s.item for chain in chains for s in chain.staged]
         outcomes: Iterator[Commit | None]
+        failure: GradsvcError | None = None
         try:
             outcomes = iter(self.sessions.store.commit_many(items) if items else [])
-        except Exception:
+        except Exception as exc:
+            failure = problem(exc)
             outcomes = iter([s for chain in chains for s in self._confirmed(chain)])
         self.committed = True
         for chain in chains:
             statuses = [next(outcomes) for _ in chain.staged]
-            if Commit.CONFLICT in statuses:
+            if failure is None and Commit.CONFLICT in statuses:
                 # Refused as moved on, perhaps by this very step: a store's client may have
                 # resent a transaction whose first try did commit. The history says.
                 statuses = self._confirmed(chain)
@@ -263,15 +272,23 @@ class Pass:
                 self.results[staged.index] = staged.answer
             self.sessions.steps += done
             if done < len(statuses):
-                status = statuses[done]
-                if status is None:
-                    self._cut(chain, done, unconfirmed(), every=True)
-                elif status is Commit.GONE:
-                    self._cut(chain, done, NotFound(f"no session {chain.key[1]}"))
-                else:
-                    self._cut(chain, done, None)
+                self._refused(chain, done, statuses[done], failure)
             if chain.built is not None and not chain.tainted:
                 self.sessions.cache.put(chain.key, chain.base + done, chain.built)
+
+    def _refused(
+        self, chain: Chain, k: int, status: Commit | None, failure: GradsvcError | None
+    ) -> None:
+        """Staged step k (and so every later one of the chain) did not commit, or may not
+        have: answer or rerun each as ``status`` and the commit's ``failure`` say."""
+        if status is None:  # unknown: running them again could apply one twice
+            self._cut(chain, k, failure_or(failure, unconfirmed()), every=True)
+        elif failure is not None:  # the store's trouble is the answer: nothing was written
+            self._cut(chain, k, failure, every=True)
+        elif status is Commit.GONE:
+            self._cut(chain, k, NotFound(f"no session {chain.key[1]}"))
+        else:
+            self._cut(chain, k, None)
 
     def _confirmed(self, chain: Chain) -> list[Commit | None]:
         """Which of the chain's staged steps the store holds (their history rows, stamped to

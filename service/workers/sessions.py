@@ -271,6 +271,11 @@ class Sessions:
         cached = self.cache.checkout((record.owner, record.id), record.version)
         return cached if cached is not None else self._fresh(record)
 
+    def rebuilt(self, record: SessionRecord) -> Built:
+        """The session built anew from ``record``'s bytes (staged or committed), for a model
+        whose tensors a failed step may have changed."""
+        return self._fresh(record)
+
     def _fresh(self, record: SessionRecord) -> Built:
         spec = self._spec(record)
         model, optimizer = self._build(spec, record.state)
