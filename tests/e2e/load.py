@@ -18,6 +18,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,10 @@ class Load:
     """the share of single steps sent once, without an Idempotency-Key"""
     reads: float = 0.1
     """the share of requests that are gradients (they change nothing)"""
+    items: tuple[int, int] = (2, 6)
+    """how many items a bulk request has, at least and at most"""
+    statuses: Counter[int] = field(default_factory=Counter)
+    """every definitive answer's status, items one by one"""
     headers: Mapping[str, str] = field(default_factory=dict)
     checker: Checker = field(default_factory=lambda: Checker(LR))
     ids: list[str] = field(default_factory=list)
@@ -108,7 +113,7 @@ class Load:
         session = rng.choice(self.ids)
         body = {"batch": self._batch(rng)}
         answer = self._send(https, rng, f"/v1/sessions/{session}/gradients", body, None)
-        assert answer is not None and answer.status_code in (200, 422), answer
+        assert answer is not None and answer.status_code in (200, 422, 504), answer
 
     def _single(self, https: list[httpx.Client], rng: random.Random) -> None:
         session = rng.choice(self.ids)
@@ -120,6 +125,8 @@ class Load:
                 answer = None
         else:
             answer = self._send(https, rng, path, body, uuid.uuid4().hex)
+        if answer is not None:
+            self.statuses[answer.status_code] += 1
         if answer is not None and answer.status_code == 200:
             self.checker.acknowledged(session, answer.json())
         else:
@@ -128,7 +135,7 @@ class Load:
     def _bulk(self, https: list[httpx.Client], rng: random.Random) -> None:
         items = [
             {"session": rng.choice(self.ids), "batch": self._batch(rng), "idempotency_key": k}
-            for k in (uuid.uuid4().hex for _ in range(rng.randint(2, 6)))
+            for k in (uuid.uuid4().hex for _ in range(rng.randint(*self.items)))
         ]
         body = {"items": items, "include": ["params", "grads", "loss"]}
         for _ in range(200):
@@ -137,9 +144,12 @@ class Load:
             if answer.status_code != 200:
                 for _ in items:
                     self.checker.refused()
+                self.statuses[answer.status_code] += len(items)
                 return
             again = []
             for sent, item in zip(items, answer.json()["items"], strict=True):
+                if item["status"] not in RETRYABLE:
+                    self.statuses[item["status"]] += 1
                 if item["status"] == 200:
                     self.checker.acknowledged(item["session"], item)
                 elif item["status"] in RETRYABLE:

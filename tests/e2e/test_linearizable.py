@@ -120,6 +120,19 @@ def test_one_busy_worker_batching_steps_with_failures_among_them(pair: list[Serv
     checked(load, f"one server, per-request steps batched, {FAULT_SOAK:g} s")
 
 
+def test_bulks_that_run_past_their_deadline_commit_a_prefix(tmp_path: Path) -> None:
+    """Bulk requests of up to 200 items under a 0.5 s compute timeout: items still waiting at
+    the deadline are answered 504 without running, and staged steps whose deadline passed
+    before the group commit are not committed (nor anything computed on them)."""
+    store = f"sqlite:///{tmp_path / 'deadlines.db'}"
+    with Server("--store", store, *ARGS, "--compute-timeout", "0.5") as server:
+        load = Load([server.url], clients=4, bulk=0.7, items=(20, 200), keyless=0.2)
+        load.create(seed=500)
+        load.run(FAULT_SOAK)
+        checked(load, f"bulks past a 0.5 s deadline, {FAULT_SOAK:g} s ({dict(load.statuses)})")
+    assert load.statuses[504] > 0, load.statuses  # the deadline path really ran
+
+
 def test_another_keys_steps_in_the_same_batch_never_touch_a_session(tmp_path: Path) -> None:
     """Bob steps Alice's session while she does, in the same worker batches (a 20 ms window):
     every one of his is a 404, and her history is exactly her acknowledged steps."""
