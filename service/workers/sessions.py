@@ -261,7 +261,7 @@ class Sessions:
         cached = self.cache.get(key, record.version)
         if cached is not None:
             return cached
-        built = self._fresh(record)
+        built = self.rebuilt(record)
         self.cache.put(key, record.version, built)
         return built
 
@@ -269,14 +269,11 @@ class Sessions:
         """The session built at ``record``'s version, out of the cache: for steps, whose
         commits decide whether it goes back (``rounds``)."""
         cached = self.cache.checkout((record.owner, record.id), record.version)
-        return cached if cached is not None else self._fresh(record)
+        return cached if cached is not None else self.rebuilt(record)
 
     def rebuilt(self, record: SessionRecord) -> Built:
-        """The session built anew from ``record``'s bytes (staged or committed), for a model
-        whose tensors a failed step may have changed."""
-        return self._fresh(record)
-
-    def _fresh(self, record: SessionRecord) -> Built:
+        """The session built anew from ``record``'s bytes (committed, or staged by a chain
+        whose model a failed step may have changed), bypassing the cache."""
         spec = self._spec(record)
         model, optimizer = self._build(spec, record.state)
         return Built(record.version, spec, model, optimizer)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 
 from service.engine.limits import Limits
 from service.errors import ComputeTimeout, GradsvcError
-from service.store.base import IDEMPOTENCY_TTL
+from service.store.base import IDEMPOTENCY_TTL, JOB_TTL
 from service.workers import messages as m
 from service.workers.inbox import Inbox
 from service.workers.jobs import Answer, Idem
@@ -47,7 +47,7 @@ class WorkerConfig:
     max_batch: int
     session_cache: int
     max_train_steps: int
-    job_ttl: float = 7 * 24 * 3600.0
+    job_ttl: float = JOB_TTL
     log_level: str = "info"
     idempotency_ttl: float = IDEMPOTENCY_TTL
 
