@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     api_keys_file: str | None = Field(
         default=None, description="file of SHA-256 hex digests of API keys, one per line [label]"
     )
+    admin_keys: str | None = Field(
+        default=None,
+        description="comma-separated operator keys: the only keys /metrics and /v1/workers take",
+    )
+    admin_keys_file: str | None = Field(
+        default=None, description="file of SHA-256 hex digests of operator keys, one per line"
+    )
     insecure: bool = Field(
         default=False, description="allow a non-loopback address without API keys"
     )
@@ -108,7 +115,7 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024, description="request body bytes (413 over)"
     )
     max_sessions_per_key: int = Field(
-        default=1000, ge=1, description="live sessions per API key (429 over)"
+        default=1000, ge=1, description="live sessions per API key (429 quota-exceeded over)"
     )
     rate_limit: float = Field(
         default=50.0, ge=0, description="requests per second per API key; 0: off (429 over)"
@@ -117,6 +124,42 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="steps one training job may take (422 over)"
     )
     rate_burst: int = Field(default=100, ge=1, description="requests a key may send at once")
+    max_inflight_per_key: int = Field(
+        default=32, ge=1, description="requests one key may have in flight (429 over)"
+    )
+    max_jobs_per_key: int = Field(
+        default=4, ge=1, description="active training jobs per key (429 quota-exceeded over)"
+    )
+    max_stored_bytes_per_key: int = Field(
+        default=10 * 1024**3,
+        ge=1,
+        description=(
+            "bytes one key may keep in the store: sessions, idempotency records, job datasets "
+            "(429 quota-exceeded over)"
+        ),
+    )
+    max_streams_per_key: int = Field(
+        default=16, ge=1, description="open event streams per key (429 quota-exceeded over)"
+    )
+    max_request_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1,
+        description="estimated peak memory of one request (422 too-large over)",
+    )
+    max_answer_bytes: int = Field(
+        default=64 * 1024**2, ge=1, description="bytes of one JSON answer (422 too-large over)"
+    )
+    max_parsing_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=1024,
+        description="request body bytes being parsed at once, all requests together (503 over)",
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a request body may take to arrive (408 over)"
+    )
+    max_connections: int = Field(
+        default=1024, ge=1, description="connections served at once (503 over)"
+    )
     job_ttl: float = Field(
         default=JOB_TTL, gt=0, description="seconds a finished training job is kept"
     )

@@ -9,12 +9,16 @@
     │   ├── SpecError               (422 invalid-spec)       models, layers, losses, optimizers
     │   ├── ShapeError              (422 shape-mismatch)     batch does not fit the model
     │   ├── NonFinite               (422 non-finite)         a result JSON cannot carry
+    │   ├── TooLarge                (422 too-large)          over the memory or answer budget
     │   └── KeyReused               (422 idempotency-key-reused)  same key, another request
     ├── NotFound                    (404 not-found)          also: another key's session
     ├── Conflict                    (409 conflict)           the same key still in flight
     │   └── SessionBusy             (409 session-busy)       a training job holds the session
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
-    ├── TooManyRequests             (429 too-many-requests)  rate or session limit; Retry-After
+    ├── RequestTimeout              (408 request-timeout)    the body did not arrive in time
+    ├── UnsupportedMediaType        (415 unsupported-media-type) a JSON route without JSON
+    ├── TooManyRequests             (429 too-many-requests)  rate or in-flight limit; Retry-After
+    ├── QuotaExceeded               (429 quota-exceeded)     a per-key quota; no Retry-After
     ├── Unavailable                 (503 unavailable)        queue full, draining, worker lost
     │   └── StoreUnavailable        (503 store-unavailable)  store unreachable, locked, read-only
     ├── ComputeTimeout              (504 compute-timeout)    over --compute-timeout; no change
@@ -89,6 +93,13 @@ class NonFinite(InvalidInput):
     title = "Result is not finite"
 
 
+class TooLarge(InvalidInput):
+    """The request's estimated peak memory, or its answer, is over the configured budget."""
+
+    type = "too-large"
+    title = "Request too large"
+
+
 class KeyReused(InvalidInput):
     type = "idempotency-key-reused"
     title = "Idempotency-Key reused for another request"
@@ -126,6 +137,27 @@ class TooManyRequests(GradsvcError):
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class QuotaExceeded(GradsvcError):
+    """A per-key quota (jobs, streams, stored bytes, sessions) is used up. No ``Retry-After``:
+    waiting does not help; finishing, closing or deleting something does."""
+
+    status = 429
+    type = "quota-exceeded"
+    title = "Quota exceeded"
+
+
+class RequestTimeout(GradsvcError):
+    status = 408
+    type = "request-timeout"
+    title = "Request timeout"
+
+
+class UnsupportedMediaType(GradsvcError):
+    status = 415
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
 
 
 class NotFound(GradsvcError):
