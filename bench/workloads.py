@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.engine import seed
 from service.engine.specs import StepRequest
 from service.engine.step import run
 
@@ -53,17 +54,7 @@ class Workload:
         return None
 
 
-SEED_BODY: Body = {
-    "model": {
-        "type": "expression",
-        "expression": "w * x + 1",
-        "params": {"w": {"value": [1.0]}},
-        "dtype": "float64",
-    },
-    "loss": "squared",
-    "optimizer": {"type": "sgd", "lr": 0.1},
-    "batch": {"x": 1, "y": 3},
-}
+SEED_BODY: Body = seed.SEED_STEP
 
 
 def _seed_torch() -> float:

@@ -12,19 +12,10 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.engine import seed
 from tests.redis_server import redis_url  # noqa: F401 (a fixture for every test folder)
 
-SEED_STEP: dict[str, Any] = {
-    "model": {
-        "type": "expression",
-        "expression": "w * x + 1",
-        "params": {"w": {"value": [1.0]}},
-        "dtype": "float64",
-    },
-    "loss": "squared",
-    "optimizer": {"type": "sgd", "lr": 0.1},
-    "batch": {"x": 1, "y": 3},
-}
+SEED_STEP: dict[str, Any] = seed.SEED_STEP
 
 
 @pytest.fixture

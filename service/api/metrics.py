@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.workers.handle import label
 from service.workers.messages import Info
 from service.workers.pool import WorkerPool
 
@@ -93,15 +94,25 @@ class _PoolCollector(Collector):
         restarts = CounterMetricFamily(
             "gradsvc_worker_restarts", "worker processes restarted", labels=["worker"]
         )
-        depth = GaugeMetricFamily("gradsvc_queue_depth", "jobs in a worker", labels=["worker"])
+        depth = GaugeMetricFamily(
+            "gradsvc_queue_depth", "requests queued for a worker or in its pass", labels=["worker"]
+        )
         held = GaugeMetricFamily(
             "gradsvc_sessions_held", "sessions a worker keeps built", labels=["worker"]
         )
         for w in pool.workers:
             restarts.add_metric([str(w.index)], w.restarts)
-            depth.add_metric([str(w.index)], len(w.pending))
+            depth.add_metric([str(w.index)], w.depth)
             held.add_metric([str(w.index)], w.held)
-        yield from (up, restarts, depth, held)
+        recycled = CounterMetricFamily(
+            "gradsvc_worker_recycled",
+            "workers recycled because a computation of this key ran past its deadline (the "
+            "key's digest, cut short; only keys that caused one appear)",
+            labels=["key"],
+        )
+        for owner, count in sorted(pool.recycled.items()):
+            recycled.add_metric([label(owner)], count)
+        yield from (up, restarts, depth, held, recycled)
 
 
 class ObserveMiddleware:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.engine.seed import SEED_MODEL, SEED_SGD, SEED_STEP
 from service.engine.specs import Tensor
 
 
@@ -42,14 +43,8 @@ class Health(BaseModel):
     status: str
 
 
-SEED_MODEL: dict[str, Any] = {
-    "type": "expression",
-    "expression": "w * x + 1",
-    "params": {"w": {"value": [1.0]}},
-    "dtype": "float64",
-}
 _SECOND_MODEL = {**SEED_MODEL, "params": {"w": {"value": [1.1]}}}
-_SGD = {"type": "sgd", "lr": 0.1}
+_SGD = SEED_SGD
 
 
 def _example(summary: str, value: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +54,7 @@ def _example(summary: str, value: dict[str, Any]) -> dict[str, Any]:
 STEP_EXAMPLES = {
     "seed": _example(
         "The notebook's first step: w 1 → 1.1",
-        {"model": SEED_MODEL, "loss": "squared", "optimizer": _SGD, "batch": {"x": 1, "y": 3}},
+        SEED_STEP,
     ),
     "seed-second": _example(
         "The notebook's second step: w 1.1 → 1.46",

@@ -68,10 +68,14 @@ class Prepared:
 
 
 def computed(
-    ready: list[Prepared], limits: Limits, batch: bool
+    ready: list[Prepared],
+    limits: Limits,
+    batch: bool,
+    before: Callable[[list[int]], None] | None = None,
 ) -> Iterator[tuple[Prepared, Result | GradsvcError]]:
     """Each prepared job with its result: like jobs as one batched call, the rest alone. The
-    jobs are of distinct sessions (one round), so no two share a model."""
+    jobs are of distinct sessions (one round), so no two share a model. ``before`` hears
+    the indices of each group just before it is computed."""
     groups: dict[Hashable, list[Prepared]] = {}
     for prepared in ready:
         key = _signature(prepared) if batch and len(ready) > 1 else None
@@ -79,6 +83,8 @@ def computed(
             prepared
         )
     for group in groups.values():
+        if before is not None:
+            before([p.index for p in group])
         if len(group) == 1:
             yield group[0], guarded(_compute_one, group[0], limits)
             continue

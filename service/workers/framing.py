@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 _SMALL = struct.Struct("!i")
@@ -42,12 +42,12 @@ class Decoder(Generic[T]):
     messages it completed, keeping a partial frame for the next chunk.
 
     Args:
-        kind: what every message on this stream is; anything else is a bug, and raises
+        kinds: what the messages on this stream may be; anything else is a bug, and raises
             ``TypeError`` rather than travel on as the wrong type.
     """
 
-    def __init__(self, kind: type[T]) -> None:
-        self.kind = kind
+    def __init__(self, *kinds: type) -> None:
+        self.kinds = kinds
         self.buffer = bytearray()
 
     def feed(self, chunk: bytes) -> list[T]:
@@ -66,9 +66,10 @@ class Decoder(Generic[T]):
             if end < start + size:
                 break
             message = pickle.loads(bytes(buf[start : start + size]))  # see the module's doc
-            if not isinstance(message, self.kind):
-                raise TypeError(f"expected a {self.kind.__name__}, got a {type(message).__name__}")
-            messages.append(message)
+            if not isinstance(message, self.kinds):
+                names = " or ".join(kind.__name__ for kind in self.kinds)
+                raise TypeError(f"expected a {names}, got a {type(message).__name__}")
+            messages.append(cast(T, message))
             pos = start + size
         if pos:
             del buf[:pos]  # once per chunk, not once per message

@@ -1,11 +1,21 @@
-"""One worker process as the pool sees it: its socket, its jobs in flight, its restarts.
+"""One worker process as the pool sees it: its socket, its queue, its pass, its restarts.
 
 - The process is spawned (a fresh interpreter: nothing inherited, torch loaded only there)
   and talks to the pool over its own socket, which the event loop reads and writes without
   threads.
-- A worker that dies (killed, crashed, lost its device) fails its jobs with 503 and is
-  started again, ever slower if it keeps dying as it starts; its sessions reload from the
-  store, where everything acknowledged is.
+- Requests wait in the handle's ``FairQueue`` (keys in turn) and go to the worker one pass
+  at a time: the next pass is composed when the last one is answered, so what waits can
+  still be reordered, expired or kept.
+- Deadlines: a request still queued at its deadline is answered 504 and never runs. A pass
+  gets ``compute_timeout`` from when it is sent; the worker refuses to commit past it, and
+  if it has not answered ``GRACE`` seconds later it is killed. Only the computation it was
+  in (its ``Progress`` says which) is answered 504, and its key is named in the log and the
+  ``recycled`` count.
+- A worker that dies (killed, crashed, lost its device) is started again, ever slower if it
+  keeps dying as it starts; its sessions reload from the store, where everything
+  acknowledged is. Of its pass, the jobs it was computing or may have written for end 503;
+  the rest, which wrote nothing, go back to the head of the queue and run on the restarted
+  worker.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from service.errors import Unavailable
+from service.errors import ComputeTimeout, Unavailable
 from service.workers import framing, worker
-from service.workers.messages import Job, Reply
+from service.workers.fair import FairQueue, Ticket
+from service.workers.messages import Job, Progress, Reply, Upward
 from service.workers.worker import WorkerConfig
 
 if TYPE_CHECKING:
@@ -28,15 +39,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradsvc.pool")
 MAX_BACKOFF = 30.0
+GRACE = 2.0
+"""Seconds past its deadline that a pass's worker gets to say so before it is recycled."""
+EOF_WAIT = 1.0
+"""Seconds a dead worker's last bytes (answers, progress) are awaited before it is judged."""
 
 
 class _Channel(asyncio.Protocol):
     """The pool's end of a worker's socket, read and written by the event loop."""
 
-    def __init__(self, on_reply: Callable[[Reply], None]) -> None:
-        self.on_reply = on_reply
-        self.decoder = framing.Decoder(Reply)
+    def __init__(self, on_reply: Callable[[Upward], None], on_lost: Callable[[], None]) -> None:
+        self.on_reply, self.on_lost = on_reply, on_lost
+        self.decoder = framing.Decoder[Upward](Reply, Progress)
         self.transport: asyncio.Transport | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -44,6 +60,11 @@ class _Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for reply in self.decoder.feed(data):
             self.on_reply(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Every byte the worker wrote has been read (a dead worker's socket ends in EOF)."""
+        self.lost = True
+        self.on_lost()
 
     def send(self, job: Job) -> None:
         assert self.transport is not None
@@ -67,7 +88,11 @@ class WorkerHandle:
     def __init__(self, pool: WorkerPool, index: int, config: WorkerConfig) -> None:
         self.pool, self.index, self.config = pool, index, config
         self.state = "starting"
-        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.queue = FairQueue()
+        self.flight: dict[int, Ticket] = {}
+        """the pass the worker has, by job id: those of its jobs not answered yet"""
+        self.current: tuple[int, ...] = ()
+        """the jobs the worker said it is computing (or writing for) now"""
         self.done = 0
         self.restarts = 0
         self.held = 0
@@ -76,6 +101,18 @@ class WorkerHandle:
         self.channel: _Channel | None = None
         self.started_at = 0.0
         self.up = asyncio.Event()
+        self.last_pass = 0
+        """``Run`` jobs in the last pass: how many to wait a batch window for"""
+        self._window: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._exited_seen = False
+        self.pass_deadline = 0.0
+        self._recycled = False
+
+    @property
+    def depth(self) -> int:
+        """Requests queued or in the worker's pass."""
+        return len(self.queue) + len(self.flight)
 
     async def spawn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,60 +128,226 @@ class WorkerHandle:
         theirs.close()
         self.process, self.state, self.pid = process, "starting", None
         self.started_at = time.monotonic()
+        self._exited_seen = False
         self.up.clear()
-        _, channel = await loop.connect_accepted_socket(lambda: _Channel(self._received), mine)
+        _, channel = await loop.connect_accepted_socket(
+            lambda: _Channel(self._received, self._judge), mine
+        )
         self.channel = channel
         loop.add_reader(process.sentinel, self._exited)
 
-    def send(self, job: Job) -> None:
-        assert self.channel is not None
-        self.channel.send(job)
+    # -- the queue and the pass ---------------------------------------------------------------
 
-    def _received(self, reply: Reply) -> None:
+    def submit(self, ticket: Ticket) -> None:
+        """Queue ``ticket``; it is answered through its future (504 if still queued at its
+        deadline)."""
+        self._arm(ticket)
+        self.queue.push(ticket)
+        self._wake()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """The caller went away: a queued ticket is dropped (it never runs)."""
+        if self.queue.remove(ticket):
+            ticket.cancel_expiry()
+
+    def _arm(self, ticket: Ticket) -> None:
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, ticket.deadline - time.time())
+        ticket.expiry = loop.call_later(wait, self._expire, ticket)
+
+    def _expire(self, ticket: Ticket) -> None:
+        ticket.expiry = None
+        if ticket.future.done() or ticket not in self.queue:
+            return
+        waited = time.time() - ticket.arrived
+        if self._recovering() and waited < 2 * self.pool.timeout + GRACE + MAX_BACKOFF:
+            # It waits behind a computation that overran, or for the restart that follows:
+            # not its fault. The restart gives the queue a fresh timeout (``_up``).
+            loop = asyncio.get_running_loop()
+            ticket.expiry = loop.call_later(1.0, self._expire, ticket)
+            return
+        self.queue.remove(ticket)
+        ticket.future.set_exception(
+            ComputeTimeout(
+                f"the request waited {waited:.1f} s for its worker, past the compute timeout, "
+                "and never started: nothing was changed; retry it"
+            )
+        )
+
+    def _recovering(self) -> bool:
+        """Whether the worker is being recycled or restarted, or its pass overran."""
+        overran = bool(self.flight) and time.time() > self.pass_deadline
+        return overran or self.state != "up"
+
+    def _wake(self) -> None:
+        """Send the next pass if the worker is free; when batching, first wait up to a batch
+        window for as many steps as the last pass had (they are on their way: the callers
+        that pass answered)."""
+        if self.flight or self.state != "up" or not self.queue:
+            return
+        window = self.config.batch_window
+        if window > 0 and 0 < self.queue.batched() < min(self.last_pass, self.config.max_batch):
+            if self._window is None:
+                loop = asyncio.get_running_loop()
+                self._window = loop.call_later(window, self._dispatch)
+            return
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        if self.flight or self.state != "up" or self.channel is None or not self.queue:
+            return
+        tickets = self.queue.next_pass(self.config.max_batch)
+        deadline = self.pass_deadline = time.time() + self.pool.timeout
+        self.current = ()
+        for k, ticket in enumerate(tickets):
+            ticket.cancel_expiry()
+            self.flight[ticket.id] = ticket
+            self.channel.send(Job(ticket.id, ticket.message, deadline, len(tickets) - 1 - k))
+        self.last_pass = sum(1 for t in tickets if t.batched)
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.pool.timeout + GRACE, self._overran)
+
+    def _received(self, reply: Upward) -> None:
+        if isinstance(reply, Progress):
+            self.current = reply.job_ids
+            for job_id in reply.job_ids:
+                if (ticket := self.flight.get(job_id)) is not None:
+                    ticket.started = True
+                    ticket.writing = ticket.writing or reply.writes
+            return
         if reply.job_id == 0:
-            self.pid, self.state = reply.value, "up"
-            self.up.set()
-            log.info("worker %d up on %s (pid %d)", self.index, self.config.device, reply.value)
+            self._up(reply.value)
             return
         self.held = reply.info.held
         self.done += 1
         if self.pool.observer is not None:
             self.pool.observer(reply.info)
-        future = self.pending.get(reply.job_id)
-        if future is None or future.done():
-            return
-        if reply.ok:
-            future.set_result(reply.value)
-        else:
-            future.set_exception(reply.value)
+        ticket = self.flight.pop(reply.job_id, None)
+        if ticket is not None and not ticket.future.done():
+            if reply.ok:
+                ticket.future.set_result(reply.value)
+            else:
+                ticket.future.set_exception(reply.value)
+        if not self.flight:
+            self._pass_done()
+
+    def _up(self, pid: int) -> None:
+        self.pid, self.state = pid, "up"
+        self.up.set()
+        log.info("worker %d up on %s (pid %d)", self.index, self.config.device, pid)
+        deadline = time.time() + self.pool.timeout
+        for ticket in self.queue:  # what waited for this start gets its time to run now
+            if ticket.deadline < deadline:
+                ticket.cancel_expiry()
+                ticket.deadline = deadline
+                self._arm(ticket)
+        self._wake()
+
+    def _pass_done(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.current = ()
+        self._wake()
+
+    def _overran(self) -> None:
+        """The pass is past its deadline and grace: recycle the worker. What it is computing
+        is answered 504; the rest of the pass is judged when the worker is gone."""
+        self._watchdog = None
+        culprits = [self.flight[i] for i in self.current if i in self.flight]
+        culprits = culprits or [t for t in self.flight.values() if t.started]
+        owners = sorted({t.owner for t in culprits})
+        for owner in owners:
+            self.pool.recycled[owner] += 1
+        log.warning(
+            "worker %d is stuck past a deadline in a computation of %s; recycling it",
+            self.index,
+            ", ".join(f"key {label(owner)}" for owner in owners) or "no request",
+        )
+        for ticket in culprits:
+            del self.flight[ticket.id]
+            if not ticket.future.done():
+                ticket.future.set_exception(
+                    ComputeTimeout(
+                        f"the computation took longer than {self.pool.timeout:g} s and was "
+                        "stopped; a retry with the same Idempotency-Key answers it if it was "
+                        "applied"
+                    )
+                )
+        self._recycled = True
+        self.kill()
+
+    # -- the process --------------------------------------------------------------------------
 
     def _exited(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.process.sentinel)
         self.process.join(0)
+        self._exited_seen = True
+        self.state = "stopped" if self.pool.closing else "restarting"
+        self.up.clear()
+        if self.channel is None or self.channel.lost:
+            self._judge()
+        else:  # read its last answers first: they say what it finished
+            loop.call_later(EOF_WAIT, self._judge)
+
+    def _judge(self) -> None:
+        """Once the worker has exited and its last bytes are read (or given up on): settle
+        its pass, and start it again."""
+        if not self._exited_seen or self.channel is None:
+            return
+        channel, self.channel = self.channel, None
+        if channel.transport is not None:
+            channel.transport.close()
         code = self.process.exitcode
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.close()
-        self.channel = None
         lost = Unavailable(
             f"the worker computing this request stopped (exit status {code}) before it "
             "answered: retry with the same Idempotency-Key (a change it had already committed "
             "is then answered, not applied again)"
         )
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(lost)
-        self.pending.clear()
-        self.up.clear()
+        again: list[Ticket] = []
+        for ticket in self.flight.values():
+            if ticket.future.done():
+                continue
+            if ticket.id in self.current or ticket.writing or self.pool.closing:
+                ticket.future.set_exception(lost)
+            else:
+                again.append(ticket)
+        self.flight.clear()
+        self.current = ()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.pool.closing:
-            self.state = "stopped"
+            for ticket in list(self.queue):
+                self.queue.remove(ticket)
+                ticket.cancel_expiry()
+                if not ticket.future.done():
+                    ticket.future.set_exception(lost)
             return
-        self.state = "restarting"
+        self.queue.requeue(again)
+        for ticket in again:  # they wait for the restart (see ``_expire``)
+            ticket.started = False
+            self._arm(ticket)
         self.restarts += 1
         lived = time.monotonic() - self.started_at
         # A worker that dies as it starts (an unreachable store, say) is retried ever slower.
-        delay = 0.0 if lived > 10 else min(MAX_BACKOFF, 0.5 * 2 ** min(self.restarts, 6))
-        log.warning("worker %d exited with %s; restarting in %.1f s", self.index, code, delay)
+        # One that was recycled for an overrun is not failing: it starts again at once.
+        recycled, self._recycled = self._recycled, False
+        delay = (
+            0.0 if lived > 10 or recycled else min(MAX_BACKOFF, 0.5 * 2 ** min(self.restarts, 6))
+        )
+        log.warning(
+            "worker %d exited with %s; restarting in %.1f s (%d requests to run there)",
+            self.index,
+            code,
+            delay,
+            len(self.queue),
+        )
+        loop = asyncio.get_running_loop()
         loop.call_later(delay, lambda: loop.create_task(self._respawn()))
 
     async def _respawn(self) -> None:
@@ -162,8 +365,13 @@ class WorkerHandle:
             self.config.device,
             self.pid,
             self.state,
-            len(self.pending),
+            self.depth,
             self.held,
             self.done,
             self.restarts,
         )
+
+
+def label(owner: str) -> str:
+    """How logs and metrics name a key: the start of its digest (never the key itself)."""
+    return owner[:12] if owner else "anonymous"

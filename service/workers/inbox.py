@@ -10,7 +10,7 @@ import time
 
 from service.errors import GradsvcError
 from service.workers import framing
-from service.workers.messages import Job, Reply
+from service.workers.messages import Job, Progress, Reply
 
 
 class Inbox:
@@ -22,7 +22,7 @@ class Inbox:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setblocking(True)
-        self.decoder = framing.Decoder(Job)
+        self.decoder = framing.Decoder[Job](Job)
         self.jobs: collections.deque[Job] = collections.deque()
         self.closed = False
 
@@ -46,10 +46,11 @@ class Inbox:
         """``put(None)``: stop once the jobs already read are done (as a queue would)."""
         self.closed = True
 
-    def send(self, reply: Reply) -> None:
+    def send(self, reply: Reply | Progress) -> None:
         try:
             pieces = framing.encode(reply)
         except Exception:  # an exception that does not pickle must still answer its job
+            assert isinstance(reply, Reply)
             error = GradsvcError("the worker could not send its answer; this is a bug")
             pieces = framing.encode(Reply(reply.job_id, False, error, reply.info))
         for piece in pieces:

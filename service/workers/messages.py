@@ -155,9 +155,9 @@ class Job:
     message: Message[Any]
     deadline: float
     """time.time() after which the worker must not commit for it"""
-    outstanding: int = 1
-    """How many jobs the pool had sent this worker and not had answered, this one included:
-    a hint that more are on their way, worth waiting a batch window for."""
+    rest: int = 0
+    """How many jobs of the same pass follow this one (already on their way): the worker
+    reads them all before it starts, and runs the pass as the pool composed it."""
     received: float = 0.0
     """time.monotonic() when the worker read it"""
 
@@ -182,6 +182,17 @@ class Info:
     """training jobs that ended since the last answer, by how they ended"""
 
 
+@dataclass(frozen=True)
+class Progress:
+    """The worker is about to compute (``writes`` False) or to write to the store for
+    (``writes`` True) these jobs of its pass. If the worker is lost before it answers them,
+    this says what may be run again elsewhere: a job it never started, or started without
+    writing and was not the one computing; never one that may have committed."""
+
+    job_ids: tuple[int, ...]
+    writes: bool
+
+
 @dataclass
 class Reply:
     """A job's answer: its result when ``ok``, else the ``GradsvcError`` to raise. Job 0 is
@@ -191,3 +202,7 @@ class Reply:
     ok: bool
     value: Any
     info: Info
+
+
+Upward = Reply | Progress
+"""What a worker sends its pool."""

@@ -1,14 +1,16 @@
-"""The worker pool, as the API process sees it: route, bound, time; one method per operation.
+"""The worker pool, as the API process sees it: route, bound, queue fairly; one method per
+operation.
 
 - One worker process per entry of the device layout (``devices.layout``), each behind a
-  ``WorkerHandle`` that spawns and restarts it.
+  ``WorkerHandle`` that spawns and restarts it and queues its requests.
 - A session's jobs always go to the same worker (crc32 of its id), so its model stays built
   there and its jobs keep their order; other jobs go to the least loaded worker.
-- Each worker takes at most ``queue_size`` jobs at a time; beyond that a caller gets 503 with
-  ``Retry-After`` at once.
-- A job gets ``compute_timeout`` seconds. The worker itself refuses to commit past the
-  deadline, so a 504 leaves the session unchanged; a worker that has not answered shortly
-  after is killed and restarted.
+- Each worker's queue is shared fairly between keys (``fair``): a key's backlog delays
+  another key's next request by at most the pass that is running.
+- Bounds, each answered at once: ``queue_size`` requests per worker (503 with
+  ``Retry-After``); with keys, ``max_inflight_per_key`` requests in flight per key (429 with
+  ``Retry-After``).
+- A job gets ``compute_timeout`` seconds to start and as many to compute (see ``handle``).
 - The routes call one typed method per operation (``read``, ``step_many``, ...); each sends
   one message of ``service.workers.messages`` through ``_call``, the only way to a worker.
 """
@@ -16,29 +18,30 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from service.config import Settings
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import ComputeTimeout, GradsvcError, Unavailable
+from service.errors import GradsvcError, TooManyRequests, Unavailable
 from service.store import Cursor, HistoryRow, SessionRecord
 from service.workers import devices
 from service.workers import messages as m
+from service.workers.fair import Ticket
 from service.workers.handle import WorkerHandle, WorkerStats
 from service.workers.jobs import Answer, Idem, RunJob
-from service.workers.messages import Info, Job
+from service.workers.messages import Info
 from service.workers.worker import WorkerConfig
 
 log = logging.getLogger("gradsvc.pool")
-GRACE = 2.0
-"""Seconds past its deadline that a job's worker gets to say so before it is recycled."""
 R = TypeVar("R")
 
 
@@ -54,6 +57,11 @@ class WorkerPool:
         self.draining = False
         self._ids = itertools.count(1)
         self._turn = itertools.count()
+        self.inflight_limit = settings.max_inflight_per_key if settings.keyed else None
+        """requests a key may have in flight; None without keys (one user: nothing to share)"""
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.recycled: collections.Counter[str] = collections.Counter()
+        """workers recycled because a computation of this key overran, by key"""
         limits = settings.limits()
         self.workers = [
             WorkerHandle(
@@ -101,48 +109,50 @@ class WorkerPool:
             return self.workers[zlib.crc32(key.encode()) % len(self.workers)]
         start = next(self._turn) % len(self.workers)
         order = self.workers[start:] + self.workers[:start]
-        return min(order, key=lambda w: (w.state != "up", len(w.pending)))
+        return min(order, key=lambda w: (w.state != "up", w.depth))
 
     # -- the operations ---------------------------------------------------------------------
 
-    async def stateless(self, kind: Kind, body: specs.ForwardRequest, idem: Idem | None) -> Answer:
-        return await self._call(m.Stateless(kind, body, idem), None)
+    async def stateless(
+        self, owner: str, kind: Kind, body: specs.ForwardRequest, idem: Idem | None
+    ) -> Answer:
+        return await self._call(owner, m.Stateless(kind, body, idem), None)
 
     async def create(
         self, owner: str, session_id: str, body: specs.SessionCreate, idem: Idem | None
     ) -> Answer:
-        return await self._call(m.Create(owner, session_id, body, idem), session_id)
+        return await self._call(owner, m.Create(owner, session_id, body, idem), session_id)
 
     async def restore(self, owner: str, session_id: str, data: bytes, idem: Idem | None) -> Answer:
-        return await self._call(m.Restore(owner, session_id, data, idem), session_id)
+        return await self._call(owner, m.Restore(owner, session_id, data, idem), session_id)
 
     async def read(self, owner: str, session_id: str) -> Answer:
-        return await self._call(m.Read(owner, session_id), session_id)
+        return await self._call(owner, m.Read(owner, session_id), session_id)
 
     async def page(
         self, owner: str, limit: int, after: Cursor | None
     ) -> tuple[list[dict[str, Any]], SessionRecord | None]:
         """A page of the owner's sessions, from any worker: all of them read the store."""
-        return await self._call(m.Page(owner, limit, after), None)
+        return await self._call(owner, m.Page(owner, limit, after), None)
 
     async def patch(
         self, owner: str, session_id: str, body: specs.SessionPatch, if_match: str | None
     ) -> Answer:
-        return await self._call(m.Patch(owner, session_id, body, if_match), session_id)
+        return await self._call(owner, m.Patch(owner, session_id, body, if_match), session_id)
 
     async def delete(self, owner: str, session_id: str) -> None:
-        await self._call(m.Delete(owner, session_id), session_id)
+        await self._call(owner, m.Delete(owner, session_id), session_id)
 
     async def history(
         self, owner: str, session_id: str, limit: int, after: int
     ) -> list[HistoryRow]:
-        return await self._call(m.History(owner, session_id, limit, after), session_id)
+        return await self._call(owner, m.History(owner, session_id, limit, after), session_id)
 
     async def checkpoint(self, owner: str, session_id: str) -> tuple[bytes, SessionRecord]:
-        return await self._call(m.Checkpoint(owner, session_id), session_id)
+        return await self._call(owner, m.Checkpoint(owner, session_id), session_id)
 
     async def run(self, job: RunJob) -> Answer:
-        return await self._call(m.Run(job), job.session_id)
+        return await self._call(job.owner, m.Run(job), job.session_id)
 
     async def step_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
         """Many sessions' steps, answered in the order given: one ``RunMany`` to each worker
@@ -152,18 +162,21 @@ class WorkerPool:
         for i, job in enumerate(jobs):
             groups.setdefault(self.route(job.session_id).index, []).append(i)
         answers: list[Answer | GradsvcError] = [GradsvcError("not computed")] * len(jobs)
+        owner = jobs[0].owner if jobs else ""
 
         async def run(indices: list[int]) -> None:
             group = tuple(jobs[i] for i in indices)
             results: list[Answer | GradsvcError]
             try:
-                results = await self._call(m.RunMany(group), group[0].session_id)
+                message = m.RunMany(group)
+                results = await self._call(owner, message, group[0].session_id, counted=False)
             except GradsvcError as exc:
                 results = [exc] * len(indices)
             for i, result in zip(indices, results, strict=True):
                 answers[i] = result
 
-        await asyncio.gather(*(run(indices) for indices in groups.values()))
+        with self._admitted(owner):  # one request in flight, whatever its number of workers
+            await asyncio.gather(*(run(indices) for indices in groups.values()))
         return answers
 
     async def train(
@@ -174,48 +187,65 @@ class WorkerPool:
         request: specs.TrainRequest,
         idem: Idem | None,
     ) -> Answer:
-        return await self._call(m.Train(owner, session_id, job_id, request, idem), session_id)
+        return await self._call(
+            owner, m.Train(owner, session_id, job_id, request, idem), session_id
+        )
 
     async def ping(self, key: str | None = None) -> int:
         """The pid of the worker that answers for ``key``."""
-        return await self._call(m.Ping(), key)
+        return await self._call("", m.Ping(), key, counted=False)
 
     # -- the one way to a worker ------------------------------------------------------------
 
-    async def _call(self, message: m.Message[R], key: str | None) -> R:
-        """Have the worker for ``key`` answer ``message``; raise what it raised."""
+    async def _call(
+        self, owner: str, message: m.Message[R], key: str | None, *, counted: bool = True
+    ) -> R:
+        """Have the worker for ``key`` answer ``message`` for ``owner``; raise what it raised.
+        ``counted``: whether this is a request of its own against the key's in-flight limit
+        (a bulk step's parts are one request)."""
         if self.draining or self.closing:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", retry_after=5
             )
         handle = self.route(key)
-        if handle.channel is None:
-            raise Unavailable("the worker for this request is restarting; retry shortly")
-        if len(handle.pending) >= self.queue_size:
+        if handle.depth >= self.queue_size:
             raise Unavailable("this worker's queue is full; retry shortly")
-        job_id = next(self._ids)
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        handle.pending[job_id] = future
-        deadline = time.time() + self.timeout
-        try:
-            handle.send(Job(job_id, message, deadline, len(handle.pending)))
+        with self._admitted(owner) if counted else contextlib.nullcontext():
+            now = time.time()
+            ticket = Ticket(
+                next(self._ids),
+                owner,
+                message,
+                asyncio.get_running_loop().create_future(),
+                deadline=now + self.timeout,
+                arrived=now,
+                session=key if isinstance(message, m.Run) else None,
+            )
+            handle.submit(ticket)
             try:
-                return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-            except TimeoutError:
-                pass
-            try:  # the worker refuses to commit past the deadline: let it say how it ended
-                return await asyncio.wait_for(asyncio.shield(future), GRACE)
-            except TimeoutError:
-                log.warning("worker %d is stuck past a deadline; recycling it", handle.index)
-                handle.kill()
-                # Past the grace the worker is stuck in one computation or store call; whatever
-                # it had committed before was answered already (it answers as it goes).
-                raise ComputeTimeout(
-                    f"the computation took longer than {self.timeout:g} s and was stopped; a "
-                    "retry with the same Idempotency-Key answers it if it was applied"
-                ) from None
+                result: R = await asyncio.shield(ticket.future)
+            except asyncio.CancelledError:  # the caller went away: if it is queued, drop it
+                handle.withdraw(ticket)
+                raise
+            return result
+
+    @contextlib.contextmanager
+    def _admitted(self, owner: str) -> Iterator[None]:
+        """One of ``owner``'s requests in flight, within the key's limit (429 beyond it)."""
+        limit = self.inflight_limit
+        if limit is not None and self.inflight[owner] >= limit:
+            raise TooManyRequests(
+                f"this key has {limit} requests in flight, the limit: wait for some to be "
+                "answered before sending more",
+                retry_after=1,
+            )
+        self.inflight[owner] += 1
+        try:
+            yield
         finally:
-            handle.pending.pop(job_id, None)
+            self.inflight[owner] -= 1
+            if not self.inflight[owner]:
+                del self.inflight[owner]
 
     def stats(self) -> list[WorkerStats]:
         return [w.stats() for w in self.workers]

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 MAX_RETRIES = 100
 Outcome = Answer | GradsvcError
+Progress = Callable[[list[int], bool], None]
+"""Told the job indices about to be computed (False) or written to the store (True)."""
 
 
 def timed_out() -> ComputeTimeout:
@@ -117,9 +119,14 @@ class Pass:
     """One pass over pending jobs: rounds, then one group commit."""
 
     def __init__(
-        self, sessions: Sessions, jobs: Sequence[RunJob], results: list[Outcome | None]
+        self,
+        sessions: Sessions,
+        jobs: Sequence[RunJob],
+        results: list[Outcome | None],
+        progress: Progress | None = None,
     ) -> None:
         self.sessions, self.jobs, self.results = sessions, jobs, results
+        self.progress = progress
         self.retried: list[int] = []
         self.chains: dict[SessionKey, Chain] = {}
         self.committed = False
@@ -166,7 +173,9 @@ class Pass:
                 ready[i] = (chain, prepared)
         sessions = self.sessions
         prepared_jobs = [p for _, p in ready.values()]
-        for prepared, result in computed(prepared_jobs, sessions.limits, sessions.batching):
+        progress = self.progress
+        before = None if progress is None else lambda indices: progress(indices, False)
+        for prepared, result in computed(prepared_jobs, sessions.limits, sessions.batching, before):
             chain, job = ready[prepared.index][0], prepared.job
             if isinstance(result, GradsvcError):
                 self._fail(chain, prepared.index, result, touched=job.kind == "step")
@@ -255,6 +264,8 @@ class Pass:
         items = [s.item for chain in chains for s in chain.staged]
         outcomes: Iterator[Commit | None]
         failure: GradsvcError | None = None
+        if items and self.progress is not None:
+            self.progress([s.index for chain in chains for s in chain.staged], True)
         try:
             outcomes = iter(self.sessions.store.commit_many(items) if items else [])
         except Exception as exc:
@@ -331,15 +342,17 @@ def run_many(
     sessions: Sessions,
     jobs: Sequence[RunJob],
     on_done: Callable[[int, Outcome], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[Outcome]:
     """Jobs in arrival order, each applied exactly as it would be alone, one at a time.
-    ``on_done(i, outcome)`` is called for each job as soon as its outcome is final."""
+    ``on_done(i, outcome)`` is called for each job as soon as its outcome is final;
+    ``progress`` before each computation and each commit, with the jobs it is for."""
     results: list[Outcome | None] = [None] * len(jobs)
     reported = [False] * len(jobs)
     retries = [0] * len(jobs)
     pending = list(range(len(jobs)))
     while pending:
-        one = Pass(sessions, jobs, results)
+        one = Pass(sessions, jobs, results, progress)
         try:
             again = one.run(pending)
         except Exception as exc:  # store trouble outside a commit, or a bug

@@ -246,11 +246,13 @@ class Sessions:
         self,
         jobs: Sequence[RunJob],
         on_done: Callable[[int, Answer | GradsvcError], None] | None = None,
+        progress: rounds.Progress | None = None,
     ) -> list[Answer | GradsvcError]:
         """Jobs in arrival order, each applied exactly as ``run`` would apply it alone (see
         ``rounds``: per session a chain that commits as a prefix, batched across sessions);
-        ``on_done`` hears of each as soon as it is final."""
-        return rounds.run_many(self, jobs, on_done)
+        ``on_done`` hears of each as soon as it is final, ``progress`` of what is computed
+        and written next."""
+        return rounds.run_many(self, jobs, on_done, progress)
 
     # -- the cache of built sessions --------------------------------------------------------
 

@@ -26,12 +26,16 @@ from service.store.base import IDEMPOTENCY_TTL, JOB_TTL
 from service.workers import messages as m
 from service.workers.inbox import Inbox
 from service.workers.jobs import Answer, Idem
-from service.workers.messages import Info, Job, Reply
+from service.workers.messages import Info, Job, Progress, Reply
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
     from service.workers.sessions import Sessions
 
 log = logging.getLogger("gradsvc.worker")
+WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train)
+"""Operations that may change the store as they run: a lost worker's pool never runs them
+again, as it cannot know they did not. (An answer kept under an Idempotency-Key is no
+change: running its request again replays it.)"""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     worker = Worker(sessions, config)
     runner = worker.runner
     try:
+        _warm_up(config.limits)
         inbox.send(Reply(0, True, os.getpid(), Info()))
         while True:
             # Requests first; a training job's next mini-batch when none is waiting. Jobs
@@ -127,7 +132,10 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
             if first is None:
                 break
 
-            def send(reply: Reply) -> None:
+            def send(reply: Reply | Progress) -> None:
+                if isinstance(reply, Progress):
+                    inbox.send(reply)
+                    return
                 info = reply.info
                 info.held = len(sessions.cache)
                 info.store, info.steps = store.drain(), sessions.drain_steps()
@@ -140,6 +148,17 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     finally:
         runner.release()
         store.close()
+
+
+def _warm_up(limits: Limits) -> None:
+    """The notebook's step, once, before the worker says it is up: a fresh process's first
+    autograd call loads and initialises much of torch (seconds on a small machine), and
+    that must not count against the first request's compute timeout."""
+    from service.engine import specs
+    from service.engine.seed import SEED_STEP
+    from service.engine.step import run
+
+    run("step", specs.StepRequest.model_validate(SEED_STEP), limits)
 
 
 def _die_with_parent() -> None:
@@ -157,10 +176,19 @@ def _die_with_parent() -> None:
 class _Group:
     """Jobs computed together, each answered once, with the group's timings."""
 
-    def __init__(self, jobs: list[Job], send: Callable[[Reply], None]) -> None:
+    def __init__(self, jobs: list[Job], send: Callable[[Reply | Progress], None]) -> None:
         self.jobs, self.send = jobs, send
         self.start = time.monotonic()
         self.answered: set[int] = set()
+
+    def progress(self, indices: list[int], writes: bool) -> None:
+        """What the group computes or writes next, by index: the pool hears it by job id
+        (all of them for a bulk step, one job however many sessions it has)."""
+        if len(self.jobs) == 1:
+            ids: tuple[int, ...] = (self.jobs[0].id,)
+        else:
+            ids = tuple(self.jobs[i].id for i in indices)
+        self.send(Progress(ids, writes))
 
     def reply(self, job: Job, result: Any) -> None:
         self.answered.add(job.id)
@@ -180,33 +208,23 @@ class Worker:
         self.trainer = Trainer(sessions, config.limits, config.max_train_steps, self.runner)
 
     def gather(self, first: Job, inbox: Inbox) -> list[Job]:
-        """``first``, and when batching, the steps queued behind it: those already here, and
-        those that arrive within the batch window while the pool says more are coming."""
+        """``first`` and the rest of its pass: the pool sends a pass's jobs back to back and
+        decides what goes in it (``fair``); the worker runs it as sent."""
         jobs = [first]
-        window, limit = self.config.batch_window, self.config.max_batch
-        if window <= 0 or not isinstance(first.message, m.Run):
-            return jobs
-        deadline = time.monotonic() + window
-        while len(jobs) < limit:
-            waiting = max(job.outstanding for job in jobs) > len(jobs)
-            timeout = deadline - time.monotonic() if waiting else 0
-            try:
-                job = inbox.get(timeout=timeout) if timeout > 0 else inbox.get_nowait()
-            except queue.Empty:
-                break
+        while len(jobs) <= first.rest:
+            job = inbox.get()
             if job is None:
-                inbox.put(None)  # stop after this batch
+                inbox.put(None)  # the pool is gone: what was read still runs, then stop
                 break
             jobs.append(job)
-            if not isinstance(job.message, m.Run):
-                break
         return jobs
 
-    def execute(self, jobs: list[Job], send: Callable[[Reply], None]) -> None:
+    def execute(self, jobs: list[Job], send: Callable[[Reply | Progress], None]) -> None:
         """Every job answered through ``send``, each as soon as it is final (a committed
-        step's answer never waits behind later work: its caller's deadline runs). Consecutive
-        ``Run`` jobs go to the sessions runner together (it keeps each session's order and
-        batches across sessions)."""
+        step's answer never waits behind later work: its caller's deadline runs), and the
+        pool told before each computation and each write which jobs it is for (``Progress``:
+        what a lost worker's pool may run again). Consecutive ``Run`` jobs go to the sessions
+        runner together (it keeps each session's order and batches across sessions)."""
         i = 0
         while i < len(jobs):
             runs: list[Job] = []
@@ -215,10 +233,13 @@ class Worker:
                     break
                 runs.append(job)
             group = _Group(runs or [jobs[i]], send)
-            if runs:
+            if runs:  # until its first computation, a hang is any of theirs
+                send(Progress(tuple(job.id for job in runs), writes=False))
                 self._run_many(group)
             else:
-                group.reply(jobs[i], self._one(jobs[i]))
+                job = jobs[i]
+                send(Progress((job.id,), writes=isinstance(job.message, WRITES)))
+                group.reply(job, self._one(job, group))
             i += len(group.jobs)
 
     def _run_many(self, group: _Group) -> None:
@@ -230,23 +251,28 @@ class Worker:
             if isinstance(job.message, m.Run)
         ]
         failed = guarded(
-            self.sessions.run_many, run_jobs, lambda i, result: group.reply(group.jobs[i], result)
+            self.sessions.run_many,
+            run_jobs,
+            lambda i, result: group.reply(group.jobs[i], result),
+            group.progress,
         )
         if isinstance(failed, GradsvcError):  # run_many settles every job itself; a bug if not
             for job in group.jobs:
                 if job.id not in group.answered:
                     group.reply(job, failed)
 
-    def _one(self, job: Job) -> Any:
+    def _one(self, job: Job, group: _Group) -> Any:
         if time.time() > job.deadline:
             return ComputeTimeout("the request waited past the compute timeout")
         if not isinstance(job.message, m.Request):
             return GradsvcError(f"unknown operation {type(job.message).__name__}")
         from service.workers.compute import guarded
 
-        return guarded(self._handle, job.message, job.deadline)
+        return guarded(self._handle, job.message, job.deadline, group.progress)
 
-    def _handle(self, message: m.Request, deadline: float) -> Any:
+    def _handle(
+        self, message: m.Request, deadline: float, progress: Callable[[list[int], bool], None]
+    ) -> Any:
         """What the message asks for; each case answers with its message's result type."""
         sessions, trainer = self.sessions, self.trainer
         match message:
@@ -271,7 +297,8 @@ class Worker:
             case m.Run(job):
                 return sessions.run(job)
             case m.RunMany(jobs):  # many sessions' steps in one request: POST /v1/sessions/step
-                return sessions.run_many([replace(job, deadline=deadline) for job in jobs])
+                jobs = tuple(replace(job, deadline=deadline) for job in jobs)
+                return sessions.run_many(jobs, progress=progress)
             case m.Train(owner, session_id, job_id, request, idem):
                 return trainer.start(owner, session_id, job_id, request, idem)
             case m.Ping():

@@ -43,7 +43,12 @@ def make_worker(path: Path) -> tuple[Worker, SqliteStore]:
 def execute(worker: Worker, jobs: list[m.Job]) -> dict[int, tuple[Reply, int]]:
     """Each job's reply, and its place in the order they were sent."""
     sent: dict[int, tuple[Reply, int]] = {}
-    worker.execute(jobs, lambda reply: sent.setdefault(reply.job_id, (reply, len(sent))))
+
+    def send(reply: Reply | m.Progress) -> None:
+        if isinstance(reply, Reply):
+            sent.setdefault(reply.job_id, (reply, len(sent)))
+
+    worker.execute(jobs, send)
     assert sorted(sent) == sorted(job.id for job in jobs)
     return sent
 
@@ -139,14 +144,16 @@ def test_a_committed_steps_answer_does_not_wait_behind_later_work(
     sent: list[int] = []
     seen_when_reading: list[list[int]] = []
 
-    def computed(ready: Any, limits: Any, batch: bool) -> Any:
+    def computed(ready: Any, limits: Any, batch: bool, before: Any = None) -> Any:
         if any(p.job.kind != "step" for p in ready):
             seen_when_reading.append(list(sent))
-        return real_computed(ready, limits, batch)
+        return real_computed(ready, limits, batch, before)
 
     monkeypatch.setattr(rounds, "computed", computed)
     jobs = [m.Job(1, m.Run(step("s", 3)), math.inf), m.Job(2, m.Run(gradients("s", 3)), math.inf)]
-    worker.execute(jobs, lambda reply: sent.append(reply.job_id))
+    worker.execute(
+        jobs, lambda reply: sent.extend([reply.job_id] if isinstance(reply, Reply) else [])
+    )
     assert seen_when_reading == [[1]] and sent == [1, 2]
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Response
 
 from service.api import schemas
+from service.api.auth import PrincipalDep
 from service.api.deps import InFlightDep, PoolDep
 from service.api.idempotency import IdemDep, InFlight
 from service.api.problems import responses
@@ -23,16 +24,18 @@ PROBLEMS = responses(400, 409, 422, 503, 504, 507)
 class Compute:
     """What every stateless route needs, gathered by FastAPI from the request."""
 
-    def __init__(self, pool: WorkerPool, idem: Idem | None, inflight: InFlight) -> None:
-        self.pool, self.idem, self.inflight = pool, idem, inflight
+    def __init__(self, pool: WorkerPool, owner: str, idem: Idem | None, inflight: InFlight) -> None:
+        self.pool, self.owner, self.idem, self.inflight = pool, owner, idem, inflight
 
     async def __call__(self, kind: Kind, body: specs.ForwardRequest) -> Response:
         async with self.inflight.hold(self.idem):
-            return respond(await self.pool.stateless(kind, body, self.idem))
+            return respond(await self.pool.stateless(self.owner, kind, body, self.idem))
 
 
-async def _compute(pool: PoolDep, idem: IdemDep, inflight: InFlightDep) -> Compute:
-    return Compute(pool, idem, inflight)
+async def _compute(
+    pool: PoolDep, owner: PrincipalDep, idem: IdemDep, inflight: InFlightDep
+) -> Compute:
+    return Compute(pool, owner, idem, inflight)
 
 
 ComputeDep = Annotated[Compute, Depends(_compute)]
