@@ -23,6 +23,15 @@ def free_port() -> int:
         return port
 
 
+def high_water_kib(pid: int) -> int:
+    """A process's peak resident memory so far (the kernel's VmHWM), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
 class Server:
     """``python -m service serve`` with its output in a log file (a pipe nobody reads would
     fill up and stall the server)."""
