@@ -47,6 +47,10 @@ class Ticket:
     """the worker has begun computing it: it is not run again if that worker is lost"""
     writing: bool = False
     """the worker may have written for it: only its answer says how it ended"""
+    abandoned: bool = False
+    """its caller went away while the worker had it: never run again elsewhere"""
+    sent: float = 0.0
+    """time.time() when it went to the worker (its queue wait ends there)"""
     expiry: asyncio.TimerHandle | None = None
 
     def cancel_expiry(self) -> None:
@@ -105,8 +109,8 @@ class FairQueue:
         others: list[Ticket] = []
         sessions: set[tuple[str, str | None]] = set()
         done: set[str] = set()  # keys whose share of this pass is complete
-        last: str | None = None  # the key served last: the next pass starts after it
         ring = list(self.queues)
+        last: str | None = None  # the key served last
         progressed = True
         while progressed:
             progressed = False
@@ -127,8 +131,12 @@ class FairQueue:
                 if not queue:
                     del self.queues[owner]
                     done.add(owner)
-        if last is not None:  # the keys up to the last one served go to the back, in order
-            for owner in ring[: ring.index(last) + 1]:
+        # Whoever got nothing (the pass was full of steps) goes first next time; the keys
+        # served go to the back, the turn continuing after the last one served.
+        served = [o for o in ring if o in {t.owner for t in runs + others}]
+        if last is not None:
+            cut = served.index(last) + 1
+            for owner in served[cut:] + served[:cut]:
                 if owner in self.queues:
                     self.queues.move_to_end(owner)
         return runs + others

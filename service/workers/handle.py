@@ -43,6 +43,9 @@ GRACE = 2.0
 """Seconds past its deadline that a pass's worker gets to say so before it is recycled."""
 EOF_WAIT = 1.0
 """Seconds a dead worker's last bytes (answers, progress) are awaited before it is judged."""
+STARTUP_TIMEOUT = 180.0
+"""Seconds a worker may take to say it is up (torch's import, the device, the store, the
+warm-up) before it is taken for stuck and started again."""
 
 
 class _Channel(asyncio.Protocol):
@@ -108,6 +111,7 @@ class WorkerHandle:
         self._exited_seen = False
         self.pass_deadline = 0.0
         self._recycled = False
+        self._startup: asyncio.TimerHandle | None = None
 
     @property
     def depth(self) -> int:
@@ -135,6 +139,14 @@ class WorkerHandle:
         )
         self.channel = channel
         loop.add_reader(process.sentinel, self._exited)
+        self.watch_start()
+
+    def watch_start(self) -> None:
+        """A worker that does not say it is up in ``STARTUP_TIMEOUT`` is killed (and so
+        started again): a wedged device or a store that never answers must not hold its
+        queue for good."""
+        loop = asyncio.get_running_loop()
+        self._startup = loop.call_later(STARTUP_TIMEOUT, self._stuck_starting)
 
     # -- the queue and the pass ---------------------------------------------------------------
 
@@ -146,9 +158,11 @@ class WorkerHandle:
         self._wake()
 
     def withdraw(self, ticket: Ticket) -> None:
-        """The caller went away: a queued ticket is dropped (it never runs)."""
+        """The caller went away: a queued ticket is dropped (it never runs); one the worker
+        has is never run again elsewhere (its caller may already have retried it)."""
         if self.queue.remove(ticket):
             ticket.cancel_expiry()
+        ticket.abandoned = True
 
     def _arm(self, ticket: Ticket) -> None:
         loop = asyncio.get_running_loop()
@@ -199,14 +213,28 @@ class WorkerHandle:
             self._window = None
         if self.flight or self.state != "up" or self.channel is None or not self.queue:
             return
+        if self.pool.closing:
+            return
         tickets = self.queue.next_pass(self.config.max_batch)
-        deadline = self.pass_deadline = time.time() + self.pool.timeout
+        now = time.time()
+        timeout = self.pool.timeout
+        backlog = bool(self.queue)
         self.current = ()
         for k, ticket in enumerate(tickets):
             ticket.cancel_expiry()
+            ticket.sent = now
             self.flight[ticket.id] = ticket
-            self.channel.send(Job(ticket.id, ticket.message, deadline, len(tickets) - 1 - k))
+            job = Job(ticket.id, ticket.message, now + timeout, timeout, len(tickets) - 1 - k)
+            job.backlog = backlog
+            self.channel.send(job)
         self.last_pass = sum(1 for t in tickets if t.batched)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """The watchdog for the computation that starts now (each gets the timeout)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.pass_deadline = time.time() + self.pool.timeout
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self.pool.timeout + GRACE, self._overran)
 
@@ -217,15 +245,19 @@ class WorkerHandle:
                 if (ticket := self.flight.get(job_id)) is not None:
                     ticket.started = True
                     ticket.writing = ticket.writing or reply.writes
+            if self.flight:
+                self._rearm()
             return
         if reply.job_id == 0:
             self._up(reply.value)
             return
         self.held = reply.info.held
         self.done += 1
+        ticket = self.flight.pop(reply.job_id, None)
+        if ticket is not None:  # its wait: in this queue, then in the worker
+            reply.info.wait += ticket.sent - ticket.arrived
         if self.pool.observer is not None:
             self.pool.observer(reply.info)
-        ticket = self.flight.pop(reply.job_id, None)
         if ticket is not None and not ticket.future.done():
             if reply.ok:
                 ticket.future.set_result(reply.value)
@@ -235,6 +267,9 @@ class WorkerHandle:
             self._pass_done()
 
     def _up(self, pid: int) -> None:
+        if self._startup is not None:
+            self._startup.cancel()
+            self._startup = None
         self.pid, self.state = pid, "up"
         self.up.set()
         log.info("worker %d up on %s (pid %d)", self.index, self.config.device, pid)
@@ -257,6 +292,8 @@ class WorkerHandle:
         """The pass is past its deadline and grace: recycle the worker. What it is computing
         is answered 504; the rest of the pass is judged when the worker is gone."""
         self._watchdog = None
+        if self._exited_seen:  # it died meanwhile: ``_judge`` says how its pass ended
+            return
         culprits = [self.flight[i] for i in self.current if i in self.flight]
         culprits = culprits or [t for t in self.flight.values() if t.started]
         owners = sorted({t.owner for t in culprits})
@@ -314,7 +351,7 @@ class WorkerHandle:
                 continue
             if ticket.id in self.current or ticket.writing or self.pool.closing:
                 ticket.future.set_exception(lost)
-            else:
+            elif not ticket.abandoned:
                 again.append(ticket)
         self.flight.clear()
         self.current = ()
@@ -322,11 +359,7 @@ class WorkerHandle:
             self._watchdog.cancel()
             self._watchdog = None
         if self.pool.closing:
-            for ticket in list(self.queue):
-                self.queue.remove(ticket)
-                ticket.cancel_expiry()
-                if not ticket.future.done():
-                    ticket.future.set_exception(lost)
+            self.fail_queued()
             return
         self.queue.requeue(again)
         for ticket in again:  # they wait for the restart (see ``_expire``)
@@ -349,6 +382,23 @@ class WorkerHandle:
         )
         loop = asyncio.get_running_loop()
         loop.call_later(delay, lambda: loop.create_task(self._respawn()))
+
+    def fail_queued(self) -> None:
+        """The pool is closing: what still waits is answered (503) and never runs."""
+        closed = Unavailable("the server is shutting down; retry on another replica")
+        for ticket in list(self.queue):
+            self.queue.remove(ticket)
+            ticket.cancel_expiry()
+            if not ticket.future.done():
+                ticket.future.set_exception(closed)
+
+    def _stuck_starting(self) -> None:
+        self._startup = None
+        if self.state == "starting" and not self.pool.closing:
+            log.warning(
+                "worker %d did not start in %.0f s; starting it again", self.index, STARTUP_TIMEOUT
+            )
+            self.kill()
 
     async def _respawn(self) -> None:
         if not self.pool.closing:

@@ -155,11 +155,17 @@ class Job:
     message: Message[Any]
     deadline: float
     """time.time() after which the worker must not commit for it"""
+    budget: float = float("inf")
+    """seconds each of its computations may take: the worker's deadline for a job is reset
+    to this far ahead as the job's computation starts (and says so, ``Progress``)"""
     rest: int = 0
     """How many jobs of the same pass follow this one (already on their way): the worker
     reads them all before it starts, and runs the pass as the pool composed it."""
     received: float = 0.0
     """time.monotonic() when the worker read it"""
+    backlog: bool = False
+    """More requests wait for this worker behind its pass: its next pass comes as soon as
+    this one is answered, so a training job's mini-batch should wait for it."""
 
 
 @dataclass

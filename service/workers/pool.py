@@ -254,6 +254,8 @@ class WorkerPool:
         """Ask every worker to stop (closing its socket does), wait, then kill stragglers."""
         self.closing = True
         for handle in self.workers:
+            handle.fail_queued()
+        for handle in self.workers:
             if handle.channel is not None and handle.channel.transport is not None:
                 handle.channel.transport.close()
         deadline = time.monotonic() + timeout

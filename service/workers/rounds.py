@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -53,14 +53,12 @@ from service.workers.cache import Built, SessionKey
 from service.workers.compute import Prepared, computed, problem
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, RunJob, etag
+from service.workers.watch import Outcome, Watcher
 
 if TYPE_CHECKING:
     from service.workers.sessions import Sessions
 
 MAX_RETRIES = 100
-Outcome = Answer | GradsvcError
-Progress = Callable[[list[int], bool], None]
-"""Told the job indices about to be computed (False) or written to the store (True)."""
 
 
 def timed_out() -> ComputeTimeout:
@@ -123,10 +121,10 @@ class Pass:
         sessions: Sessions,
         jobs: Sequence[RunJob],
         results: list[Outcome | None],
-        progress: Progress | None = None,
+        watcher: Watcher,
     ) -> None:
         self.sessions, self.jobs, self.results = sessions, jobs, results
-        self.progress = progress
+        self.watcher = watcher
         self.retried: list[int] = []
         self.chains: dict[SessionKey, Chain] = {}
         self.committed = False
@@ -173,22 +171,25 @@ class Pass:
                 ready[i] = (chain, prepared)
         sessions = self.sessions
         prepared_jobs = [p for _, p in ready.values()]
-        progress = self.progress
-        before = None if progress is None else lambda indices: progress(indices, False)
+        watcher = self.watcher
+
+        def before(indices: list[int]) -> None:
+            watcher.progress(indices, False)
+
         for prepared, result in computed(prepared_jobs, sessions.limits, sessions.batching, before):
             chain, job = ready[prepared.index][0], prepared.job
             if isinstance(result, GradsvcError):
                 self._fail(chain, prepared.index, result, touched=job.kind == "step")
             elif job.kind != "step":
                 self._read_done(chain, prepared, result)
-            elif time.time() > job.deadline:
+            elif time.time() > watcher.deadline(prepared.index, job):
                 self._fail(chain, prepared.index, timed_out(), touched=True)
             else:
                 self._stage(chain, prepared, result)
 
     def _prepare(self, chain: Chain, i: int) -> Prepared | Answer:
         job, sessions = self.jobs[i], self.sessions
-        if time.time() > job.deadline:
+        if time.time() > self.watcher.deadline(i, job):
             raise timed_out()
         if (stored := replay(sessions.store, job.idem)) is not None:
             return stored
@@ -258,14 +259,18 @@ class Pass:
     def _commit(self, chains: list[Chain]) -> None:
         now = time.time()
         for chain in chains:  # a caller past its deadline has been told 504: commit nothing
-            late = [k for k, s in enumerate(chain.staged) if now > self.jobs[s.index].deadline]
+            late = [
+                k
+                for k, s in enumerate(chain.staged)
+                if now > self.watcher.deadline(s.index, self.jobs[s.index])
+            ]
             if late:
                 self._cut(chain, late[0], timed_out())
         items = [s.item for chain in chains for s in chain.staged]
         outcomes: Iterator[Commit | None]
         failure: GradsvcError | None = None
-        if items and self.progress is not None:
-            self.progress([s.index for chain in chains for s in chain.staged], True)
+        if items:
+            self.watcher.progress([s.index for chain in chains for s in chain.staged], True)
         try:
             outcomes = iter(self.sessions.store.commit_many(items) if items else [])
         except Exception as exc:
@@ -341,18 +346,18 @@ class Pass:
 def run_many(
     sessions: Sessions,
     jobs: Sequence[RunJob],
-    on_done: Callable[[int, Outcome], None] | None = None,
-    progress: Progress | None = None,
+    watcher: Watcher | None = None,
 ) -> list[Outcome]:
-    """Jobs in arrival order, each applied exactly as it would be alone, one at a time.
-    ``on_done(i, outcome)`` is called for each job as soon as its outcome is final;
-    ``progress`` before each computation and each commit, with the jobs it is for."""
+    """Jobs in arrival order, each applied exactly as it would be alone, one at a time;
+    ``watcher`` hears of each outcome as soon as it is final, and of each computation and
+    commit before it starts, and says each job's deadline."""
+    watcher = watcher or Watcher()
     results: list[Outcome | None] = [None] * len(jobs)
     reported = [False] * len(jobs)
     retries = [0] * len(jobs)
     pending = list(range(len(jobs)))
     while pending:
-        one = Pass(sessions, jobs, results, progress)
+        one = Pass(sessions, jobs, results, watcher)
         try:
             again = one.run(pending)
         except Exception as exc:  # store trouble outside a commit, or a bug
@@ -366,6 +371,5 @@ def run_many(
         for i in range(len(jobs)):
             if (result := results[i]) is not None and not reported[i]:
                 reported[i] = True
-                if on_done is not None:
-                    on_done(i, result)
+                watcher.done(i, result)
     return [r if r is not None else GradsvcError("not computed") for r in results]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -43,6 +43,7 @@ from service.workers import devices, rounds
 from service.workers.cache import Built, BuiltCache
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso
+from service.workers.watch import Watcher
 
 MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
@@ -245,14 +246,13 @@ class Sessions:
     def run_many(
         self,
         jobs: Sequence[RunJob],
-        on_done: Callable[[int, Answer | GradsvcError], None] | None = None,
-        progress: rounds.Progress | None = None,
+        watcher: Watcher | None = None,
     ) -> list[Answer | GradsvcError]:
         """Jobs in arrival order, each applied exactly as ``run`` would apply it alone (see
         ``rounds``: per session a chain that commits as a prefix, batched across sessions);
-        ``on_done`` hears of each as soon as it is final, ``progress`` of what is computed
-        and written next."""
-        return rounds.run_many(self, jobs, on_done, progress)
+        ``watcher`` hears of each as soon as it is final, and of what is computed and
+        written next."""
+        return rounds.run_many(self, jobs, watcher)
 
     # -- the cache of built sessions --------------------------------------------------------
 

@@ -21,17 +21,21 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, assert_never
 
 from service.engine.limits import Limits
-from service.errors import ComputeTimeout, GradsvcError
+from service.errors import GradsvcError
 from service.store.base import IDEMPOTENCY_TTL, JOB_TTL
 from service.workers import messages as m
 from service.workers.inbox import Inbox
-from service.workers.jobs import Answer, Idem
+from service.workers.jobs import Answer, Idem, RunJob
 from service.workers.messages import Info, Job, Progress, Reply
+from service.workers.watch import Watcher
 
 if TYPE_CHECKING:  # the pool imports this module for ``main``: it must not pull torch in
     from service.workers.sessions import Sessions
 
 log = logging.getLogger("gradsvc.worker")
+NEXT_PASS = 0.5
+"""Seconds to wait for the next pass the pool said is coming, before a training job's
+mini-batch may go first (the pool sends it as soon as this pass's answers arrive)."""
 WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train)
 """Operations that may change the store as they run: a lost worker's pool never runs them
 again, as it cannot know they did not. (An answer kept under an Idempotency-Key is no
@@ -111,17 +115,20 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     )
     worker = Worker(sessions, config)
     runner = worker.runner
+    backlog = False
     try:
         _warm_up(config.limits)
         inbox.send(Reply(0, True, os.getpid(), Info()))
         while True:
-            # Requests first; a training job's next mini-batch when none is waiting. Jobs
-            # come from the store (any replica's), looked for at most every half second.
+            # Requests first; a training job's next mini-batch when none is waiting (and
+            # none is on its way: the pool said more wait behind the last pass). Jobs come
+            # from the store (any replica's), looked for at most every half second.
             guarded(runner.tick)
             if runner.busy:
                 try:
-                    first = inbox.get_nowait()
+                    first = inbox.get(timeout=NEXT_PASS) if backlog else inbox.get_nowait()
                 except queue.Empty:
+                    backlog = False
                     guarded(runner.advance)  # a store outage must not take the worker down
                     continue
             else:
@@ -142,7 +149,9 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 info.jobs = runner.drain_finished()
                 inbox.send(reply)
 
-            worker.execute(worker.gather(first, inbox), send)
+            jobs = worker.gather(first, inbox)
+            backlog = first.backlog
+            worker.execute(jobs, send)
     except OSError:
         pass  # the pool went away (it closed our socket): nobody is left to answer
     finally:
@@ -173,28 +182,46 @@ def _die_with_parent() -> None:
         pass
 
 
-class _Group:
-    """Jobs computed together, each answered once, with the group's timings."""
+class _Group(Watcher):
+    """Jobs computed together, each answered once, with the group's timings. Each job's
+    deadline runs from the start of its own computation (the pool's watchdog, told by the
+    same ``Progress``, agrees): a job never pays for another's time."""
 
     def __init__(self, jobs: list[Job], send: Callable[[Reply | Progress], None]) -> None:
         self.jobs, self.send = jobs, send
         self.start = time.monotonic()
         self.answered: set[int] = set()
+        self.deadlines = [job.deadline for job in jobs]
+
+    def done(self, i: int, outcome: Any) -> None:
+        self.reply(self.jobs[i], outcome)
 
     def progress(self, indices: list[int], writes: bool) -> None:
-        """What the group computes or writes next, by index: the pool hears it by job id
-        (all of them for a bulk step, one job however many sessions it has)."""
-        if len(self.jobs) == 1:
-            ids: tuple[int, ...] = (self.jobs[0].id,)
-        else:
-            ids = tuple(self.jobs[i].id for i in indices)
-        self.send(Progress(ids, writes))
+        if not writes:
+            now = time.time()
+            for i in indices:
+                self.deadlines[i] = now + self.jobs[i].budget
+        self.send(Progress(tuple(self.jobs[i].id for i in indices), writes))
+
+    def deadline(self, i: int, job: RunJob) -> float:
+        return self.deadlines[i]
 
     def reply(self, job: Job, result: Any) -> None:
         self.answered.add(job.id)
         took = time.monotonic() - self.start
         info = Info(wait=self.start - job.received, compute=took, batch=len(self.jobs))
         self.send(Reply(job.id, not isinstance(result, GradsvcError), result, info))
+
+
+class _Bulk(Watcher):
+    """A bulk step (one job, many sessions' steps): the pool hears of its progress under its
+    one id, and the whole request has one deadline, from when its pass was sent."""
+
+    def __init__(self, job: Job, send: Callable[[Reply | Progress], None]) -> None:
+        self.job, self.send = job, send
+
+    def progress(self, indices: list[int], writes: bool) -> None:
+        self.send(Progress((self.job.id,), writes))
 
 
 class Worker:
@@ -234,12 +261,12 @@ class Worker:
                 runs.append(job)
             group = _Group(runs or [jobs[i]], send)
             if runs:  # until its first computation, a hang is any of theirs
-                send(Progress(tuple(job.id for job in runs), writes=False))
+                group.progress(list(range(len(runs))), writes=False)
                 self._run_many(group)
             else:
                 job = jobs[i]
                 send(Progress((job.id,), writes=isinstance(job.message, WRITES)))
-                group.reply(job, self._one(job, group))
+                group.reply(job, self._one(job, send))
             i += len(group.jobs)
 
     def _run_many(self, group: _Group) -> None:
@@ -250,29 +277,20 @@ class Worker:
             for job in group.jobs
             if isinstance(job.message, m.Run)
         ]
-        failed = guarded(
-            self.sessions.run_many,
-            run_jobs,
-            lambda i, result: group.reply(group.jobs[i], result),
-            group.progress,
-        )
+        failed = guarded(self.sessions.run_many, run_jobs, group)
         if isinstance(failed, GradsvcError):  # run_many settles every job itself; a bug if not
             for job in group.jobs:
                 if job.id not in group.answered:
                     group.reply(job, failed)
 
-    def _one(self, job: Job, group: _Group) -> Any:
-        if time.time() > job.deadline:
-            return ComputeTimeout("the request waited past the compute timeout")
+    def _one(self, job: Job, send: Callable[[Reply | Progress], None]) -> Any:
         if not isinstance(job.message, m.Request):
             return GradsvcError(f"unknown operation {type(job.message).__name__}")
         from service.workers.compute import guarded
 
-        return guarded(self._handle, job.message, job.deadline, group.progress)
+        return guarded(self._handle, job.message, _Bulk(job, send))
 
-    def _handle(
-        self, message: m.Request, deadline: float, progress: Callable[[list[int], bool], None]
-    ) -> Any:
+    def _handle(self, message: m.Request, bulk: _Bulk) -> Any:
         """What the message asks for; each case answers with its message's result type."""
         sessions, trainer = self.sessions, self.trainer
         match message:
@@ -297,8 +315,8 @@ class Worker:
             case m.Run(job):
                 return sessions.run(job)
             case m.RunMany(jobs):  # many sessions' steps in one request: POST /v1/sessions/step
-                jobs = tuple(replace(job, deadline=deadline) for job in jobs)
-                return sessions.run_many(jobs, progress=progress)
+                jobs = tuple(replace(job, deadline=bulk.job.deadline) for job in jobs)
+                return sessions.run_many(jobs, bulk)
             case m.Train(owner, session_id, job_id, request, idem):
                 return trainer.start(owner, session_id, job_id, request, idem)
             case m.Ping():
