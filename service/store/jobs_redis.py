@@ -64,7 +64,7 @@ local size, idem_size = tonumber(ARGV[8]), tonumber(ARGV[9])
 local grows = size + (idem and idem_grows(idem, idem_size) or 0)
 if over(ARGV[3], grows, tonumber(ARGV[7])) then return 5 end
 local n = tonumber(ARGV[10])
-redis.call('HSET', KEYS[2], unpack(ARGV, 11, 10 + n))
+redis.call('HSET', KEYS[2], 'counted', '1', unpack(ARGV, 11, 10 + n))
 redis.call('HSET', KEYS[2], 'start_step', found[3], 'step', found[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
@@ -110,7 +110,7 @@ _END = (
     + """
 local function finish(key, prefix, id, ttl, first)
   local found = redis.call('HMGET', key, 'owner', 'session')
-  charge(found[1], -redis.call('HSTRLEN', key, 'dataset'))
+  charge(found[1], -held(key, 'dataset'))
   redis.call('HSET', key, 'dataset', '', 'lease_holder', '', unpack(ARGV, first, #ARGV))
   redis.call('ZREM', prefix .. 'jq', id)
   redis.call('ZREM', prefix .. 'jr', id)

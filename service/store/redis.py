@@ -23,8 +23,8 @@ job that holds it; a commit from anyone else is refused, and so is a delete.
 A script runs atomically on the server, so ``commit`` is a compare-and-set on the session's
 version that writes the session, its history row and the idempotency record together, or
 nothing. Whether an idempotency key is taken is decided by the records' ``created_at``, as in
-the other stores; the Redis TTL only reclaims the space. A store written before quotas holds
-sessions its totals never counted: they count from their first write after.
+the other stores; the Redis TTL only reclaims the space. A session written before quotas
+counts from its next write (its hash has no ``counted`` mark until then).
 
 Every call waits ``socket_timeout`` (5 s unless the URL says otherwise) at most, so a paused
 or unreachable Redis is a ``StoreUnavailable`` rather than a hung worker; a call on a
@@ -94,7 +94,7 @@ local size, idem_size = tonumber(ARGV[7]), tonumber(ARGV[8])
 local grows = size + (idem and idem_grows(idem, idem_size) or 0)
 if over(ARGV[5], grows, tonumber(ARGV[6])) then return 5 end
 local n = tonumber(ARGV[9])
-redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n))
+redis.call('HSET', KEYS[1], 'counted', '1', unpack(ARGV, 10, 9 + n))
 redis.call('DEL', KEYS[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[3])
 charge(ARGV[5], size)
@@ -132,11 +132,11 @@ if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return refuse(1) end
 local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1e6 > tonumber(ARGV[10]) then return refuse(1) end
 local size, idem_size = tonumber(ARGV[12]), tonumber(ARGV[13])
-local state_grows = size - redis.call('HSTRLEN', KEYS[1], 'state')
+local state_grows = size - held(KEYS[1], 'state')
 local grows = state_grows + (idem and idem_grows(idem, idem_size) or 0)
 if over(ARGV[3], grows, tonumber(ARGV[11])) then return refuse(5) end
 local n = tonumber(ARGV[14])
-redis.call('HSET', KEYS[1], unpack(ARGV, 15, 14 + n))
+redis.call('HSET', KEYS[1], 'counted', '1', unpack(ARGV, 15, 14 + n))
 if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8]) end
 charge(ARGV[3], state_grows)
@@ -154,7 +154,7 @@ _DELETE = (
     + """
 local found = redis.call('HMGET', KEYS[1], 'owner', 'index', 'hold')
 if found[1] ~= ARGV[1] or found[3] then return 0 end
-charge(ARGV[1], -redis.call('HSTRLEN', KEYS[1], 'state'))
+charge(ARGV[1], -held(KEYS[1], 'state'))
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], found[2])
 return 1

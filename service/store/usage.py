@@ -86,7 +86,9 @@ def sqlite_add(db: sqlite3.Connection, owner: str, delta: int) -> None:
 REDIS_KEYS = ("u:bytes", "u:idem", "u:sizes")
 """Under the store's prefix: the totals (hash owner → bytes); the counted idempotency
 records (sorted set of their keys, scored by created_at, for the purge: Redis expires the
-records themselves, unseen); their sizes and owners (hash key → "size:owner")."""
+records themselves, unseen); their sizes and owners (hash key → "size:owner"). A session's
+or a job's hash written since carries a ``counted`` field: one from before quotas has none,
+and counts from its next write."""
 
 
 def redis_lua(first: int) -> str:
@@ -106,6 +108,12 @@ local function charge(owner, delta)
   if delta == 0 then return end
   local left = redis.call('HINCRBY', U.bytes, owner, string.format('%d', delta))
   if left <= 0 then redis.call('HDEL', U.bytes, owner) end
+end
+-- The bytes of a hash's field that the totals hold: none for a hash written before quotas
+-- (it has no 'counted' mark), whose bytes were never added.
+local function held(key, field)
+  if redis.call('HEXISTS', key, 'counted') == 0 then return 0 end
+  return redis.call('HSTRLEN', key, field)
 end
 local function counted(member)
   local old = redis.call('HGET', U.sizes, member)

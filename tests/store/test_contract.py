@@ -835,3 +835,23 @@ def _flood(store: SessionStore) -> None:
                 assert store.cancel_job(BOB, f"bob{k}", now + n, TTL) is not None
     kept = store.get_job(ALICE, "alice", now + 1001)
     assert kept is not None and kept.status == "cancelled"
+
+
+def test_redis_counts_a_session_from_before_quotas_from_its_next_write(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for record in (session("old"), session("gone"), session("new")):
+            assert store.create(record) is Commit.OK
+        for sid in ("old", "gone"):  # as a store from before quotas left them: uncounted
+            client.hdel(f"{prefix}s:{sid}", "counted")
+            client.hincrby(f"{prefix}u:bytes", ALICE, -STATE)
+        assert store.stored_bytes(ALICE) == STATE
+        assert store.commit(stepped(session("old"), b"x" * 10), 1, row(1)) is Commit.OK
+        assert store.delete(ALICE, "gone") is True
+        assert store.stored_bytes(ALICE) == STATE + 10
+    finally:
+        client.delete(*client.scan_iter(match=f"{prefix}*"))
+        client.close()
+        store.close()
