@@ -52,7 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # that this process makes and every worker shares.
         ephemeral = EphemeralFile() if is_memory(settings.store) else None
         serving = settings.model_copy(update={"store": ephemeral.url}) if ephemeral else settings
-        app.state.store = open_store(serving.store, idempotency_ttl=settings.idempotency_ttl)
+        app.state.store = open_store(
+            serving.store,
+            idempotency_ttl=settings.idempotency_ttl,
+            max_stored_bytes=settings.max_stored_bytes_per_key,
+        )
         app.state.store_health = StoreHealth(app.state.store)
         every = min(PURGE_EVERY, max(settings.idempotency_ttl, 0.5))
         purger = asyncio.create_task(purge_forever(app.state.store, every))
@@ -70,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.pool,
             ttl=settings.job_ttl,
         )
-        app.state.feeds = Feeds(board)
+        app.state.feeds = Feeds(board, max_streams_per_key=settings.max_streams_per_key)
         try:
             yield
         finally:

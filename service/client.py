@@ -18,7 +18,8 @@ elements. torch is imported only when a torch tensor is made, so importing this 
 Every POST carries an ``Idempotency-Key`` (a fresh uuid4 per call, the same on each of its
 retries), so a retry never applies a step twice. A call is retried, with bounded exponential
 backoff and jitter, on a connection error or a dropped connection, and on 429 and 503 after
-their ``Retry-After``; never on another 4xx. A PATCH, which the service cannot deduplicate,
+their ``Retry-After``; never on a 429 ``quota-exceeded`` (waiting does not lift a quota), nor
+on another 4xx. A PATCH, which the service cannot deduplicate,
 is retried only where it cannot have reached the service (no connection, 429, 503).
 
 Every error this module raises for an answer carries the problem+json body::
@@ -33,6 +34,7 @@ Every error this module raises for an answer carries the problem+json body::
         ├── PreconditionFailedError     412       If-Match names an old version
         ├── PayloadTooLargeError        413       request body over the limit
         ├── RateLimitedError            429       retried first; .retry_after
+        │   └── QuotaExceededError      429       a per-key quota: not retried
         └── ServerError                 5xx
             ├── UnavailableError        503       retried first; .retry_after
             ├── ComputeTimeoutError     504       over the compute time limit; nothing changed
@@ -105,6 +107,7 @@ __all__ = [
     "OutOfMemoryError",
     "PayloadTooLargeError",
     "PreconditionFailedError",
+    "QuotaExceededError",
     "RateLimitedError",
     "ServerError",
     "Session",
@@ -184,7 +187,12 @@ class PayloadTooLargeError(ApiError):
 
 
 class RateLimitedError(ApiError):
-    """429: over the key's request rate or session count; ``retry_after`` in seconds."""
+    """429: over the key's request rate or requests in flight; ``retry_after`` in seconds."""
+
+
+class QuotaExceededError(RateLimitedError):
+    """429 ``quota-exceeded``: a per-key quota (sessions, active jobs, event streams, stored
+    bytes) is used up; the detail says what to finish, close or delete. Never retried."""
 
 
 class ServerError(ApiError):
@@ -218,6 +226,12 @@ _ERRORS: dict[int, type[ApiError]] = {
 }
 
 
+def _error_class(status: int, type_: object) -> type[ApiError]:
+    if status == 429 and type_ == "quota-exceeded":
+        return QuotaExceededError
+    return _ERRORS.get(status) or (ServerError if status >= 500 else ApiError)
+
+
 def _api_error(response: httpx.Response) -> ApiError:
     status = response.status_code
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
@@ -231,7 +245,7 @@ def _api_error(response: httpx.Response) -> ApiError:
     else:  # e.g. a proxy's HTML page: keep a little of it
         text = response.content[:500].decode("utf-8", "replace")
         problem = {"type": "about:blank", "title": phrase, "status": status, "detail": text}
-    cls = _ERRORS.get(status) or (ServerError if status >= 500 else ApiError)
+    cls = _error_class(status, problem.get("type"))
     return cls(
         status,
         str(problem.get("type", "about:blank")),
@@ -740,7 +754,8 @@ class _Core(Generic[T]):
         if status < 400 or status in call.accept or (attempt and status in call.accept_on_retry):
             return call.parse(response)
         error = _api_error(response)
-        if status in (429, 503) and attempt < self._retries(call):
+        retryable = status in (429, 503) and not isinstance(error, QuotaExceededError)
+        if retryable and attempt < self._retries(call):
             after = error.retry_after
             if after is None or after <= self.max_wait:
                 return _Wait(max(after or 0.0, self._backoff(attempt)))
@@ -1084,8 +1099,7 @@ class _Core(Generic[T]):
             error = None
             if isinstance(problem, dict):
                 status = int(problem.get("status", item["status"]))
-                cls = _ERRORS.get(status) or (ServerError if status >= 500 else ApiError)
-                error = cls(
+                error = _error_class(status, problem.get("type"))(
                     status,
                     str(problem.get("type", "about:blank")),
                     str(problem.get("title", "")),

@@ -5,7 +5,9 @@ synchronous); ``memory://`` too is a file this process shares with its workers.
 
 ``Feeds`` keeps one reader per followed job: however many event streams follow a job in this
 process, the store is read once per tick for all of them. When the server shuts down every
-stream is told so (``interrupted`` if the job goes on, elsewhere or after the restart).
+stream is told so (``interrupted`` if the job goes on, elsewhere or after the restart). It
+also counts each key's open streams against ``--max-streams-per-key``: in this process, so
+the quota holds per replica.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import GradsvcError, NotFound
+from service.errors import GradsvcError, NotFound, QuotaExceeded
 from service.store import SessionStore
 from service.store.base import FINISHED
 from service.workers.jobs import job_view
@@ -70,10 +73,36 @@ class Feed:
 
 
 class Feeds:
-    def __init__(self, board: JobBoard) -> None:
+    def __init__(self, board: JobBoard, *, max_streams_per_key: int = 0) -> None:
         self.board = board
         self.feeds: dict[tuple[str, str], Feed] = {}
         self.closing = False
+        self.max_streams = max_streams_per_key
+        self.streams: Counter[str] = Counter()
+        """each key's open event streams"""
+
+    def admit(self, owner: str) -> Callable[[], None]:
+        """Count one more open stream of ``owner``'s, or refuse it (QuotaExceeded) at the
+        limit; the function returned takes it off the count (once, however often called),
+        and must be called when the stream ends, whyever it ends."""
+        if self.max_streams and self.streams[owner] >= self.max_streams:
+            raise QuotaExceeded(
+                f"this key already has {self.max_streams} event streams open on this server, "
+                "the limit (--max-streams-per-key): close one first; GET /v1/jobs/{id} "
+                "reads a job without a stream"
+            )
+        self.streams[owner] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.streams[owner] -= 1
+                if not self.streams[owner]:
+                    del self.streams[owner]
+
+        return release
 
     def close(self) -> None:
         """Shutdown: each stream ends now with a final event."""

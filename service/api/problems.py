@@ -198,22 +198,30 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unhandled_error)
 
 
+_DESCRIPTIONS = {
+    429: (
+        "Too Many Requests: `too-many-requests` (a rate or in-flight limit: retry after "
+        "`Retry-After` seconds) or `quota-exceeded` (a per-key quota on sessions, active jobs, "
+        "event streams or stored bytes: no `Retry-After`, since waiting does not lift it; the "
+        "detail names the limit and what to finish, close or delete)"
+    ),
+}
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the problem statuses a route can return."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         out[status] = {
-            "description": HTTPStatus(status).phrase,
+            "description": _DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
             "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
         if status in (429, 503):
-            out[status]["headers"] = {
-                "Retry-After": {
-                    "required": True,
-                    "schema": {"type": "integer"},
-                    "description": "seconds",
-                }
-            }
+            retry: dict[str, Any] = {"required": True, "schema": {"type": "integer"}}
+            retry["description"] = "seconds"
+            if status == 429:  # a quota's 429 has none: waiting does not lift it
+                retry.update(required=False, description="seconds; with `too-many-requests` only")
+            out[status]["headers"] = {"Retry-After": retry}
         if status == 401:
             out[status]["headers"] = {
                 "WWW-Authenticate": {

@@ -47,17 +47,20 @@ def sqlite_options(url: str) -> tuple[str, int, str, int | None]:
     return path or "gradsvc.db", int(busy), synchronous, None if pages is None else int(pages)
 
 
-def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+def open_store(
+    url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+) -> SessionStore:
     """``memory://`` (this process only: the server makes it a shared file, see
     ``store.ephemeral``), ``sqlite:///path`` (relative) or ``sqlite:////abs/path`` with
     options ``?busy_timeout=MS`` (how long a write waits for another process's lock, 5000 by
     default) and ``?synchronous=off|normal|full`` (full by default),
     ``redis://host:port/db[?prefix=NAME]`` with redis-py's URL options (``socket_timeout``
-    ...). ``idempotency_ttl``: seconds an idempotency record is kept."""
+    ...). ``idempotency_ttl``: seconds an idempotency record is kept; ``max_stored_bytes``: the
+    bytes one owner may keep (``service.store.usage``; 0: no limit)."""
     if is_memory(url):
         from service.store.memory import MemoryStore
 
-        return MemoryStore(idempotency_ttl=idempotency_ttl)
+        return MemoryStore(idempotency_ttl=idempotency_ttl, max_stored_bytes=max_stored_bytes)
     if url.startswith("sqlite://"):
         from service.store.sqlite import SqliteStore
 
@@ -68,6 +71,7 @@ def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> Session
             busy_timeout_ms=busy_timeout_ms,
             synchronous=synchronous,
             max_pages=max_pages,
+            max_stored_bytes=max_stored_bytes,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from service.store.redis import RedisStore
@@ -79,7 +83,12 @@ def open_store(url: str, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> Session
         rest = urlunsplit(
             parts._replace(query=urlencode([kv for kv in query if kv[0] != "prefix"]))
         )
-        return RedisStore(rest, prefix=f"{prefix}:", idempotency_ttl=idempotency_ttl)
+        return RedisStore(
+            rest,
+            prefix=f"{prefix}:",
+            idempotency_ttl=idempotency_ttl,
+            max_stored_bytes=max_stored_bytes,
+        )
     raise ValueError(
         f"unknown store {url!r}: use memory://, sqlite:///path or redis://host:port/db"
     )

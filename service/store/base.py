@@ -4,6 +4,10 @@ A step is load → compute → commit. ``commit`` is one atomic compare-and-set 
 version that writes the new state, the history row and the idempotency record together, and
 refuses when the version moved or the idempotency key is already taken: then the caller
 reads again (and replays the stored answer, or recomputes on the newer state).
+
+Every store counts the bytes each owner keeps, in the same transaction as each write, and
+refuses a write that would take its owner past the store's ``max_stored_bytes``
+(``Commit.QUOTA``): what counts and the rule are ``service.store.usage``'s.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class Commit(enum.Enum):
     """The owner already has as many sessions (or active jobs) as the limit allows."""
     BUSY = "busy"
     """A training job other than the item's holder holds the session."""
+    QUOTA = "quota"
+    """The write would grow its owner's stored bytes past ``max_stored_bytes``."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,10 @@ class JobStore(Protocol):
         self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
         """At once: the session must be the owner's (GONE) and free (BUSY), the key free
-        (CONFLICT), the owner under ``limit`` active jobs (FULL; 0: no limit); then the job
-        is written, from the step the session is at (``start_step``), and holds its session."""
+        (CONFLICT), the owner under ``limit`` active jobs (FULL; 0: no limit) and its dataset
+        within the owner's bytes (QUOTA); then the job is written, from the step the session
+        is at (``start_step``), and holds its session. Its dataset's bytes are given back when
+        it ends."""
         ...
 
     def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
@@ -203,10 +211,14 @@ class JobStore(Protocol):
 
 
 class SessionStore(JobStore, Protocol):
+    max_stored_bytes: int
+    """The bytes one owner may keep (``service.store.usage``); 0: no limit."""
+
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
-        """Insert a new session, unless the owner has ``limit`` already (0: no limit)."""
+        """Insert a new session, unless the owner has ``limit`` already (FULL; 0: no limit)
+        or its bytes would go over (QUOTA)."""
         ...
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None: ...
@@ -235,7 +247,7 @@ class SessionStore(JobStore, Protocol):
         ...
 
     def delete(self, owner: str, session_id: str) -> bool:
-        """False if there is no such session, or a job holds it."""
+        """False if there is no such session, or a job holds it; else its bytes are given back."""
         ...
 
     def history(
@@ -244,8 +256,13 @@ class SessionStore(JobStore, Protocol):
 
     def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None: ...
 
-    def remember(self, idem: IdempotencyRecord) -> bool:
-        """Store an answer that changed no session; False if the key is already taken."""
+    def remember(self, idem: IdempotencyRecord) -> Commit:
+        """Store an answer that changed no session: OK, CONFLICT if the key is already taken,
+        QUOTA if the owner's bytes would go over."""
+        ...
+
+    def stored_bytes(self, owner: str) -> int:
+        """The bytes the owner keeps now, as the quota counts them."""
         ...
 
     def buckets(self, rate: float, burst: int) -> Buckets:
@@ -262,8 +279,8 @@ class SessionStore(JobStore, Protocol):
 
     def purge(self, now: float, batch: int = 500) -> int:
         """Delete the idempotency records older than the store's TTL at ``now``, at most
-        ``batch`` per transaction; the number deleted (0 where the store expires them
-        itself)."""
+        ``batch`` per transaction, and give their bytes back; the number deleted (Redis
+        expires the records itself: there, the number whose bytes it gave back)."""
         ...
 
     def close(self) -> None: ...

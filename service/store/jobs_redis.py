@@ -10,7 +10,8 @@ Keys, all under the store's prefix::
                     ``ZRANGEBYSCORE jr -inf (now``)
     ja:{owner}      set: the owner's active (queued or running) jobs, for the job limit
 
-The session's hold is the ``hold`` field of its hash ``s:{id}``.
+The session's hold is the ``hold`` field of its hash ``s:{id}``. An active job's dataset
+counts in its owner's bytes (``service.store.usage``) until the job ends.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from typing import Any, cast
 import redis
 
 from service.store.base import Commit, JobRecord, Progress
+from service.store.usage import job_bytes, redis_lua
 
-_CREATED, _TAKEN, _GONE, _FULL, _BUSY = 0, 1, 2, 3, 4
+_CREATED, _TAKEN, _GONE, _FULL, _BUSY, _QUOTA = 0, 1, 2, 3, 4, 5
 CREATE_RESULTS = {
     _CREATED: Commit.OK,
     _TAKEN: Commit.CONFLICT,
     _GONE: Commit.GONE,
     _FULL: Commit.FULL,
     _BUSY: Commit.BUSY,
+    _QUOTA: Commit.QUOTA,
 }
+"""What every write script answers, here and in ``service.store.redis``."""
 _NAMES = [f.name for f in fields(JobRecord)]
 _LIGHT = [n for n in _NAMES if n != "dataset"]
 """What a read that does not run the job fetches: everything but the dataset."""
@@ -38,14 +42,17 @@ _FLOATS = {"created_at", "updated_at", "lease_expires"}
 _INTS = {"start_step", "epoch", "batch", "steps_done", "step", "attempts"}
 _OPTIONAL = {"loss": float, "error": str, "lease_holder": str, "expires_at": float}
 
-# KEYS: session, job, jq, ja[, idem]. ARGV: idem ttl, idem created_at, owner, job id, limit,
-# created_at, the number n of job field/value items, n items, then the idem's items.
-CREATE = """
+# KEYS: session, job, jq, ja, the usage keys[, idem]. ARGV: idem ttl, idem created_at, owner,
+# job id, limit, created_at, byte quota (0: none), dataset bytes, idem bytes, the number n of
+# job field/value items, n items, then the idem's items.
+CREATE = (
+    redis_lua(5)
+    + """
 local function idem_taken(key, ttl, created_at)
   local old = redis.call('HGET', key, 'created_at')
   return old and tonumber(old) + tonumber(ttl) > tonumber(created_at)
 end
-local idem = KEYS[5]
+local idem = KEYS[8]
 local found = redis.call('HMGET', KEYS[1], 'owner', 'hold', 'step')
 if found[1] ~= ARGV[3] then return 2 end
 if found[2] and found[2] ~= '' then return 4 end
@@ -53,19 +60,25 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
 local limit = tonumber(ARGV[5])
 if limit > 0 and redis.call('SCARD', KEYS[4]) >= limit then return 3 end
-local n = tonumber(ARGV[7])
-redis.call('HSET', KEYS[2], unpack(ARGV, 8, 7 + n))
+local size, idem_size = tonumber(ARGV[8]), tonumber(ARGV[9])
+local grows = size + (idem and idem_grows(idem, idem_size) or 0)
+if over(ARGV[3], grows, tonumber(ARGV[7])) then return 5 end
+local n = tonumber(ARGV[10])
+redis.call('HSET', KEYS[2], 'counted', '1', unpack(ARGV, 11, 10 + n))
 redis.call('HSET', KEYS[2], 'start_step', found[3], 'step', found[3])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[1], 'hold', ARGV[4])
+charge(ARGV[3], size)
 if idem then
   redis.call('DEL', idem)
-  redis.call('HSET', idem, unpack(ARGV, 8 + n, #ARGV))
+  redis.call('HSET', idem, unpack(ARGV, 11 + n, #ARGV))
   redis.call('PEXPIRE', idem, math.ceil(tonumber(ARGV[1]) * 1000))
+  count_idem(ARGV[3], idem, idem_size, ARGV[2])
 end
 return 0
 """
+)
 
 # KEYS: jq, jr. ARGV: prefix, worker, now, lease expiry.
 CLAIM = """
@@ -91,18 +104,23 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return redis.call('HMGET', KEYS[1], LIGHT)
 """.replace("LIGHT", ", ".join(f"'{n}'" for n in _LIGHT))
 
-_END = """
+# KEYS of FINISH and CANCEL: job, the usage keys. The dataset's bytes go with the dataset.
+_END = (
+    redis_lua(2)
+    + """
 local function finish(key, prefix, id, ttl, first)
+  local found = redis.call('HMGET', key, 'owner', 'session')
+  charge(found[1], -held(key, 'dataset'))
   redis.call('HSET', key, 'dataset', '', 'lease_holder', '', unpack(ARGV, first, #ARGV))
   redis.call('ZREM', prefix .. 'jq', id)
   redis.call('ZREM', prefix .. 'jr', id)
-  local found = redis.call('HMGET', key, 'owner', 'session')
   redis.call('SREM', prefix .. 'ja:' .. found[1], id)
   local session = prefix .. 's:' .. found[2]
   if redis.call('HGET', session, 'hold') == id then redis.call('HDEL', session, 'hold') end
   redis.call('EXPIRE', key, ttl)
 end
 """
+)
 
 # KEYS: job. ARGV: prefix, id, ttl seconds, worker, then the final field/value items.
 FINISH = (
@@ -177,8 +195,8 @@ def decode(flat: list[bytes] | dict[bytes, bytes]) -> JobRecord | None:
 class RedisJobs:
     """The job half of ``RedisStore``: the same client and prefix."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self._redis, self.prefix = client, prefix
+    def __init__(self, client: redis.Redis, prefix: str, usage: list[str]) -> None:
+        self._redis, self.prefix, self._usage = client, prefix, usage
         self._create = client.register_script(CREATE)
         self._claim = client.register_script(CLAIM)
         self._renew = client.register_script(RENEW)
@@ -192,18 +210,22 @@ class RedisJobs:
         self,
         job: JobRecord,
         session_key: str,
-        idem: tuple[str, list[str | bytes | int]] | None,
+        idem: tuple[str, int, list[str | bytes | int]] | None,
         idem_ttl: str,
         limit: int,
+        max_bytes: int,
     ) -> Commit:
+        """``idem``: the record's key, its bytes and its field/value items."""
         items = encode(vars(job))
         keys = [session_key, self._key(job.id), f"{self.prefix}jq", f"{self.prefix}ja:{job.owner}"]
+        keys += self._usage
         args: list[str | bytes | int] = [idem_ttl, "0", job.owner, job.id, limit]  # ttl in s
-        args += [repr(job.created_at), len(items), *items]
+        args += [repr(job.created_at), max_bytes, job_bytes(job), 0, len(items), *items]
         if idem is not None:
             keys.append(idem[0])
-            args[1] = _created(idem[1])
-            args += idem[1]
+            args[1] = _created(idem[2])
+            args[8] = idem[1]
+            args += idem[2]
         return CREATE_RESULTS[int(self._create(keys=keys, args=args))]
 
     def get(self, owner: str, job_id: str, now: float) -> JobRecord | None:
@@ -239,13 +261,13 @@ class RedisJobs:
         final = {"status": status, "error": error, "updated_at": now, "expires_at": now + ttl}
         args: list[str | bytes | int] = [self.prefix, job_id, _seconds(ttl), worker]
         args += encode({**final, **vars(progress)})
-        return bool(self._finish(keys=[self._key(job_id)], args=args))
+        return bool(self._finish(keys=[self._key(job_id), *self._usage], args=args))
 
     def cancel(self, owner: str, job_id: str, now: float, ttl: float) -> JobRecord | None:
         final = {"status": "cancelled", "cancel": True, "updated_at": now, "expires_at": now + ttl}
         args: list[str | bytes | int] = [self.prefix, job_id, _seconds(ttl), owner, repr(now)]
         args += encode(final)
-        if not self._cancel(keys=[self._key(job_id)], args=args):
+        if not self._cancel(keys=[self._key(job_id), *self._usage], args=args):
             return None
         return self.get(owner, job_id, now)
 

@@ -7,8 +7,10 @@ one call see no other writer in between) and calls these with its connection.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import fields, replace
 
+from service.store import usage
 from service.store.base import ACTIVE, Commit, JobRecord, Progress
 
 SCHEMA = """
@@ -48,7 +50,14 @@ def purge(db: sqlite3.Connection, now: float) -> None:
     db.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
 
 
-def create(db: sqlite3.Connection, job: JobRecord, key_taken: bool, limit: int) -> Commit:
+def create(
+    db: sqlite3.Connection,
+    job: JobRecord,
+    key_taken: bool,
+    limit: int,
+    over: Callable[[int], bool],
+) -> Commit:
+    """``over(grows)``: whether the owner's bytes may not grow by ``grows`` (its dataset)."""
     purge(db, job.created_at)
     row = db.execute(
         "SELECT hold, step FROM sessions WHERE id = ? AND owner = ?", (job.session, job.owner)
@@ -65,9 +74,12 @@ def create(db: sqlite3.Connection, job: JobRecord, key_taken: bool, limit: int) 
         ).fetchone()
         if active >= limit:
             return Commit.FULL
+    if over(usage.job_bytes(job)):
+        return Commit.QUOTA
     job = replace(job, start_step=row[1], step=row[1])  # the step the session is at now
     marks = ", ".join("?" * len(_NAMES))
     db.execute(f"INSERT INTO jobs ({COLUMNS}) VALUES ({marks})", _values(job))
+    usage.sqlite_add(db, job.owner, usage.job_bytes(job))
     db.execute("UPDATE sessions SET hold = ? WHERE id = ?", (job.id, job.session))
     return Commit.OK
 
@@ -137,8 +149,9 @@ def finish(
     now: float,
     ttl: float,
 ) -> bool:
-    """The final status and the hold's release, in the caller's one transaction. ``worker``
-    None: the job is queued (a cancel before any runner took it)."""
+    """The final status and the hold's release, in the caller's one transaction; the dataset
+    goes, and its bytes with it. ``worker`` None: the job is queued (a cancel before any
+    runner took it)."""
     sets = "status = ?, error = ?, updated_at = ?, expires_at = ?, dataset = x'', "
     sets += "lease_holder = NULL"
     args: list[object] = [status, error, now, now + ttl]
@@ -149,11 +162,15 @@ def finish(
     args.append(job_id)
     if worker is not None:
         args.append(worker)
+    held = db.execute(
+        "SELECT owner, session, length(dataset) FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
     cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {where}", args)
     if cursor.rowcount == 0:
         return False
+    owner, session, size = held
+    usage.sqlite_add(db, owner, -int(size))
     purge(db, now)
-    (session,) = db.execute("SELECT session FROM jobs WHERE id = ?", (job_id,)).fetchone()
     db.execute("UPDATE sessions SET hold = NULL WHERE id = ? AND hold = ?", (session, job_id))
     return True
 

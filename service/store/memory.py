@@ -23,22 +23,51 @@ from service.store.base import (
     prefix_commits,
 )
 from service.store.ratelimit import MemoryBuckets
+from service.store.usage import idem_bytes, job_bytes, over, session_bytes
 
 
 class MemoryStore:
-    def __init__(self, *, idempotency_ttl: float = IDEMPOTENCY_TTL) -> None:
+    def __init__(
+        self, *, idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+    ) -> None:
         self.idempotency_ttl = idempotency_ttl
+        self.max_stored_bytes = max_stored_bytes
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionRecord] = {}
         self._history: dict[str, list[HistoryRow]] = {}
         self._idem: dict[tuple[str, str], IdempotencyRecord] = {}
         self._jobs: dict[str, JobRecord] = {}
+        self._usage: dict[str, int] = {}
 
     def _key_taken(self, idem: IdempotencyRecord | None) -> bool:
         if idem is None:
             return False
         old = self._idem.get((idem.owner, idem.key))
         return old is not None and old.created_at + self.idempotency_ttl > idem.created_at
+
+    def _idem_grows(self, idem: IdempotencyRecord | None) -> int:
+        """What putting ``idem`` adds: its answer, less the expired record it replaces."""
+        if idem is None:
+            return 0
+        return idem_bytes(idem) - idem_bytes(self._idem.get((idem.owner, idem.key)))
+
+    def _over(self, owner: str, grows: int) -> bool:
+        return over(self._usage.get(owner, 0), grows, self.max_stored_bytes)
+
+    def _charge(self, owner: str, delta: int) -> None:
+        left = self._usage.get(owner, 0) + delta
+        if left > 0:
+            self._usage[owner] = left
+        else:
+            self._usage.pop(owner, None)
+
+    def _put_idem(self, idem: IdempotencyRecord | None) -> None:
+        if idem is not None:
+            self._charge(idem.owner, self._idem_grows(idem))
+            self._idem[(idem.owner, idem.key)] = idem
+
+    def stored_bytes(self, owner: str) -> int:
+        return self._usage.get(owner, 0)
 
     def create(
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
@@ -48,10 +77,12 @@ class MemoryStore:
                 return Commit.CONFLICT
             if limit and sum(r.owner == record.owner for r in self._sessions.values()) >= limit:
                 return Commit.FULL
+            if self._over(record.owner, session_bytes(record) + self._idem_grows(idem)):
+                return Commit.QUOTA
             self._sessions[record.id] = record
             self._history[record.id] = []
-            if idem is not None:
-                self._idem[(idem.owner, idem.key)] = idem
+            self._charge(record.owner, session_bytes(record))
+            self._put_idem(idem)
             return Commit.OK
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None:
@@ -90,13 +121,16 @@ class MemoryStore:
             return Commit.BUSY
         if current.version != item.expected_version or self._key_taken(item.idem):
             return Commit.CONFLICT
+        grows = session_bytes(record) - session_bytes(current)
+        if self._over(record.owner, grows + self._idem_grows(item.idem)):
+            return Commit.QUOTA
         self._sessions[record.id] = replace(
             record, version=item.expected_version + 1, hold=current.hold
         )
+        self._charge(record.owner, grows)
         if item.history is not None:
             self._history[record.id].append(item.history)
-        if item.idem is not None:
-            self._idem[(item.idem.owner, item.idem.key)] = item.idem
+        self._put_idem(item.idem)
         return Commit.OK
 
     def delete(self, owner: str, session_id: str) -> bool:
@@ -106,6 +140,7 @@ class MemoryStore:
                 return False
             del self._sessions[session_id]
             del self._history[session_id]
+            self._charge(owner, -session_bytes(record))
             return True
 
     def history(
@@ -120,12 +155,14 @@ class MemoryStore:
         fresh = record is not None and record.created_at + self.idempotency_ttl > now
         return record if fresh else None
 
-    def remember(self, idem: IdempotencyRecord) -> bool:
+    def remember(self, idem: IdempotencyRecord) -> Commit:
         with self._lock:
             if self._key_taken(idem):
-                return False
-            self._idem[(idem.owner, idem.key)] = idem
-            return True
+                return Commit.CONFLICT
+            if self._over(idem.owner, self._idem_grows(idem)):
+                return Commit.QUOTA
+            self._put_idem(idem)
+            return Commit.OK
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -144,11 +181,13 @@ class MemoryStore:
             active = sum(j.owner == job.owner and j.status in ACTIVE for j in self._jobs.values())
             if limit and active >= limit:
                 return Commit.FULL
+            if self._over(job.owner, job_bytes(job) + self._idem_grows(idem)):
+                return Commit.QUOTA
             # It starts from the step the session is at now, whatever the caller read.
             self._jobs[job.id] = replace(job, start_step=session.step, step=session.step)
             self._sessions[job.session] = replace(session, hold=job.id)
-            if idem is not None:
-                self._idem[(idem.owner, idem.key)] = idem
+            self._charge(job.owner, job_bytes(job))
+            self._put_idem(idem)
             return Commit.OK
 
     def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
@@ -229,7 +268,9 @@ class MemoryStore:
             return replace(job, dataset=b"")
 
     def _end(self, job: JobRecord, status: str, now: float, ttl: float, **fields: Any) -> JobRecord:
-        """The final status and the hold's release, under the one lock."""
+        """The final status and the hold's release, under the one lock; the dataset (the
+        stored job's: ``job`` may be a copy without it) goes, and its bytes with it."""
+        self._charge(job.owner, -job_bytes(self._jobs[job.id]))
         ended = replace(
             job, status=status, updated_at=now, expires_at=now + ttl, dataset=b"", **fields
         )
@@ -262,7 +303,7 @@ class MemoryStore:
                     k for k, r in self._idem.items() if r.created_at + self.idempotency_ttl <= now
                 ][:batch]
                 for k in old:
-                    del self._idem[k]
+                    self._charge(k[0], -idem_bytes(self._idem.pop(k)))
             deleted += len(old)
             if len(old) < batch:
                 return deleted

@@ -13,6 +13,9 @@ Keys, all under ``prefix``::
                             ``idempotency_ttl`` (24 h by default): Redis purges them itself
     health                  a string /readyz's write probe sets, with a TTL of 10 s
     tx:{tx}:{id}            a refusal mark, alive only inside one ``commit_many`` transaction
+    u:bytes u:idem u:sizes  the bytes each owner keeps (``service.store.usage``), changed
+                            and checked by the same script as each write; ``purge`` gives
+                            back the bytes of the idempotency records Redis has expired
 
 and the jobs' keys (``service.store.jobs_redis``). A session's ``hold`` field names the
 job that holds it; a commit from anyone else is refused, and so is a delete.
@@ -20,7 +23,8 @@ job that holds it; a commit from anyone else is refused, and so is a delete.
 A script runs atomically on the server, so ``commit`` is a compare-and-set on the session's
 version that writes the session, its history row and the idempotency record together, or
 nothing. Whether an idempotency key is taken is decided by the records' ``created_at``, as in
-the other stores; the Redis TTL only reclaims the space.
+the other stores; the Redis TTL only reclaims the space. A session written before quotas
+counts from its next write (its hash has no ``counted`` mark until then).
 
 Every call waits ``socket_timeout`` (5 s unless the URL says otherwise) at most, so a paused
 or unreachable Redis is a ``StoreUnavailable`` rather than a hung worker; a call on a
@@ -50,18 +54,12 @@ from service.store.base import (
     Progress,
     SessionRecord,
 )
+from service.store.jobs_redis import CREATE_RESULTS as _RESULTS
 from service.store.jobs_redis import RedisJobs
 from service.store.ratelimit import RedisBuckets
 from service.store.trouble import redis_trouble, translated
+from service.store.usage import REDIS_KEYS, REDIS_PURGE, idem_bytes, redis_lua, session_bytes
 
-_OK, _CONFLICT, _GONE, _FULL, _BUSY = 0, 1, 2, 3, 4
-_RESULTS = {
-    _OK: Commit.OK,
-    _CONFLICT: Commit.CONFLICT,
-    _GONE: Commit.GONE,
-    _FULL: Commit.FULL,
-    _BUSY: Commit.BUSY,
-}
 _ROW = struct.Struct(">qddd")
 """A history row as a sorted-set member: step, loss, grad_norm, at; floats exactly."""
 _STAMP = struct.Struct(">Q")
@@ -80,38 +78,48 @@ local function idem_put(key, ttl, first, last)
 end
 """
 
-# KEYS: session, history, owner index[, idem]. ARGV: ttl, idem created_at, the index member,
-# the owner's session limit (0: none), the number of session field/value items n, n items,
-# then the idem's field/value items.
+# KEYS: session, history, owner index, the usage keys[, idem]. ARGV: ttl, idem created_at, the
+# index member, the owner's session limit (0: none), owner, byte quota (0: none), state bytes,
+# idem bytes, the number of session field/value items n, n items, then the idem's items.
 _CREATE = (
     _LUA_IDEM
+    + redis_lua(4)
     + """
-local idem = KEYS[4]
+local idem = KEYS[7]
 if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return 1 end
 local limit = tonumber(ARGV[4])
 if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return 3 end
-local n = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
+local size, idem_size = tonumber(ARGV[7]), tonumber(ARGV[8])
+local grows = size + (idem and idem_grows(idem, idem_size) or 0)
+if over(ARGV[5], grows, tonumber(ARGV[6])) then return 5 end
+local n = tonumber(ARGV[9])
+redis.call('HSET', KEYS[1], 'counted', '1', unpack(ARGV, 10, 9 + n))
 redis.call('DEL', KEYS[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[3])
-if idem then idem_put(idem, ARGV[1], 6 + n, #ARGV) end
+charge(ARGV[5], size)
+if idem then
+  idem_put(idem, ARGV[1], 10 + n, #ARGV)
+  count_idem(ARGV[5], idem, idem_size, ARGV[2])
+end
 return 0
 """
 )
 
-# KEYS: session, history, the transaction's refusal mark for this session[, idem]. ARGV: ttl,
-# idem created_at, owner, expected version, has name ('1' or '0'), has history ('1' or '0'),
-# history step, history member, the holder ('' for none), the time after which the caller has
-# given up waiting (server clock), the number of session field/value items n, n items, then
-# the idem's field/value items. A refusal sets the mark, and a marked session's later items in
-# the same MULTI are refused: ``commit_many`` commits each session's items as a prefix. A
-# script that only runs once its caller has timed out (the server was paused, say) refuses:
-# its caller has been told the outcome is unknown, and must not find it applied behind it.
+# KEYS: session, history, the transaction's refusal mark for this session, the usage keys[,
+# idem]. ARGV: ttl, idem created_at, owner, expected version, has name ('1' or '0'), has
+# history ('1' or '0'), history step, history member, the holder ('' for none), the time after
+# which the caller has given up waiting (server clock), byte quota (0: none), state bytes, idem
+# bytes, the number of session field/value items n, n items, then the idem's field/value
+# items. A refusal sets the mark, and a marked session's later items in the same MULTI are
+# refused: ``commit_many`` commits each session's items as a prefix. A script that only runs
+# once its caller has timed out (the server was paused, say) refuses: its caller has been told
+# the outcome is unknown, and must not find it applied behind it.
 _COMMIT = (
     _LUA_IDEM
+    + redis_lua(4)
     + """
-local idem = KEYS[4]
+local idem = KEYS[7]
 local function refuse(code)
   redis.call('SET', KEYS[3], '1', 'EX', 60)
   return code
@@ -123,31 +131,48 @@ if tonumber(redis.call('HGET', KEYS[1], 'version')) ~= tonumber(ARGV[4]) then re
 if idem and idem_taken(idem, ARGV[1], ARGV[2]) then return refuse(1) end
 local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1e6 > tonumber(ARGV[10]) then return refuse(1) end
-local n = tonumber(ARGV[11])
-redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + n))
+local size, idem_size = tonumber(ARGV[12]), tonumber(ARGV[13])
+local state_grows = size - held(KEYS[1], 'state')
+local grows = state_grows + (idem and idem_grows(idem, idem_size) or 0)
+if over(ARGV[3], grows, tonumber(ARGV[11])) then return refuse(5) end
+local n = tonumber(ARGV[14])
+redis.call('HSET', KEYS[1], 'counted', '1', unpack(ARGV, 15, 14 + n))
 if ARGV[5] == '0' then redis.call('HDEL', KEYS[1], 'name') end
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[8]) end
-if idem then idem_put(idem, ARGV[1], 12 + n, #ARGV) end
+charge(ARGV[3], state_grows)
+if idem then
+  idem_put(idem, ARGV[1], 15 + n, #ARGV)
+  count_idem(ARGV[3], idem, idem_size, ARGV[2])
+end
 return 0
 """
 )
 
-# KEYS: session, history, owner index. ARGV: owner.
-_DELETE = """
+# KEYS: session, history, owner index, the usage keys. ARGV: owner.
+_DELETE = (
+    redis_lua(4)
+    + """
 local found = redis.call('HMGET', KEYS[1], 'owner', 'index', 'hold')
 if found[1] ~= ARGV[1] or found[3] then return 0 end
+charge(ARGV[1], -held(KEYS[1], 'state'))
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], found[2])
 return 1
 """
+)
 
-# KEYS: idem. ARGV: ttl, created_at, the idem's field/value items.
+# KEYS: idem, the usage keys. ARGV: ttl, created_at, owner, byte quota (0: none), idem bytes,
+# the idem's field/value items.
 _REMEMBER = (
     _LUA_IDEM
+    + redis_lua(2)
     + """
-if idem_taken(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-idem_put(KEYS[1], ARGV[1], 3, #ARGV)
-return 1
+if idem_taken(KEYS[1], ARGV[1], ARGV[2]) then return 1 end
+local size = tonumber(ARGV[5])
+if over(ARGV[3], idem_grows(KEYS[1], size), tonumber(ARGV[4])) then return 5 end
+idem_put(KEYS[1], ARGV[1], 6, #ARGV)
+count_idem(ARGV[3], KEYS[1], size, ARGV[2])
+return 0
 """
 )
 
@@ -160,11 +185,18 @@ PROBE_TIMEOUT = 1.0
 @translated(redis_trouble)
 class RedisStore:
     def __init__(
-        self, url: str, *, prefix: str = "gradsvc:", idempotency_ttl: float = IDEMPOTENCY_TTL
+        self,
+        url: str,
+        *,
+        prefix: str = "gradsvc:",
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        max_stored_bytes: int = 0,
     ) -> None:
         self.prefix = prefix
         self.url = url
         self.idempotency_ttl = idempotency_ttl
+        self.max_stored_bytes = max_stored_bytes
+        self._usage = [f"{prefix}{key}" for key in REDIS_KEYS]
         # Bytes in, bytes out: state and bodies must round-trip exactly. A dropped connection
         # is retried once (Redis restarted); a timeout is not (the server may still run it).
         self._redis = redis.Redis.from_url(
@@ -180,7 +212,8 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._delete = self._redis.register_script(_DELETE)
         self._remember = self._redis.register_script(_REMEMBER)
-        self._jobs = RedisJobs(self._redis, prefix)
+        self._purge = self._redis.register_script(REDIS_PURGE)
+        self._jobs = RedisJobs(self._redis, prefix, self._usage)
 
     def buckets(self, rate: float, burst: int) -> RedisBuckets:
         """Rate limits shared by every replica on this Redis."""
@@ -207,9 +240,12 @@ class RedisStore:
             self._session_key(record.id),
             self._history_key(record.id),
             self._owner_key(record.owner),
+            *self._usage,
         ]
         args: list[str | bytes | int] = [self._ttl, _idem_created(idem)]
-        args += [_index_member(record.created_at, record.id), limit, len(fields), *fields]
+        args += [_index_member(record.created_at, record.id), limit, record.owner]
+        args += [self.max_stored_bytes, session_bytes(record), idem_bytes(idem)]
+        args += [len(fields), *fields]
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)
@@ -293,7 +329,7 @@ class RedisStore:
         ]
         if record.name is not None:
             fields += ["name", record.name]
-        keys = [self._session_key(record.id), self._history_key(record.id), mark]
+        keys = [self._session_key(record.id), self._history_key(record.id), mark, *self._usage]
         args: list[str | bytes | int] = [self._ttl, _idem_created(idem), record.owner]
         args += [expected_version, "0" if record.name is None else "1"]
         if history is None:
@@ -304,7 +340,8 @@ class RedisStore:
         # The caller stops waiting at socket_timeout; refusing a second before that leaves room
         # for the replicas' and the Redis server's clocks to differ by up to a second.
         not_after = repr(time.time() + TIMEOUT * 0.8)
-        args += [item.holder or "", not_after, len(fields), *fields]
+        args += [item.holder or "", not_after, self.max_stored_bytes, session_bytes(record)]
+        args += [idem_bytes(idem), len(fields), *fields]
         if idem is not None:
             keys.append(self._idem_key(idem.owner, idem.key))
             args += _idem_fields(idem)
@@ -315,6 +352,7 @@ class RedisStore:
             self._session_key(session_id),
             self._history_key(session_id),
             self._owner_key(owner),
+            *self._usage,
         ]
         return bool(self._delete(keys=keys, args=[owner]))
 
@@ -348,18 +386,26 @@ class RedisStore:
         )
         return record if record.created_at + self.idempotency_ttl > now else None
 
-    def remember(self, idem: IdempotencyRecord) -> bool:
-        keys = [self._idem_key(idem.owner, idem.key)]
-        args: list[str | bytes | int] = [self._ttl, _idem_created(idem), *_idem_fields(idem)]
-        return bool(self._remember(keys=keys, args=args))
+    def remember(self, idem: IdempotencyRecord) -> Commit:
+        keys = [self._idem_key(idem.owner, idem.key), *self._usage]
+        args: list[str | bytes | int] = [self._ttl, _idem_created(idem), idem.owner]
+        args += [self.max_stored_bytes, idem_bytes(idem), *_idem_fields(idem)]
+        return _RESULTS[int(self._remember(keys=keys, args=args))]
+
+    def stored_bytes(self, owner: str) -> int:
+        return int(cast(bytes | None, self._redis.hget(self._usage[0], owner)) or 0)
 
     # -- jobs (service.store.jobs_redis) ----------------------------------------------------
 
     def create_job(
         self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
-        claim = None if idem is None else (self._idem_key(idem.owner, idem.key), _idem_fields(idem))
-        return self._jobs.create(job, self._session_key(job.session), claim, self._ttl, limit)
+        claim = None
+        if idem is not None:
+            claim = (self._idem_key(idem.owner, idem.key), idem_bytes(idem), _idem_fields(idem))
+        return self._jobs.create(
+            job, self._session_key(job.session), claim, self._ttl, limit, self.max_stored_bytes
+        )
 
     def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
         return self._jobs.get(owner, job_id, now)
@@ -412,9 +458,16 @@ class RedisStore:
         self._probe.set(f"{self.prefix}health", repr(time.time()), px=10_000)
 
     def purge(self, now: float, batch: int = 500) -> int:
-        """Nothing to do: every idempotency record carries a Redis TTL of the same length,
-        and Redis deletes expired keys itself."""
-        return 0
+        """Give back the bytes of the idempotency records older than the TTL, ``batch`` per
+        script; the number of them. Redis deletes the records themselves (each carries a
+        Redis TTL of the same length)."""
+        given_back = 0
+        while True:
+            cutoff = repr(now - self.idempotency_ttl)
+            count = int(self._purge(keys=self._usage, args=[cutoff, batch]))
+            given_back += count
+            if count < batch:
+                return given_back
 
     def close(self) -> None:
         self._redis.close()

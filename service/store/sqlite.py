@@ -1,7 +1,8 @@
 """SQLite, the default store: one file, WAL, ``synchronous=FULL``, ``BEGIN IMMEDIATE``.
 
 A commit is one transaction: the version compare-and-set on the session row, the history
-row and the idempotency record. Nothing is acknowledged before it returns.
+row, the idempotency record and the owner's bytes (the ``usage`` table,
+``service.store.usage``). Nothing is acknowledged before it returns.
 
 Trouble is short and named: a writer waits ``busy_timeout`` ms (5 s by default, not 30) for
 another process's lock, then the call is a ``StoreUnavailable``; a full disk is an
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service.errors import InsufficientStorage
-from service.store import jobs_sqlite
+from service.store import jobs_sqlite, usage
 from service.store.base import (
     IDEMPOTENCY_TTL,
     Commit,
@@ -75,6 +76,7 @@ class SqliteStore:
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         synchronous: str = "full",
         max_pages: int | None = None,
+        max_stored_bytes: int = 0,
     ) -> None:
         if synchronous.lower() not in ("off", "normal", "full"):
             raise ValueError(f"synchronous must be off, normal or full, not {synchronous!r}")
@@ -85,6 +87,7 @@ class SqliteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous.upper()
         self.max_pages = max_pages
+        self.max_stored_bytes = max_stored_bytes
         self._probe_lock = threading.Lock()
         self._probe_db: sqlite3.Connection | None = None
         # One connection per thread: WAL lets readers go on while another thread's commit
@@ -98,6 +101,9 @@ class SqliteStore:
             # A file from before jobs. Every worker opens the file at once: one adds it.
             with contextlib.suppress(sqlite3.OperationalError):
                 db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")
+        if not usage.sqlite_ready(db):
+            with self._write() as db:
+                usage.sqlite_prepare(db)
 
     def _conn(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -125,17 +131,33 @@ class SqliteStore:
                 db.execute("ROLLBACK")
             raise
 
-    def _key_taken(self, db: sqlite3.Connection, idem: IdempotencyRecord | None) -> bool:
+    def _idem_grows(self, db: sqlite3.Connection, idem: IdempotencyRecord | None) -> int | None:
+        """What putting ``idem`` adds (its answer, less the expired record it replaces), or
+        None if its key is taken."""
         if idem is None:
-            return False
+            return 0
         row = db.execute(
-            "SELECT created_at FROM idempotency WHERE owner = ? AND key = ?", (idem.owner, idem.key)
+            "SELECT created_at, length(body) FROM idempotency WHERE owner = ? AND key = ?",
+            (idem.owner, idem.key),
         ).fetchone()
-        return row is not None and row[0] + self.idempotency_ttl > idem.created_at
+        if row is None:
+            return usage.idem_bytes(idem)
+        if row[0] + self.idempotency_ttl > idem.created_at:
+            return None
+        return usage.idem_bytes(idem) - int(row[1])
 
-    @staticmethod
-    def _put_idem(db: sqlite3.Connection, idem: IdempotencyRecord | None) -> None:
+    def _over(self, db: sqlite3.Connection, owner: str, grows: int) -> bool:
+        if self.max_stored_bytes <= 0 or grows <= 0:
+            return False  # no read needed: nothing that does not grow is refused
+        return usage.over(usage.sqlite_used(db, owner), grows, self.max_stored_bytes)
+
+    def stored_bytes(self, owner: str) -> int:
+        return usage.sqlite_used(self._conn(), owner)
+
+    def _put_idem(self, db: sqlite3.Connection, idem: IdempotencyRecord | None, grows: int) -> None:
+        """Write ``idem``, which adds ``grows`` bytes (``_idem_grows``)."""
         if idem is not None:
+            usage.sqlite_add(db, idem.owner, grows)
             db.execute(
                 "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -153,7 +175,8 @@ class SqliteStore:
         self, record: SessionRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
         with self._write() as db:
-            if self._key_taken(db, idem):
+            idem_grows = self._idem_grows(db, idem)
+            if idem_grows is None:
                 return Commit.CONFLICT
             if limit:
                 (count,) = db.execute(
@@ -161,13 +184,15 @@ class SqliteStore:
                 ).fetchone()
                 if count >= limit:
                     return Commit.FULL
-            try:
-                db.execute(
-                    f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _row(record)
-                )
-            except sqlite3.IntegrityError:
+            if db.execute("SELECT 1 FROM sessions WHERE id = ?", (record.id,)).fetchone():
                 return Commit.CONFLICT
-            self._put_idem(db, idem)
+            if self._over(db, record.owner, usage.session_bytes(record) + idem_grows):
+                return Commit.QUOTA
+            db.execute(
+                f"INSERT INTO sessions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", _row(record)
+            )
+            usage.sqlite_add(db, record.owner, usage.session_bytes(record))
+            self._put_idem(db, idem, idem_grows)
         return Commit.OK
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None:
@@ -209,15 +234,20 @@ class SqliteStore:
     def _commit_one(self, db: sqlite3.Connection, item: CommitItem) -> Commit:
         record, expected = item.record, item.expected_version
         row = db.execute(
-            "SELECT version, hold FROM sessions WHERE id = ? AND owner = ?",
+            "SELECT version, hold, length(state) FROM sessions WHERE id = ? AND owner = ?",
             (record.id, record.owner),
         ).fetchone()
         if row is None:
             return Commit.GONE
         if row[1] != item.holder:
             return Commit.BUSY
-        if row[0] != expected or self._key_taken(db, item.idem):
+        idem_grows = self._idem_grows(db, item.idem)
+        if row[0] != expected or idem_grows is None:
             return Commit.CONFLICT
+        grows = usage.session_bytes(record) - int(row[2])
+        if self._over(db, record.owner, grows + idem_grows):
+            return Commit.QUOTA
+        usage.sqlite_add(db, record.owner, grows)
         db.execute(
             "UPDATE sessions SET name = ?, spec = ?, state = ?, step = ?, version = ?, "
             "updated_at = ? WHERE id = ?",
@@ -236,16 +266,21 @@ class SqliteStore:
                 "INSERT INTO history VALUES (?, ?, ?, ?, ?)",
                 (record.id, history.step, history.loss, history.grad_norm, history.at),
             )
-        self._put_idem(db, item.idem)
+        self._put_idem(db, item.idem, idem_grows)
         return Commit.OK
 
     def delete(self, owner: str, session_id: str) -> bool:
         with self._write() as db:
-            cursor = db.execute(
-                "DELETE FROM sessions WHERE id = ? AND owner = ? AND hold IS NULL",
+            # fetchall: a RETURNING statement left mid-way would hold the transaction open.
+            rows = db.execute(
+                "DELETE FROM sessions WHERE id = ? AND owner = ? AND hold IS NULL "
+                "RETURNING length(state)",
                 (session_id, owner),
-            )
-            return cursor.rowcount > 0
+            ).fetchall()
+            if not rows:
+                return False
+            usage.sqlite_add(db, owner, -int(rows[0][0]))
+            return True
 
     def history(
         self, owner: str, session_id: str, limit: int, after_step: int = 0
@@ -274,12 +309,15 @@ class SqliteStore:
         )
         return IdempotencyRecord(*row) if row else None
 
-    def remember(self, idem: IdempotencyRecord) -> bool:
+    def remember(self, idem: IdempotencyRecord) -> Commit:
         with self._write() as db:
-            if self._key_taken(db, idem):
-                return False
-            self._put_idem(db, idem)
-            return True
+            grows = self._idem_grows(db, idem)
+            if grows is None:
+                return Commit.CONFLICT
+            if self._over(db, idem.owner, grows):
+                return Commit.QUOTA
+            self._put_idem(db, idem, grows)
+            return Commit.OK
 
     # -- jobs (service.store.jobs_sqlite, each call one transaction) -------------------------
 
@@ -287,9 +325,16 @@ class SqliteStore:
         self, job: JobRecord, idem: IdempotencyRecord | None = None, limit: int = 0
     ) -> Commit:
         with self._write() as db:
-            outcome = jobs_sqlite.create(db, job, self._key_taken(db, idem), limit)
+            idem_grows = self._idem_grows(db, idem)
+            outcome = jobs_sqlite.create(
+                db,
+                job,
+                idem_grows is None,
+                limit,
+                lambda grows: self._over(db, job.owner, grows + (idem_grows or 0)),
+            )
             if outcome is Commit.OK:
-                self._put_idem(db, idem)
+                self._put_idem(db, idem, idem_grows or 0)
             return outcome
 
     def get_job(self, owner: str, job_id: str, now: float) -> JobRecord | None:
@@ -384,11 +429,17 @@ class SqliteStore:
         deleted = 0
         while True:
             with self._write() as db:
-                count = db.execute(
+                gone = db.execute(
                     "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency "
-                    "WHERE created_at <= ? LIMIT ?)",
+                    "WHERE created_at <= ? LIMIT ?) RETURNING owner, length(body)",
                     (now - self.idempotency_ttl, batch),
-                ).rowcount
+                ).fetchall()
+                freed: dict[str, int] = {}
+                for owner, size in gone:
+                    freed[owner] = freed.get(owner, 0) + int(size)
+                for owner, size in freed.items():
+                    usage.sqlite_add(db, owner, -size)
+            count = len(gone)
             deleted += count
             if count < batch:
                 return deleted

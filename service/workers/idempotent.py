@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 
 from service.errors import GradsvcError, KeyReused
-from service.store import SessionStore
+from service.store import Commit, SessionStore
+from service.workers import quotas
 from service.workers.jobs import Answer, Idem
 
 MAX_ATTEMPTS = 100
@@ -34,11 +35,17 @@ def replay(store: SessionStore, idem: Idem | None) -> Answer | None:
 
 
 def remembered(store: SessionStore, idem: Idem | None, compute: Callable[[], Answer]) -> Answer:
-    """An answer that changes no session, stored under its Idempotency-Key (if it has one)."""
+    """An answer that changes no session, stored under its Idempotency-Key (if it has one);
+    QuotaExceeded if keeping it would take the key over its stored bytes."""
     for _ in range(MAX_ATTEMPTS):
         if (stored := replay(store, idem)) is not None:
             return stored
         answer = compute()
-        if idem is None or store.remember(idem.record(answer)):
+        if idem is None:
             return answer
+        outcome = store.remember(idem.record(answer))
+        if outcome is Commit.OK:
+            return answer
+        if outcome is Commit.QUOTA:
+            raise quotas.stored_bytes(store, idem.owner)
     raise GradsvcError("could not store the answer")  # pragma: no cover

@@ -81,6 +81,8 @@ class WorkerPool:
                     job_ttl=settings.job_ttl,
                     log_level=settings.log_level,
                     idempotency_ttl=settings.idempotency_ttl,
+                    max_jobs_per_key=settings.max_jobs_per_key,
+                    max_stored_bytes_per_key=settings.max_stored_bytes_per_key,
                 ),
             )
             for i, device in enumerate(self.layout.devices)

@@ -49,6 +49,7 @@ from service.errors import (
     short,
 )
 from service.store import Commit, CommitItem, HistoryRow, SessionRecord
+from service.workers import quotas
 from service.workers.cache import Built, SessionKey
 from service.workers.compute import Prepared, computed, problem
 from service.workers.idempotent import replay
@@ -226,9 +227,15 @@ class Pass:
         answer = self.sessions.answer(
             200, encode_result(result, job.request.encoding == "b64", job.include), prepared.record
         )
-        if job.idem is not None and not self.sessions.store.remember(job.idem.record(answer)):
+        kept = Commit.OK
+        if job.idem is not None:
+            kept = self.sessions.store.remember(job.idem.record(answer))
+        if kept is Commit.CONFLICT:
             self.retried.append(prepared.index)  # the same key was answered meanwhile: replay
             chain.stop(prepared.index)
+        elif kept is Commit.QUOTA:
+            error = quotas.stored_bytes(self.sessions.store, job.owner)
+            self._fail(chain, prepared.index, error, touched=False)
         else:
             self._settle(chain, prepared.index, answer)
 
@@ -279,9 +286,11 @@ class Pass:
         self.committed = True
         for chain in chains:
             statuses = [next(outcomes) for _ in chain.staged]
-            if failure is None and Commit.CONFLICT in statuses:
+            refusal = next((s for s in statuses if s is not Commit.OK), None)
+            if failure is None and refusal is Commit.CONFLICT:
                 # Refused as moved on, perhaps by this very step: a store's client may have
-                # resent a transaction whose first try did commit. The history says.
+                # resent a transaction whose first try did commit. The history says. (Any
+                # other first refusal is the store's own verdict on that step.)
                 statuses = self._confirmed(chain)
             done = next((k for k, s in enumerate(statuses) if s is not Commit.OK), len(statuses))
             for staged in chain.staged[:done]:
@@ -303,6 +312,8 @@ class Pass:
             self._cut(chain, k, failure, every=True)
         elif status is Commit.GONE:
             self._cut(chain, k, NotFound(f"no session {chain.key[1]}"))
+        elif status is Commit.QUOTA:  # this step only: a later one may grow nothing
+            self._cut(chain, k, quotas.stored_bytes(self.sessions.store, chain.key[0]))
         else:
             self._cut(chain, k, None)
 

@@ -28,7 +28,6 @@ from service.errors import (
     PreconditionFailed,
     SessionBusy,
     SpecError,
-    TooManyRequests,
     Unavailable,
     short,
 )
@@ -39,7 +38,7 @@ from service.store import (
     SessionRecord,
     SessionStore,
 )
-from service.workers import devices, rounds
+from service.workers import devices, quotas, rounds
 from service.workers.cache import Built, BuiltCache
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso
@@ -216,11 +215,9 @@ class Sessions:
             if outcome is Commit.OK:
                 return answer
             if outcome is Commit.FULL:
-                raise TooManyRequests(
-                    f"this key already has {self.max_per_owner} sessions, the limit: "
-                    "delete some first",
-                    retry_after=60,
-                )
+                raise quotas.sessions(self.max_per_owner)
+            if outcome is Commit.QUOTA:
+                raise quotas.stored_bytes(self.store, owner)
             if (stored := replay(self.store, idem)) is not None:
                 return stored
         raise GradsvcError("could not create the session")  # pragma: no cover
@@ -331,6 +328,8 @@ class Sessions:
                 return self.answer(200, self.view(new), new)
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
+            if outcome is Commit.QUOTA:
+                raise quotas.stored_bytes(self.store, owner)
             # CONFLICT or BUSY: read again (a hold is then refused by check_free)
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 

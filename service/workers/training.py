@@ -18,8 +18,9 @@ from safetensors.torch import save as save_tensors
 
 from service.engine import losses, specs
 from service.engine.limits import Limits
-from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError, TooManyRequests
+from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError
 from service.store import Commit, JobRecord, SessionRecord
+from service.workers import quotas
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, job_view
 from service.workers.runner import Runner
@@ -88,11 +89,9 @@ class Trainer:
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
             if outcome is Commit.FULL:
-                raise TooManyRequests(
-                    f"this key already has {self.max_jobs_per_key} active jobs, the limit: "
-                    "wait for one to end",
-                    retry_after=60,
-                )
+                raise quotas.jobs(self.max_jobs_per_key)
+            if outcome is Commit.QUOTA:
+                raise quotas.stored_bytes(store, owner)
             if outcome is Commit.BUSY:
                 if isinstance(held := self._free(owner, session_id, idem), Answer):
                     return held

@@ -58,6 +58,10 @@ class WorkerConfig:
     job_ttl: float = JOB_TTL
     log_level: str = "info"
     idempotency_ttl: float = IDEMPOTENCY_TTL
+    max_jobs_per_key: int = 0
+    """active training jobs per owner; 0: no limit"""
+    max_stored_bytes_per_key: int = 0
+    """bytes one owner may keep in the store; 0: no limit"""
 
 
 class TimedStore:
@@ -104,7 +108,13 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     if config.device.startswith("cuda"):
         torch.cuda.set_device(config.device)
     inbox = Inbox(sock)
-    store = TimedStore(open_store(config.store, idempotency_ttl=config.idempotency_ttl))
+    store = TimedStore(
+        open_store(
+            config.store,
+            idempotency_ttl=config.idempotency_ttl,
+            max_stored_bytes=config.max_stored_bytes_per_key,
+        )
+    )
     sessions = Sessions(
         store,
         config.limits,
@@ -232,7 +242,9 @@ class Worker:
         self.sessions = sessions
         self.config = config
         self.runner = Runner(sessions, config.job_ttl)
-        self.trainer = Trainer(sessions, config.limits, config.max_train_steps, self.runner)
+        self.trainer = Trainer(
+            sessions, config.limits, config.max_train_steps, self.runner, config.max_jobs_per_key
+        )
 
     def gather(self, first: Job, inbox: Inbox) -> list[Job]:
         """``first`` and the rest of its pass: the pool sends a pass's jobs back to back and

@@ -46,6 +46,7 @@ from service.client import (
     NetworkError,
     NotFoundError,
     PreconditionFailedError,
+    QuotaExceededError,
     RateLimitedError,
     ServerError,
     Session,
@@ -693,6 +694,19 @@ def test_a_retry_after_beyond_max_wait_is_raised_at_once(server: Server, mode: s
             assert limited.value.retry_after == 120.0
 
         run(mode, proxy.url, scenario, max_wait=5)
+    assert len(proxy.requests("POST", "/step")) == 1
+
+
+@pytest.mark.slow
+def test_a_quota_is_raised_at_once(server: Server, mode: str) -> None:
+    with Proxy(server.port, once(is_step, problem(429, "quota-exceeded"))) as proxy:
+
+        async def scenario(gs: Any) -> None:
+            with pytest.raises(QuotaExceededError) as refused:
+                await aw(gs.step(NOTEBOOK, "squared", SGD, 1, 3))
+            assert refused.value.type == "quota-exceeded" and refused.value.retry_after is None
+
+        run(mode, proxy.url, scenario, backoff=0.01)
     assert len(proxy.requests("POST", "/step")) == 1
 
 

@@ -18,9 +18,12 @@ from service.store.sqlite import SqliteStore
 
 class StoreFactory(Protocol):
     """Another store on the same data: the same object (memory), file (sqlite) or prefix
-    (redis); ``idempotency_ttl`` for the stores it opens (memory: the first call's)."""
+    (redis); ``idempotency_ttl`` and ``max_stored_bytes`` for the stores it opens (memory:
+    the first call's)."""
 
-    def __call__(self, idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore: ...
+    def __call__(
+        self, idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+    ) -> SessionStore: ...
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -30,24 +33,42 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     kind: str = request.param
     if kind == "memory":
 
-        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
+        def open_one(
+            idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+        ) -> SessionStore:
             if not opened:
-                opened.append(MemoryStore(idempotency_ttl=idempotency_ttl))
+                opened.append(
+                    MemoryStore(idempotency_ttl=idempotency_ttl, max_stored_bytes=max_stored_bytes)
+                )
             return opened[0]
 
     elif kind == "sqlite":
         path = str(tmp_path / "gradsvc.db")
 
-        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
-            opened.append(SqliteStore(path, idempotency_ttl=idempotency_ttl))
+        def open_one(
+            idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+        ) -> SessionStore:
+            store = SqliteStore(
+                path, idempotency_ttl=idempotency_ttl, max_stored_bytes=max_stored_bytes
+            )
+            opened.append(store)
             return opened[-1]
 
     else:
         url: str = request.getfixturevalue("redis_url")
         prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
 
-        def open_one(idempotency_ttl: float = IDEMPOTENCY_TTL) -> SessionStore:
-            opened.append(RedisStore(url, prefix=prefix, idempotency_ttl=idempotency_ttl))
+        def open_one(
+            idempotency_ttl: float = IDEMPOTENCY_TTL, max_stored_bytes: int = 0
+        ) -> SessionStore:
+            opened.append(
+                RedisStore(
+                    url,
+                    prefix=prefix,
+                    idempotency_ttl=idempotency_ttl,
+                    max_stored_bytes=max_stored_bytes,
+                )
+            )
             return opened[-1]
 
     yield open_one

@@ -160,7 +160,7 @@ def test_commit_is_a_compare_and_set(store: SessionStore) -> None:
     assert store.get(ALICE, "s1") == current
     assert [h.step for h in store.history(ALICE, "s1", 10)] == [1]
     assert store.idempotency(ALICE, "late", time.time()) is None
-    assert store.remember(idem("late")) is True  # the key was not taken either
+    assert store.remember(idem("late")) is Commit.OK  # the key was not taken either
 
     assert store.commit(stepped(session("nope")), 1) is Commit.GONE
     assert store.get(ALICE, "nope") is None
@@ -256,18 +256,18 @@ def test_a_taken_idempotency_key_is_a_conflict(store: SessionStore) -> None:
     assert store.get(ALICE, "s1") == record
     assert store.history(ALICE, "s1", 10) == []
 
-    assert store.remember(idem("k")) is False
+    assert store.remember(idem("k")) is Commit.CONFLICT
     kept = store.idempotency(ALICE, "k", time.time())
     assert kept is not None and kept.fingerprint == idem("k").fingerprint
 
     # Keys are per owner: Bob's "k" is another key.
-    assert store.remember(idem("k", owner=BOB)) is True
+    assert store.remember(idem("k", owner=BOB)) is Commit.OK
     assert store.create(session("s3", owner=BOB), idem("k2", owner=BOB)) is Commit.OK
 
 
 def test_remember_stores_an_answer(store: SessionStore) -> None:
     answer = idem("r")
-    assert store.remember(answer) is True
+    assert store.remember(answer) is Commit.OK
     assert store.idempotency(ALICE, "r", time.time()) == answer
     assert store.idempotency(BOB, "r", time.time()) is None
     assert store.idempotency(ALICE, "other", time.time()) is None
@@ -276,17 +276,17 @@ def test_remember_stores_an_answer(store: SessionStore) -> None:
 def test_idempotency_records_expire_after_the_ttl(store: SessionStore) -> None:
     now = time.time()
     old = idem("k", created_at=now - IDEMPOTENCY_TTL - 1)
-    assert store.remember(old) is True
+    assert store.remember(old) is Commit.OK
     assert store.idempotency(ALICE, "k", now) is None
     assert store.idempotency(ALICE, "k", now - IDEMPOTENCY_TTL / 2) == old
 
     fresh = idem("k", created_at=now)
-    assert store.remember(fresh) is True
+    assert store.remember(fresh) is Commit.OK
     assert store.idempotency(ALICE, "k", now) == fresh
 
-    assert store.remember(idem("c", created_at=now - IDEMPOTENCY_TTL - 1)) is True
+    assert store.remember(idem("c", created_at=now - IDEMPOTENCY_TTL - 1)) is Commit.OK
     assert store.create(session("s1"), idem("c", created_at=now)) is Commit.OK
-    assert store.remember(idem("m", created_at=now - IDEMPOTENCY_TTL - 1)) is True
+    assert store.remember(idem("m", created_at=now - IDEMPOTENCY_TTL - 1)) is Commit.OK
     record = store.get(ALICE, "s1")
     assert record is not None
     assert store.commit(stepped(record), 1, row(1), idem("m", created_at=now)) is Commit.OK
@@ -364,11 +364,11 @@ def test_redis_idempotency_records_carry_a_ttl(redis_url: str) -> None:
     store = RedisStore(redis_url, prefix=prefix)
     client = redis.Redis.from_url(redis_url)
     try:
-        assert store.remember(idem("t")) is True
-        keys = list(client.scan_iter(match=f"{prefix}*"))
+        assert store.remember(idem("t")) is Commit.OK
+        keys = list(client.scan_iter(match=f"{prefix}i:*"))
         assert len(keys) == 1
         assert IDEMPOTENCY_TTL - 60 < client.ttl(keys[0]) <= IDEMPOTENCY_TTL
-        client.delete(*keys)
+        client.delete(*client.scan_iter(match=f"{prefix}*"))
     finally:
         client.close()
         store.close()
@@ -382,7 +382,8 @@ def test_redis_delete_leaves_no_keys_behind(redis_url: str) -> None:
         record = session()
         assert store.create(record) is Commit.OK
         assert store.commit(stepped(record), 1, row(1)) is Commit.OK
-        assert len(list(client.scan_iter(match=f"{prefix}*"))) == 3  # session, history, index
+        # the session, its history, the index and the bytes its owner keeps
+        assert len(list(client.scan_iter(match=f"{prefix}*"))) == 4
         assert store.delete(ALICE, "s1") is True
         assert list(client.scan_iter(match=f"{prefix}*")) == []
     finally:
@@ -604,7 +605,9 @@ def test_sqlite_opens_a_file_from_before_jobs(tmp_path: Path) -> None:
     try:
         record = stores[1].get(ALICE, "s1")
         assert record is not None and (record.step, record.hold) == (3, None)
+        assert stores[1].stored_bytes(ALICE) == 1  # what it held before quotas, counted once
         assert stores[0].create_job(job()) is Commit.OK
+        assert stores[1].stored_bytes(ALICE) == 1 + len(EVERY_BYTE)
     finally:
         for store in stores:
             store.close()
@@ -619,11 +622,11 @@ def test_expired_records_are_purged_in_batches(store_factory: StoreFactory) -> N
     written = time.time()
     old = [idem(f"old-{i}", created_at=written) for i in range(5)]
     for record in old:
-        assert store.remember(record) is True
+        assert store.remember(record) is Commit.OK
     assert store.idempotency(ALICE, "old-0", written + ttl / 2) == old[0]
     time.sleep(ttl + 0.2)
     fresh = idem("fresh")
-    assert store.remember(fresh) is True
+    assert store.remember(fresh) is Commit.OK
     assert store.idempotency(ALICE, "old-0", time.time()) is None  # expired: not served
     deleted = store.purge(time.time(), batch=2)
     assert deleted in (0, 5)  # Redis deletes them itself (0); the others here, two at a time
@@ -646,7 +649,7 @@ def test_redis_key_ttls_follow_the_setting(redis_url: str) -> None:
     store = RedisStore(redis_url, prefix=prefix, idempotency_ttl=90.0)
     client = redis.Redis.from_url(redis_url)
     try:
-        assert store.remember(idem("t")) is True
+        assert store.remember(idem("t")) is Commit.OK
         (key,) = client.scan_iter(match=f"{prefix}i:*")
         assert 85_000 < client.pttl(key) <= 90_000
         client.delete(key)
@@ -674,4 +677,181 @@ def test_redis_refuses_a_commit_that_runs_after_its_caller_gave_up(
         assert store.get(ALICE, "s1") == record
         assert store.commit_many([CommitItem(stepped(record), 1, row(1))]) == [Commit.OK]
     finally:
+        store.close()
+
+
+# -- bytes stored per owner ----------------------------------------------------------------
+
+STATE, ANSWER = len(EVERY_BYTE), len(idem().body)
+"""What a test session's state and a test idempotency record count."""
+
+
+def test_the_bytes_an_owner_keeps_are_counted_and_given_back(store: SessionStore) -> None:
+    assert store.stored_bytes(ALICE) == 0
+    record = session()
+    assert store.create(record, idem("made")) is Commit.OK
+    assert store.stored_bytes(ALICE) == STATE + ANSWER
+    assert store.commit(stepped(record, b"x" * 10), 1, row(1)) is Commit.OK  # a smaller state
+    assert store.remember(idem("read")) is Commit.OK
+    assert store.stored_bytes(ALICE) == 10 + 2 * ANSWER
+    # An active job's dataset counts until the job ends, however it ends.
+    assert store.create_job(job("j1", at=1.0)) is Commit.OK
+    assert store.stored_bytes(ALICE) == 10 + 2 * ANSWER + STATE
+    assert store.cancel_job(ALICE, "j1", time.time(), TTL) is not None  # queued: ended at once
+    assert store.create_job(job("j2", at=2.0)) is Commit.OK
+    claimed = store.claim_job("w", time.time(), 10)
+    assert claimed is not None and claimed.id == "j2"
+    assert store.finish_job("j2", "w", "succeeded", progress(1), None, time.time(), TTL)
+    assert store.stored_bytes(ALICE) == 10 + 2 * ANSWER
+    # Owners are counted apart; a deleted session gives its state back.
+    assert store.create(session("b1", owner=BOB)) is Commit.OK
+    assert store.delete(ALICE, "s1") is True
+    assert (store.stored_bytes(ALICE), store.stored_bytes(BOB)) == (2 * ANSWER, STATE)
+
+
+def test_expired_records_give_their_bytes_back(store: SessionStore) -> None:
+    now = time.time()
+    expired = now - IDEMPOTENCY_TTL - 1
+    assert store.remember(idem("old", created_at=expired)) is Commit.OK
+    assert store.remember(idem("again", created_at=expired)) is Commit.OK
+    assert store.remember(idem("new", created_at=now)) is Commit.OK
+    assert store.stored_bytes(ALICE) == 3 * ANSWER
+    # A record that takes an expired one's key replaces it, bytes and all.
+    assert store.remember(idem("again", created_at=now)) is Commit.OK
+    assert store.stored_bytes(ALICE) == 3 * ANSWER
+    assert store.purge(now) >= 1
+    assert store.stored_bytes(ALICE) == 2 * ANSWER
+    assert store.purge(now) == 0
+    assert store.stored_bytes(ALICE) == 2 * ANSWER
+
+
+def test_a_write_over_the_byte_quota_is_refused_and_changes_nothing(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory(max_stored_bytes=2 * STATE)
+    s1, s2 = session("s1"), session("s2")
+    assert store.create(s1) is Commit.OK and store.create(s2) is Commit.OK  # exactly at it
+    now = time.time()
+    # Whatever would grow: a session, a kept answer, a larger state, a dataset.
+    assert store.create(session("s3")) is Commit.QUOTA
+    assert store.remember(idem("r")) is Commit.QUOTA
+    assert store.commit(stepped(s1, EVERY_BYTE + b"!"), 1, row(1)) is Commit.QUOTA
+    assert store.commit(stepped(s1, EVERY_BYTE[::-1]), 1, row(1), idem("k")) is Commit.QUOTA
+    assert store.create_job(job("j1", "s1")) is Commit.QUOTA
+    assert store.get(ALICE, "s3") is None and store.get(ALICE, "s1") == s1
+    assert store.history(ALICE, "s1", 10) == [] and store.get_job(ALICE, "j1", now) is None
+    assert store.idempotency(ALICE, "r", now) is None and store.idempotency(ALICE, "k", now) is None
+    assert store.stored_bytes(ALICE) == 2 * STATE
+    # A step that grows nothing goes through at the quota; so does one that shrinks.
+    assert store.commit(stepped(s1, EVERY_BYTE[::-1]), 1, row(1)) is Commit.OK
+    at = store.get(ALICE, "s1")
+    assert at is not None
+    outcomes = store.commit_many(
+        [
+            CommitItem(stepped(at, EVERY_BYTE + b"!"), 2, row(2)),
+            CommitItem(stepped(stepped(at), b"small"), 3, row(3)),  # after a refusal: none
+            CommitItem(stepped(s2, b"small"), 1, row(1)),
+        ]
+    )
+    assert outcomes == [Commit.QUOTA, Commit.CONFLICT, Commit.OK]
+    assert [h.step for h in store.history(ALICE, "s1", 10)] == [1]
+    assert store.stored_bytes(ALICE) == STATE + 5
+    # The room made is there to use; another owner has a quota of its own.
+    assert store.create(session("s3", state=b"y" * (STATE - 5))) is Commit.OK
+    assert store.create(session("b1", owner=BOB)) is Commit.OK
+    assert store.create(session("s4", state=b"z")) is Commit.QUOTA
+    assert store.delete(ALICE, "s3") is True
+    assert store.create_job(job("j1", "s1")) is Commit.QUOTA  # 5 bytes short
+    assert store.delete(ALICE, "s2") is True
+    assert store.create_job(job("j1", "s1")) is Commit.OK
+
+
+def test_concurrent_writers_never_take_an_owner_over_its_quota(
+    store_factory: StoreFactory,
+) -> None:
+    """Writers on separate connections (redis: clients; sqlite: connections) race at the
+    quota: the check and the write are one step, so exactly as many fit as the limit allows."""
+    limit = 5 * STATE
+    outcomes: list[Commit] = []
+
+    def work(n: int) -> None:
+        store = store_factory(max_stored_bytes=limit)
+        for i in range(3):
+            outcomes.append(store.create(session(f"t{n}-{i}")))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.value for o in outcomes) == ["ok"] * 5 + ["quota"] * 7
+    assert store_factory().stored_bytes(ALICE) == limit
+
+
+def test_concurrent_jobs_never_take_an_owner_over_its_active_job_limit(
+    store_factory: StoreFactory,
+) -> None:
+    first = store_factory()
+    for n in range(6):
+        assert first.create(session(f"s{n}")) is Commit.OK
+    outcomes: list[Commit] = []
+
+    def start(n: int) -> None:
+        outcomes.append(store_factory().create_job(job(f"j{n}", f"s{n}"), limit=2))
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.value for o in outcomes) == ["full"] * 4 + ["ok"] * 2
+
+
+def test_one_owners_flood_of_jobs_keeps_another_owners_finished_job(store: SessionStore) -> None:
+    """Finished jobs are kept for their TTL each, whoever else makes jobs: more than a
+    thousand of Bob's, four active at a time, leave Alice's finished one readable as it
+    ended."""
+    if isinstance(store, SqliteStore):  # two thousand fsyncs would test the disk, not this
+        fast = SqliteStore(store.path, synchronous="off")
+        try:
+            _flood(fast)
+        finally:
+            fast.close()
+    else:
+        _flood(store)
+
+
+def _flood(store: SessionStore) -> None:
+    now = time.time()
+    assert store.create(session("a")) is Commit.OK
+    assert store.create_job(job("alice", "a", at=now)) is Commit.OK
+    assert store.cancel_job(ALICE, "alice", now, TTL) is not None
+    for n in range(4):
+        assert store.create(session(f"b{n}", owner=BOB)) is Commit.OK
+    for n in range(1001):
+        assert store.create_job(job(f"bob{n}", f"b{n % 4}", BOB, now + n), limit=4) is Commit.OK
+        if n % 4 == 3:
+            for k in range(n - 3, n + 1):
+                assert store.cancel_job(BOB, f"bob{k}", now + n, TTL) is not None
+    kept = store.get_job(ALICE, "alice", now + 1001)
+    assert kept is not None and kept.status == "cancelled"
+
+
+def test_redis_counts_a_session_from_before_quotas_from_its_next_write(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for record in (session("old"), session("gone"), session("new")):
+            assert store.create(record) is Commit.OK
+        for sid in ("old", "gone"):  # as a store from before quotas left them: uncounted
+            client.hdel(f"{prefix}s:{sid}", "counted")
+            client.hincrby(f"{prefix}u:bytes", ALICE, -STATE)
+        assert store.stored_bytes(ALICE) == STATE
+        assert store.commit(stepped(session("old"), b"x" * 10), 1, row(1)) is Commit.OK
+        assert store.delete(ALICE, "gone") is True
+        assert store.stored_bytes(ALICE) == STATE + 10
+    finally:
+        client.delete(*client.scan_iter(match=f"{prefix}*"))
+        client.close()
         store.close()

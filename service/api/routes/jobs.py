@@ -8,12 +8,13 @@ replica, and a job whose runner died is resumed by another worker.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Path, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.api import schemas
 from service.api.auth import PrincipalDep
@@ -55,7 +56,9 @@ FeedsDep = Annotated[Feeds, Depends(_feeds)]
         "crash or a cancel leaves the session at its last completed step, and a job whose "
         "runner died is resumed from there), and holds the session on every replica: other "
         "steps, patches and deletes get 409 `session-busy` naming the job until it ends. It "
-        "goes on if the client goes away."
+        "goes on if the client goes away. A key may have `--max-jobs-per-key` jobs queued or "
+        "running (default 4), and an active job's dataset counts in the key's stored bytes "
+        "(`--max-stored-bytes-per-key`): over either, 429 `quota-exceeded`."
     ),
 )
 async def train(
@@ -111,11 +114,17 @@ async def cancel(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
     },
     response_class=StreamingResponse,
     summary="Follow a training job: Server-Sent Events",
+    description=(
+        "A key may have `--max-streams-per-key` streams open on one server (default 16): "
+        "one more is a 429 `quota-exceeded` before it starts; a stream stops counting when "
+        "it ends or its client goes away."
+    ),
 )
 async def events(
     job_id: JobId, owner: PrincipalDep, jobs: JobsDep, feeds: FeedsDep
 ) -> StreamingResponse:
     first = await jobs.get(owner, job_id)  # 404 before the stream starts
+    release = feeds.admit(owner)  # and 429 over the key's streams
 
     async def stream() -> AsyncIterator[bytes]:
         sent: tuple[Any, ...] | None = None
@@ -129,7 +138,23 @@ async def events(
                 sent = moved
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return _Counted(release, stream(), media_type="text/event-stream", headers=headers)
+
+
+class _Counted(StreamingResponse):
+    """A stream that is taken off its key's count when it is over: ended, failed, or its
+    client gone (then Starlette cancels it). The response's own call, not the body's
+    generator, releases it: a generator cancelled before its first step runs no cleanup."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def _event(name: str, view: dict[str, Any]) -> bytes:
