@@ -15,9 +15,11 @@ from service import __version__
 from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
+from service.api.connections import ConnectionLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.jobfeed import Feeds, JobBoard
 from service.api.metrics import Metrics, ObserveMiddleware
+from service.api.parsebudget import ParseBudget
 from service.api.routes import compute, jobs, ops, sessions, ui
 from service.api.store_health import PURGE_EVERY, StoreHealth, purge_forever
 from service.config import Settings
@@ -97,10 +99,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = KeyRing.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
+    app.state.parse_budget = budget = ParseBudget(settings.max_parsing_bytes)
     # Added innermost first. A request meets: the metrics and access log (which count what
-    # the others refuse too), the key (401, 429), then the body's size (413).
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # the others refuse too), the connection limit (503), the key (401, 429), then its body's
+    # size, time and share of the parse budget (413, 408, 503).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        budget=budget,
+    )
     app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.include_router(compute.router)
     app.include_router(sessions.router)

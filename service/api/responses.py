@@ -1,6 +1,7 @@
 """JSON in and out with orjson: bodies parsed several times faster than the standard
 library's parser (which also accepts NaN and Infinity, not JSON), floats written as the
-shortest text that reads back exactly."""
+shortest text that reads back exactly. Once a body is parsed, its bytes leave the parse
+budget."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse, Response
 
+from service.api.parsebudget import parsed
 from service.workers.jobs import Answer
 
 
@@ -31,7 +33,10 @@ def respond(answer: Answer) -> Response:
 class _FastJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
+            try:
+                self._json = orjson.loads(await self.body())
+            finally:
+                parsed(self.scope)
         return self._json
 
 
