@@ -1,11 +1,12 @@
 """The HTTP edge of a real process against hostile clients: bodies that stall, more
-connections than it serves, bodies that hold the parse budget. Raw sockets, because an HTTP
+connections than it serves, and many large bodies at once. Raw sockets, because an HTTP
 client library would neither stall on purpose nor keep reading while it is still sending."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from http.client import HTTPResponse
 from typing import Any
@@ -129,3 +130,71 @@ def test_the_parse_budget_is_shared(strict: Server, opened: list[socket.socket])
     assert response.status == 408, problem
     r = httpx.post(strict.url + "/v1/step", content=_seed(2000), headers=JSON, timeout=30)
     assert r.status_code == 200, r.text  # the budget is whole again
+
+
+def _rss(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) of a process, in bytes."""
+    sizes = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                sizes[name] = int(value.split()[0]) * 1024
+    return sizes
+
+
+def _post_large(server: Server, body: bytes, answers: list[tuple[int, dict[str, Any]]]) -> None:
+    """Send ``body`` while reading the answer, which may come before the body is all sent."""
+    sock = _start(server, len(body), path="/v1/forward")
+
+    def upload() -> None:
+        try:
+            sock.sendall(body)
+        except OSError:  # answered and closed before the end: fine
+            pass
+
+    sender = threading.Thread(target=upload)
+    sender.start()
+    try:
+        response, problem = _answer(sock)
+        answers.append((response.status, problem))
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        sender.join()
+
+
+def test_many_large_bodies_at_once_keep_memory_bounded() -> None:
+    """8 bodies of 60 MB, one array of 15 million numbers each, all at once. Parsed, each
+    would be a list of 15 million Python floats (over 500 MB): the API process took 2.9 GB
+    for three. Now at most the parse budget's worth of bodies is held (256 MiB: four), each
+    is refused while still bytes, and the rest are told to come back.
+
+    The ceiling on the API process's peak RSS above its RSS before: the budget, plus one
+    body more (the route's bytes copy of a buffer about to be freed), plus 32 MiB for the
+    interpreter, sockets and the count's scratch. The server has the default limits: a
+    body timeout of its own would be a race with the uploads on a loaded machine."""
+    numbers = 15_000_000
+    body = b'{"model": {"type": "expression", "expression": "x * 2"}, "batch": {"x": ['
+    body += b"1.5," * (numbers - 1) + b"1.5]}}"
+    answers: list[tuple[int, dict[str, Any]]] = []
+    with Server("--store", "memory://", "--workers-per-device", "1") as server:
+        assert server.proc is not None
+        before = _rss(server.proc.pid)["VmRSS"]
+        senders = [
+            threading.Thread(target=_post_large, args=(server, body, answers)) for _ in range(8)
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        peak = _rss(server.proc.pid)["VmHWM"] - before
+        assert peak < 256 * MiB + len(body) + 32 * MiB, f"peak RSS rose by {peak / MiB:.0f} MiB"
+        assert len(answers) == 8
+        assert {status for status, _ in answers} <= {413, 422, 503}, answers
+        refused = [problem for status, problem in answers if status == 422]
+        assert refused, answers  # the first one at least fits in the budget
+        for problem in refused:
+            assert problem["type"] == "invalid-tensor", problem
+            assert problem["errors"][0]["loc"] == ["body", "batch", "x"], problem
+        assert httpx.post(server.url + "/v1/step", json=SEED_STEP, timeout=30).status_code == 200
