@@ -39,7 +39,9 @@ is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
 `method-not-allowed`, `session-busy`, `unavailable`, `store-unavailable` (503: the store is
 unreachable, locked or refuses writes; retry after `Retry-After`), `insufficient-storage`
-(507: the store's disk or memory is full), `internal`.
+(507: the store's disk or memory is full), `request-timeout` (408: the body did not arrive
+in time), `unsupported-media-type` (415: a JSON body sent without `Content-Type:
+application/json`), `internal`.
 """
 
 
@@ -124,7 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
     """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
-    problems that the middleware answers before any route runs: 401, 413, 429.
+    problems answered before a route's own code runs: 503 (too many connections) everywhere;
+    401 and 429 on every keyed route; 408, 413 and 503 (the parse budget) wherever a body is
+    read; 415 wherever the body is JSON.
 
     With keys configured the key is required; without, it is optional (the empty requirement),
     which is what the committed document, made with the default settings, says."""
@@ -138,9 +142,14 @@ def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             if path in OPEN_PATHS:
+                operation["responses"].setdefault("503", problems.responses(503)[503])
                 continue
             operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
-            extra = [401, 429] + ([413] if method in ("post", "patch", "put") else [])
+            extra = [401, 429, 503]
+            if method in ("post", "patch", "put"):
+                extra += [408, 413]
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                extra.append(415)
             for status, entry in problems.responses(*extra).items():
                 operation["responses"].setdefault(str(status), entry)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -58,3 +59,15 @@ def test_json_is_json_whatever_its_spelling_and_nothing_else_is(client: TestClie
     for headers in ({}, {"content-type": "application/octet-stream"}):
         restored = client.post("/v1/sessions/restore", content=b"\0" * 64, headers=headers)
         assert assert_problem(restored, 422)["type"] != "unsupported-media-type"
+
+
+def test_the_document_declares_what_the_edge_answers(client: TestClient) -> None:
+    document: dict[str, Any] = client.app.openapi()  # type: ignore[attr-defined]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            declared = set(operation["responses"])
+            assert "503" in declared, (method, path)  # --max-connections
+            if method in ("post", "patch", "put"):
+                assert {"408", "413", "503"} <= declared, (method, path)
+            takes_json = "application/json" in operation.get("requestBody", {}).get("content", {})
+            assert ("415" in declared) == takes_json, (method, path)
