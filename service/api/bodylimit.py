@@ -112,6 +112,9 @@ class BodyLimitMiddleware:
         )
 
     def _over_budget(self) -> Response:
+        # The connection stays open (unlike a 408's): uvicorn reads the rest of the body and
+        # drops it, so that a client that sends all of its body before it reads still gets
+        # this answer and its Retry-After, where a closed connection would be a write error.
         return problem(
             503,
             "unavailable",
