@@ -15,9 +15,11 @@ from service import __version__
 from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
 from service.api.bodylimit import BodyLimitMiddleware
+from service.api.connections import ConnectionLimitMiddleware
 from service.api.idempotency import InFlight
 from service.api.jobfeed import Feeds, JobBoard
 from service.api.metrics import Metrics, ObserveMiddleware
+from service.api.parsebudget import ParseBudget
 from service.api.routes import compute, jobs, ops, sessions, ui
 from service.api.store_health import PURGE_EVERY, StoreHealth, purge_forever
 from service.config import Settings
@@ -37,7 +39,9 @@ is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor
 `invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
 `method-not-allowed`, `session-busy`, `unavailable`, `store-unavailable` (503: the store is
 unreachable, locked or refuses writes; retry after `Retry-After`), `insufficient-storage`
-(507: the store's disk or memory is full), `internal`.
+(507: the store's disk or memory is full), `request-timeout` (408: the body did not arrive
+in time), `unsupported-media-type` (415: a JSON body sent without `Content-Type:
+application/json`), `internal`.
 """
 
 
@@ -101,10 +105,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = KeyRing.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
+    app.state.parse_budget = budget = ParseBudget(settings.max_parsing_bytes)
     # Added innermost first. A request meets: the metrics and access log (which count what
-    # the others refuse too), the key (401, 429), then the body's size (413).
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # the others refuse too), the connection limit (503), the key (401, 429), then its body's
+    # size, time and share of the parse budget (413, 408, 503).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        budget=budget,
+    )
     app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.include_router(compute.router)
     app.include_router(sessions.router)
@@ -118,7 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
     """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
-    problems that the middleware answers before any route runs: 401, 413, 429.
+    problems answered before a route's own code runs: 503 (too many connections) everywhere;
+    401 and 429 on every keyed route; 408, 413 and 503 (the parse budget) wherever a body is
+    read; 415 wherever the body is JSON.
 
     With keys configured the key is required; without, it is optional (the empty requirement),
     which is what the committed document, made with the default settings, says."""
@@ -132,9 +146,14 @@ def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             if path in OPEN_PATHS:
+                operation["responses"].setdefault("503", problems.responses(503)[503])
                 continue
             operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
-            extra = [401, 429] + ([413] if method in ("post", "patch", "put") else [])
+            extra = [401, 429, 503]
+            if method in ("post", "patch", "put"):
+                extra += [408, 413]
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                extra.append(415)
             for status, entry in problems.responses(*extra).items():
                 operation["responses"].setdefault(str(status), entry)
 
