@@ -50,6 +50,7 @@ from tests.engine.test_expression_security import REFUSED
 pytestmark = pytest.mark.slow
 
 ALICE, BOB = "alice-key", "bob-key"
+OPS = "operator-key"  # reads /v1/workers (the workers' pids), which tenants may not
 MAX_BODY = 1024 * 1024
 MB = 1_000_000
 TIMEOUT = 30.0  # per request: a hang fails the case instead of the suite
@@ -173,6 +174,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
     server = Server(
         "--api-keys",
         f"{ALICE},{BOB}",
+        "--admin-keys",
+        OPS,
         "--store",
         "memory://",
         "--max-body-bytes",
@@ -205,7 +208,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         checkpoint = http.get(f"/v1/sessions/{sid}/checkpoint", headers=auth(ALICE))
         assert checkpoint.status_code == 200, checkpoint.text
         assert server.proc is not None
-        workers = http.get("/v1/workers", headers=auth(ALICE)).json()["items"]
+        workers = http.get("/v1/workers", headers=auth(OPS)).json()["items"]
         rss = RssSampler([server.proc.pid, *(w["pid"] for w in workers)])
         baseline = rss.sample()
         rss.start()
