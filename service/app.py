@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
             await app.state.pool.close()
+            if app.state.buckets is not None:
+                await app.state.buckets.aclose()
             app.state.store.close()
             if ephemeral is not None:
                 ephemeral.remove()

@@ -19,7 +19,6 @@ a key that is in both rings.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -154,7 +153,7 @@ async def _not_found(send: Send, path: str) -> None:
 
 class AuthMiddleware:
     """401 before the body is read; 404 for a tenant on an operator route; 429 when the
-    key's bucket is empty."""
+    key's bucket is empty; 503 when its bucket cannot be read."""
 
     def __init__(self, app: ASGIApp, keys: Keys) -> None:
         self.app, self.keys = app, keys
@@ -204,13 +203,9 @@ async def _within_rate(scope: Scope, send: Send, principal: str) -> bool:
     buckets: Buckets | None = getattr(scope["app"].state, "buckets", None)
     if buckets is None:
         return True
-    try:  # a bucket in Redis is a round trip: off the event loop, then
-        wait = (
-            await asyncio.to_thread(buckets.take, principal, time.time())
-            if buckets.remote
-            else buckets.take(principal, time.time())
-        )
-    except GradsvcError as exc:  # the store's trouble (StoreUnavailable, ...)
+    try:
+        wait = await buckets.take(principal, time.time())
+    except GradsvcError as exc:  # the store's trouble: StoreUnavailable
         retry = getattr(exc, "retry_after", None)
         headers = {"Retry-After": str(retry)} if retry is not None else None
         await send_problem(send, exc.status, exc.type, exc.title, exc.detail, headers)
