@@ -477,6 +477,7 @@ class Case:
     send: Send
     status: int
     type: str | None  # the problem type, where the contract makes it clear
+    detail: str | None = None  # words the detail must hold: the case fails for its own reason
 
 
 ESCAPES = [
@@ -1058,6 +1059,31 @@ CASES: list[Case] = [
         "cursor-5000-deep", get("/v1/sessions", params={"cursor": cursor("[" * 5000)}), 422, INPUT
     ),
     Case(
+        "history-cursor-2**63",
+        get(S + "/history", params={"cursor": cursor(str(2**63))}),
+        422,
+        INPUT,
+        "cursor",
+    ),
+    Case(
+        "cursor-timestamp-past-a-float",
+        get("/v1/sessions", params={"cursor": cursor(f'[{10**309}, "s_x"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
+        "cursor-id-lone-surrogate",
+        get("/v1/sessions", params={"cursor": cursor('[1.5, "\\ud800"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
+        "cursor-id-not-an-id",
+        get("/v1/sessions", params={"cursor": cursor('[1.5, "\\u0000\\n../x"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
         "history-cursor-5000-deep",
         get(S + "/history", params={"cursor": cursor("[" * 5000)}),
         422,
@@ -1157,6 +1183,8 @@ def test_hostile_request_is_a_4xx_problem(ctx: Ctx, case: Case) -> None:
     problem = assert_problem(response, case.status)
     if case.type is not None:
         assert problem["type"] == case.type, f"{case.id}: {problem}"
+    if case.detail is not None:
+        assert case.detail in problem["detail"], f"{case.id}: {problem}"
     assert isinstance(problem["title"], str) and problem["title"], problem
     assert isinstance(problem["detail"], str) and problem["detail"], problem
     assert "Traceback" not in response.text
