@@ -424,6 +424,27 @@ def spec_with(path: str, value: Any) -> Callable[[Ctx], bytes]:
     return build
 
 
+def adam(**lies: torch.Tensor | None) -> Callable[[Ctx], bytes]:
+    """Alice's checkpoint made an Adam one that has stepped (a count and both moments for w,
+    all honest), then with ``lies`` put in (None: the slot removed)."""
+    honest = {
+        "opt.0.step": torch.tensor(3.0),
+        "opt.0.exp_avg": torch.tensor([0.1], dtype=torch.float64),
+        "opt.0.exp_avg_sq": torch.tensor([0.01], dtype=torch.float64),
+    }
+    slots = {f"opt.0.{k}": v for k, v in lies.items()}
+
+    def build(ctx: Ctx) -> bytes:
+        spec = json.loads(_header(ctx.checkpoint)["__metadata__"]["gradsvc.spec"])
+        made = {**honest, **slots}
+        return forged(
+            {"gradsvc.spec": json.dumps(edit(spec, "optimizer", {"type": "adam", "lr": 0.1}))},
+            tensors=lambda t: {**t, **{k: v for k, v in made.items() if v is not None}},
+        )(ctx)
+
+    return build
+
+
 def handmade(header: dict[str, Any], payload: bytes) -> bytes:
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + payload
@@ -956,6 +977,25 @@ CASES: list[Case] = [
         ),
         422,
         INPUT,
+    ),
+    # An optimizer state that lies: checked like the parameters, each lie named.
+    *(
+        Case(f"checkpoint-adam-{name}", restore(adam(**lie)), 422, INPUT, detail)
+        for name, lie, detail in [
+            ("step-negative", {"step": torch.tensor(-1.0)}, "opt.0.step"),
+            ("step-fractional", {"step": torch.tensor(2.5)}, "opt.0.step"),
+            ("step-int64", {"step": torch.tensor(3)}, "opt.0.step"),
+            ("step-nan", {"step": torch.tensor(float("nan"))}, "opt.0.step"),
+            ("second-moment-negative", {"exp_avg_sq": torch.tensor([-1.0]).double()}, "negative"),
+            ("second-moment-nan", {"exp_avg_sq": torch.tensor([math.nan]).double()}, "exp_avg_sq"),
+            ("moment-infinite", {"exp_avg": torch.tensor([math.inf]).double()}, "opt.0.exp_avg"),
+            ("moment-bool", {"exp_avg": torch.tensor([True])}, "opt.0.exp_avg"),
+            ("moment-int64", {"exp_avg": torch.tensor([1])}, "opt.0.exp_avg"),
+            ("moment-float32", {"exp_avg": torch.tensor([0.1])}, "opt.0.exp_avg"),
+            ("moment-scalar", {"exp_avg": torch.tensor(0.1).double()}, "opt.0.exp_avg"),
+            ("second-moment-missing", {"exp_avg_sq": None}, "exp_avg_sq"),
+            ("slot-unknown", {"evil": torch.tensor([0.0]).double()}, "opt.0.evil"),
+        ]
     ),
     # --- another key's session: 404 on every route, never 403 -------------------------------
     Case("bob-get-alices-session", get(S, key=BOB), 404, NOT_FOUND),
