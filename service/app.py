@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import docs, problems
-from service.api.auth import OPEN_PATHS, AuthMiddleware, KeyRing
+from service.api.auth import OPEN_PATHS, OPERATOR_PATHS, AuthMiddleware, Keys
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.connections import ConnectionLimitMiddleware
 from service.api.idempotency import InFlight
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         purger = asyncio.create_task(purge_forever(app.state.store, every))
         app.state.pool = metrics.pool = WorkerPool(serving, observer=metrics.observe)
         await app.state.pool.start()
-        rate_limited = keys is not None and settings.rate_limit > 0
+        rate_limited = keys.tenants is not None and settings.rate_limit > 0
         app.state.buckets = (
             app.state.store.buckets(settings.rate_limit, settings.rate_burst)
             if rate_limited
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
             await app.state.pool.close()
+            if app.state.buckets is not None:
+                await app.state.buckets.aclose()
             app.state.store.close()
             if ephemeral is not None:
                 ephemeral.remove()
@@ -102,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
-    keys = KeyRing.from_settings(settings)
+    keys = Keys.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
     app.state.parse_budget = budget = ParseBudget(settings.max_parsing_bytes)
@@ -124,32 +126,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(ui.router)
     docs.install(app)
-    _add_problem_schema(app, keyed=settings.keyed)
+    _add_problem_schema(app, keys=keys)
     return app
 
 
-def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
+def _declare_security(schema: dict[str, Any], *, keys: Keys) -> None:
     """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
     problems answered before a route's own code runs: 503 (too many connections) everywhere;
-    401 and 429 on every keyed route; 408, 413 and 503 (the parse budget) wherever a body is
-    read; 415 wherever the body is JSON.
+    401 and 429 on every keyed route (401 and 404 on the operator routes, for a tenant's
+    key); 408, 413 and 503 (the parse budget) wherever a body is read; 415 wherever the body
+    is JSON.
 
     With keys configured the key is required; without, it is optional (the empty requirement),
-    which is what the committed document, made with the default settings, says."""
+    which is what the committed document, made with the default settings, says. The operator
+    routes take an operator key; with none configured, a keyless server's loopback callers
+    need none."""
     schema["components"]["securitySchemes"] = {
         "apiKey": {
             "type": "http",
             "scheme": "bearer",
             "description": "an API key, when the service is configured with keys",
-        }
+        },
+        "adminKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": (
+                "an operator key (--admin-keys): the only key the operator routes take; "
+                "a keyless server also answers them to loopback callers without one"
+            ),
+        },
     }
+    keyed = keys.tenants is not None
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             if path in OPEN_PATHS:
                 operation["responses"].setdefault("503", problems.responses(503)[503])
                 continue
-            operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
-            extra = [401, 429, 503]
+            if path in OPERATOR_PATHS:
+                open_to_loopback = not keyed and keys.operators is None
+                operation["security"] = [{"adminKey": []}] + ([{}] if open_to_loopback else [])
+                extra = [401, 404, 503]
+            else:
+                operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
+                extra = [401, 429, 503]
             if method in ("post", "patch", "put"):
                 extra += [408, 413]
             if "application/json" in operation.get("requestBody", {}).get("content", {}):
@@ -158,7 +177,7 @@ def _declare_security(schema: dict[str, Any], *, keyed: bool) -> None:
                 operation["responses"].setdefault(str(status), entry)
 
 
-def _add_problem_schema(app: FastAPI, *, keyed: bool) -> None:
+def _add_problem_schema(app: FastAPI, *, keys: Keys) -> None:
     """Put the Problem schema in the document so that every route's problem responses resolve."""
     original = app.openapi
 
@@ -175,7 +194,7 @@ def _add_problem_schema(app: FastAPI, *, keyed: bool) -> None:
                 "DType",
                 {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
             )
-            _declare_security(schema, keyed=keyed)
+            _declare_security(schema, keys=keys)
             _problem_for_validation(schema)
             app.openapi_schema = schema
         return app.openapi_schema

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import Limits
@@ -173,6 +173,18 @@ class Settings(BaseSettings):
             sqlite_options(url)
         return url
 
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _some_key(cls, keys: str | None, info: ValidationInfo) -> str | None:
+        # Fail closed: a keys option that names no key must not leave the service open.
+        if keys is not None and not any(key.strip() for key in keys.split(",")):
+            flag = "--" + str(info.field_name).replace("_", "-")
+            raise ValueError(
+                f"{flag} {keys!r} holds no key: give at least one non-empty key "
+                "(comma-separated), or leave the option out"
+            )
+        return keys
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if not self.keyed and not self.insecure and not _loopback(self.host):
@@ -185,7 +197,9 @@ class Settings(BaseSettings):
 
     @property
     def keyed(self) -> bool:
-        return bool(self.api_keys or self.api_keys_file)
+        """Whether tenants need a key. Every keys option given yields a key, or the service
+        does not start (``--api-keys`` here, a keys file when ``create_app`` reads it)."""
+        return self.api_keys is not None or self.api_keys_file is not None
 
     def limits(self) -> Limits:
         return Limits(

@@ -31,9 +31,14 @@ def app_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(queue_size=16, store=f"sqlite:///{db}")
 
 
+# TestClient's own client address ("testclient") is no IP: a keyless server serves its operator
+# routes (/metrics, /v1/workers) to loopback callers only, so the tests call from loopback.
+LOOPBACK = ("127.0.0.1", 50000)
+
+
 @pytest.fixture(scope="session")
 def client(app_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings), raise_server_exceptions=False) as c:
+    with TestClient(create_app(app_settings), raise_server_exceptions=False, client=LOOPBACK) as c:
         ready(c)
         yield c
 

@@ -41,7 +41,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from service.engine import losses, models, specs
 from service.engine.limits import Limits
 from service.engine.specs import Kind
-from service.engine.step import Result, _check_finite, compute
+from service.engine.step import Result, _check_finite, check_update, compute
 from service.engine.tensors import decode
 from service.errors import GradsvcError
 
@@ -294,8 +294,13 @@ def _vectorised(
         updated = _finite_rows(stacked[names[0]])
         for n in names[1:]:
             updated &= _finite_rows(stacked[n])
+        slots = {n: optimizer.state.get(x, {}) for n, x in zip(trainable, leaves, strict=True)}
+        for state in slots.values():  # a square that overflowed: compute() refuses it too
+            for key, value in state.items():
+                if _stacks(key, value) and value.dtype.is_floating_point:
+                    updated &= _finite_rows(value)
         for i in _false(updated):
-            errors.setdefault(i, _failure([(f"the updated {n}", stacked[n][i]) for n in names]))
+            errors.setdefault(i, _update_failure(i, stacked, slots))
         kept = [i for i in range(count) if i not in errors]
         _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
     loss_rows, out_rows, norm_rows = loss.unbind(0), outputs.unbind(0), total.unbind(0)
@@ -448,6 +453,20 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _false(rows: torch.Tensor) -> list[int]:
     return [] if bool(rows.all()) else [i for i, ok in enumerate(rows.tolist()) if not ok]
+
+
+def _update_failure(
+    row: int, stacked: dict[str, torch.Tensor], slots: dict[str, dict[str, Any]]
+) -> GradsvcError:
+    """The error compute() raises for this row's update: check_update's on its values."""
+    try:
+        check_update(
+            {n: t[row] for n, t in stacked.items()},
+            {n: {k: v[row] for k, v in s.items() if _stacks(k, v)} for n, s in slots.items()},
+        )
+    except GradsvcError as exc:
+        return exc
+    return GradsvcError("a value was not finite, then was")  # pragma: no cover
 
 
 def _failure(checks: Iterable[tuple[str, torch.Tensor]]) -> GradsvcError:

@@ -8,12 +8,14 @@ so a checkpoint that lies is a 422, not a crash.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from service.engine import optimizers
 from service.engine.models import Model
 from service.errors import InvalidInput
 
@@ -110,13 +112,20 @@ def restore(model: Model, optimizer: torch.optim.Optimizer, data: bytes) -> dict
             if p.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
                 raise InvalidInput(f"{name}: the file holds values that are not finite")
             p.copy_(value)
-    _restore_optimizer(optimizer, tensors, metadata)
+    _restore_optimizer(model, optimizer, tensors, metadata)
     return metadata
 
 
 def _restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
 ) -> None:
+    """The file's optimizer state into ``optimizer``, checked as its parameters are: a slot
+    this optimizer keeps, of its parameter's shape and dtype, finite, and within its kind's
+    range; and every slot its next step reads. torch checks none of this, and a lie would
+    surface as a 500 at the next step, or as NaN parameters."""
     try:
         extra = json.loads(metadata.get("optimizer_extra", "{}"))
     except (ValueError, RecursionError):
@@ -125,23 +134,82 @@ def _restore_optimizer(
         raise InvalidInput("the file's optimizer metadata must be an object")
     groups = optimizer.state_dict()["param_groups"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters().items()}
+    slots = optimizers.slots(optimizer)
     state: dict[int, dict[str, Any]] = {}
     for name, value in [*tensors.items(), *extra.items()]:
         if not name.startswith(OPT):
             continue
         index_text, _, key = name[len(OPT) :].partition(".")
-        if not index_text.isdigit() or not key or int(index_text) >= len(params):
-            raise InvalidInput(f"the file's optimizer state names an unknown slot: {name}")
-        if not isinstance(value, torch.Tensor | int | float | type(None)):
-            raise InvalidInput(f"the file's optimizer state {name} has an unknown type")
+        if not (index_text.isdigit() and str(int(index_text)) == index_text) or not (
+            int(index_text) < len(params) and key in slots.kinds
+        ):
+            known = ", ".join(sorted(slots.kinds)) or "none"
+            raise InvalidInput(
+                f"the file's optimizer state names an unknown slot: {name} (this optimizer "
+                f"keeps {known} for parameters 0 to {len(params) - 1})",
+                loc=(name,),
+            )
         index = int(index_text)
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[index].shape:
-            raise InvalidInput(f"the file's optimizer state {name} has the wrong shape")
-        state.setdefault(index, {})[key] = value
+        if key in state.get(index, {}):
+            raise InvalidInput(f"the file's optimizer state has {name} twice", loc=(name,))
+        param = params[index]
+        what = f"{name} (the optimizer's {key} of {names.get(id(param), index)})"
+        state.setdefault(index, {})[key] = _slot(what, name, slots.kinds[key], value, param)
+    for index, param in enumerate(params):
+        missing = sorted(slots.needed - set(state.get(index, {})))
+        if missing and index in state:  # no state at all: the first step makes it
+            raise InvalidInput(
+                f"the optimizer state of {names.get(id(param), index)} has no "
+                f"{', '.join(missing)}, which this optimizer's steps read (was amsgrad, "
+                "momentum or centered turned on after it stepped?)",
+                loc=(f"{OPT}{index}.{missing[0]}",),
+            )
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise InvalidInput(f"the file's optimizer state does not fit: {str(exc)[:200]}") from None
+
+
+def _slot(what: str, name: str, kind: str, value: Any, param: torch.Tensor) -> torch.Tensor:
+    """One slot's value, checked for its ``kind`` (see ``optimizers.COUNT``)."""
+    if kind == optimizers.COUNT:
+        count = _count(value)
+        if count is None:
+            raise InvalidInput(f"{what} must be a float32 scalar: a count of steps", loc=(name,))
+        if not (math.isfinite(count) and count >= 0 and count.is_integer()):
+            raise InvalidInput(
+                f"{what} is {count!r}: a count of steps is a whole number, 0 or more", loc=(name,)
+            )
+        return value if isinstance(value, torch.Tensor) else torch.tensor(count)
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInput(f"{what} must be a tensor", loc=(name,))
+    if value.shape != param.shape or value.dtype != param.dtype:
+        raise InvalidInput(
+            f"{what}: the file holds {value.dtype} {list(value.shape)}, the parameter is "
+            f"{param.dtype} {list(param.shape)}",
+            loc=(name,),
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidInput(f"{what} holds values that are not finite", loc=(name,))
+    if kind == optimizers.SQUARE and bool((value < 0).any()):
+        raise InvalidInput(
+            f"{what} holds negative values: it is a sum or average of squares", loc=(name,)
+        )
+    return value
+
+
+def _count(value: Any) -> float | None:
+    """A count slot's number: a float scalar tensor (torch's own form) or a plain number."""
+    if isinstance(value, torch.Tensor):
+        ok = value.shape == () and value.dtype in (torch.float32, torch.float64)
+        return float(value) if ok else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer past a float's range
+            return math.inf
+    return None
 
 
 def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:

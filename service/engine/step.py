@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,12 +128,17 @@ def step(
         "state": {k: {sk: _clone(sv) for sk, sv in v.items()} for k, v in saved["state"].items()},
         "param_groups": saved["param_groups"],
     }
-    optimizer.step()
-    after = {n: p.detach() for n, p in model.named_parameters().items()}
     try:
-        for name, value in after.items():
-            _check_finite(f"the updated {name}", value)
-    except NonFinite:
+        try:
+            optimizer.step()
+        except RuntimeError as exc:  # torch refuses a hyper-parameter the dtype cannot hold
+            if "overflow" not in str(exc):
+                raise
+            dtype = next(iter(params.values())).dtype
+            raise optimizers.overflow(optimizer, dtype) from None
+        after = {n: p.detach() for n, p in model.named_parameters().items()}
+        check_update(after, {n: optimizer.state.get(p, {}) for n, p in params.items()})
+    except BaseException:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(before[n])
@@ -141,6 +146,35 @@ def step(
         raise
     result.params = {n: v.clone() for n, v in after.items()}
     return result
+
+
+def check_update(
+    params: Mapping[str, torch.Tensor], slots: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """NonFinite for the first updated parameter, then optimizer state (``slots``: each
+    parameter's, by name), that an update made NaN or infinite. The state counts: a square
+    that overflowed (Adam's ``exp_avg_sq``, Adagrad's ``sum``) leaves the parameter finite
+    but every later update of it zero, and a state that a restore refuses."""
+    for name, value in params.items():
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise NonFinite(
+                f"the updated {name} is not finite (NaN or Infinity): JSON cannot carry it. "
+                "The update overflowed: a smaller learning rate (lr) usually fixes it"
+            )
+    for name, state in slots.items():
+        for key, value in state.items():
+            if key == optimizers.COUNT or not isinstance(value, torch.Tensor):
+                continue
+            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise NonFinite(
+                    f"the update made the optimizer's {key} of {name} not finite (NaN or "
+                    f"Infinity): the gradient is too large for {_name(value.dtype)} once "
+                    "squared or summed. Scale the inputs or targets down, or use float64"
+                )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _clone(value: Any) -> Any:

@@ -2,42 +2,61 @@
 
 A bucket holds up to ``burst`` tokens and gains ``rate`` per second; a request takes one.
 ``take`` answers 0 when the request may go, else the seconds until a token is there.
+
+The API process asks before any route runs, on its event loop, so ``take`` is a coroutine
+and a Redis bucket is asked with ``redis.asyncio``: a stalled Redis holds only the requests
+that wait for it, never the loop (``/healthz``) nor a thread pool. It waits ``TIMEOUT`` at
+most, and any Redis failure is ``StoreUnavailable`` (503 with ``Retry-After``): a limit that
+cannot be checked is not a reason to answer 500, nor to let the request through.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol, cast
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
-from service.store.trouble import redis_trouble, translated
+from service.errors import StoreUnavailable
+from service.store.trouble import redis_trouble
+
+TIMEOUT = 1.0
+"""Seconds a bucket in Redis is waited for (connect, a free connection, or the answer) at
+most; the store URL may ask for less."""
+CONNECTIONS = 64
+"""Connections to Redis at most: a stall queues the requests here (up to ``TIMEOUT``) rather
+than opening a socket for each."""
 
 
 class Buckets(Protocol):
-    remote: bool
-    """whether ``take`` is a round trip (to Redis), to be made off the event loop"""
+    async def take(self, key: str, now: float) -> float:
+        """0 if ``key`` may make a request at ``now``, else the seconds until it may.
+        Raises ``StoreUnavailable`` when the buckets cannot be read."""
+        ...
 
-    def take(self, key: str, now: float) -> float: ...
+    async def aclose(self) -> None: ...
 
 
 class MemoryBuckets:
-    remote = False
+    """This process's own buckets (used from one event loop: no lock)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
-        self._lock = threading.Lock()
         self._state: dict[str, tuple[float, float]] = {}
 
-    def take(self, key: str, now: float) -> float:
-        with self._lock:
-            tokens, last = self._state.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + max(0.0, now - last) * self.rate)
-            if tokens >= 1.0:
-                self._state[key] = (tokens - 1.0, now)
-                return 0.0
-            self._state[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+    async def take(self, key: str, now: float) -> float:
+        tokens, last = self._state.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - last) * self.rate)
+        if tokens >= 1.0:
+            self._state[key] = (tokens - 1.0, now)
+            return 0.0
+        self._state[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    async def aclose(self) -> None:
+        return None
 
 
 # KEYS[1] the bucket; ARGV: rate, burst, now. One script: read, refill, take, write.
@@ -54,14 +73,45 @@ return tostring(wait)
 """
 
 
-@translated(redis_trouble)
 class RedisBuckets:
-    remote = True
+    """Buckets in Redis at ``url`` (under ``prefix``), on an asyncio client of their own."""
 
-    def __init__(self, client: redis.Redis, rate: float, burst: int, prefix: str) -> None:
+    def __init__(self, url: str, rate: float, burst: int, prefix: str) -> None:
         self.rate, self.burst, self.prefix = rate, burst, prefix
-        self._take = client.register_script(_TAKE)
+        # A dropped connection (Redis restarted) is tried once more, as the store does; a
+        # timeout is not: the wait is already as long as a request should spend here.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=CONNECTIONS,
+            timeout=TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, (redis.ConnectionError,)),
+        )
+        options = pool.connection_kwargs
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            options[name] = min(options.get(name) or TIMEOUT, TIMEOUT)
+        self._client = redis.asyncio.Redis(connection_pool=pool)
+        self._take = self._client.register_script(_TAKE)
 
-    def take(self, key: str, now: float) -> float:
-        answer = self._take(keys=[f"{self.prefix}rate:{key}"], args=[self.rate, self.burst, now])
+    async def take(self, key: str, now: float) -> float:
+        try:
+            answer = await self._take(
+                keys=[f"{self.prefix}rate:{key}"], args=[self.rate, self.burst, now]
+            )
+        except (redis.RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
         return float(cast(bytes, answer))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._client.connection_pool.disconnect()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    trouble = redis_trouble(exc)
+    if isinstance(trouble, StoreUnavailable):
+        return trouble
+    # A full Redis, or an answer we cannot use: still "retry shortly" for this request.
+    return StoreUnavailable(
+        f"the request rate of this key could not be checked in Redis ({type(exc).__name__}); "
+        "nothing was done: retry shortly"
+    )

@@ -216,8 +216,8 @@ class RedisStore:
         self._jobs = RedisJobs(self._redis, prefix, self._usage)
 
     def buckets(self, rate: float, burst: int) -> RedisBuckets:
-        """Rate limits shared by every replica on this Redis."""
-        return RedisBuckets(self._redis, rate, burst, self.prefix)
+        """Rate limits shared by every replica on this Redis, asked asynchronously."""
+        return RedisBuckets(self.url, rate, burst, self.prefix)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from html.parser import HTMLParser
 from urllib.parse import urljoin, urlparse
@@ -82,3 +84,26 @@ def test_try_it_out_reproduces_the_first_step(client: TestClient) -> None:
         {"w": [1.1]},
         2.0,
     )
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_carry_the_security_headers(client: TestClient, page: str) -> None:
+    """As /ui: this origin only, no framing, no sniffing, no referrer; of inline script only
+    the page's own, by its hash."""
+    r = client.get(page)
+    assert r.status_code == 200
+    for name in ("x-content-type-options", "referrer-policy"):
+        assert r.headers[name] == client.get("/ui").headers[name], name
+    assert r.headers["x-frame-options"] == "DENY"
+    directives = {
+        d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split("; ")
+    }
+    for name, value in [("default-src", "'self'"), ("frame-ancestors", "'none'")]:
+        assert directives[name] == [value], name
+    assert directives["object-src"] == directives["base-uri"] == ["'none'"]
+    inline = re.findall(r"<script>(.*?)</script>", r.text, re.S)
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+        for s in inline
+    ]
+    assert directives["script-src"] == ["'self'", *hashes]

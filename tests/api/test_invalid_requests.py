@@ -707,6 +707,13 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
         422,
         NONFINITE,
     ),
+    (
+        "step-lr-beyond-float32",
+        STEP,
+        js(edit(edit(seed(), "optimizer/lr", 1e308), "model/dtype", "float32")),
+        422,
+        NONFINITE,
+    ),
 ]
 
 ROUTING: list[tuple[str, str, str, int, str, str | None]] = [

@@ -92,10 +92,12 @@ def test_each_request_is_one_json_log_line(
 
 
 def test_a_served_process_logs_json_and_keys_guard_metrics(tmp_path: Any) -> None:
-    with Server("--store", "memory://", "--api-keys", "k1") as server:
+    with Server("--store", "memory://", "--api-keys", "k1", "--admin-keys", "ops") as server:
         assert httpx.get(server.url + "/metrics").status_code == 401
         with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k1"}) as http:
             http.post("/v1/step", json=SEED_STEP, headers={"X-Request-ID": "served-1"})
+            assert http.get("/metrics").status_code == 404  # a tenant's key: not for tenants
+        with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer ops"}) as http:
             assert value(scrape(http), "gradsvc_workers_up") == 1
         lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
     assert any(entry.get("request_id") == "served-1" and entry["status"] == 200 for entry in lines)

@@ -181,6 +181,22 @@ def test_non_finite_step_changes_nothing(client: TestClient) -> None:
     assert got["step"] == 0 and got["params"] == {"w": [1.0]} and got["version"] == 1
 
 
+def test_a_learning_rate_beyond_float32_is_non_finite_and_changes_nothing(
+    client: TestClient,
+) -> None:
+    """torch cannot cast lr=1e308 to float32: once a 500 on every step of the session."""
+    spec = copy.deepcopy(SEED_SESSION)
+    spec["model"]["dtype"] = "float32"
+    spec["optimizer"] = {"type": "sgd", "lr": 1e308}
+    sid = client.post("/v1/sessions", json=spec).json()["id"]
+    r = client.post(f"/v1/sessions/{sid}/step", json={"batch": {"x": 1, "y": 3}})
+    problem = assert_problem(r, 422)
+    assert problem["type"] == "non-finite"
+    assert "lr=1e+308 is beyond what float32 can hold" in problem["detail"], problem
+    got = client.get(f"/v1/sessions/{sid}").json()
+    assert got["step"] == 0 and got["params"] == {"w": [1.0]} and got["version"] == 1
+
+
 def test_delete(client: TestClient, session: dict[str, Any]) -> None:
     sid = session["id"]
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204

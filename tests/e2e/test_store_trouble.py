@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,79 @@ def test_redis_at_its_maxmemory(redis_server: tuple[Server, OwnRedis]) -> None:
     finally:
         admin.close()
     recovered(server, sid, "oom-2", 2)
+
+
+KEY = {"Authorization": "Bearer limited-key"}
+PAUSE_MS = 4000
+"""Longer than the rate limiter waits for Redis (1 s), shorter than the store's own default
+wait (5 s), so that an answer that comes while the pause lasts came from the limiter."""
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, OwnRedis]]:
+    """A keyed server, so every request asks Redis for its key's rate-limit bucket first;
+    the store URL leaves the timeouts at their defaults."""
+    own = OwnRedis(tmp_path_factory.mktemp("limited-redis")).start()
+    store = f"{own.url}?prefix=limited-{uuid.uuid4().hex[:8]}"
+    try:
+        with Server("--store", store, "--api-keys", KEY["Authorization"][7:], *CPU) as server:
+            yield server, own
+    finally:
+        own.stop()
+
+
+def still_paused(url: str) -> bool:
+    """Whether Redis is still under CLIENT PAUSE: a PING on a new connection gets no answer."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    probe = redis.Redis.from_url(
+        url, socket_timeout=0.2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        probe.ping()
+        return False
+    except redis.TimeoutError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_a_stalled_redis_is_a_prompt_503_and_healthz_answers_meanwhile(
+    limited: tuple[Server, OwnRedis],
+) -> None:
+    """The rate limit is asked of Redis asynchronously, waiting a second at most: while Redis
+    is paused, keyed requests are 503 store-unavailable with Retry-After (not held for the
+    whole stall, nor a thread each), and /healthz answers. Both come back while the pause
+    still lasts: the PING after them is still unanswered. Stopped, Redis is a 503 too."""
+    import redis
+
+    server, own = limited
+    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(5)]
+    try:
+        assert clients[0].get("/v1/sessions", headers=KEY).status_code == 200
+        admin = redis.Redis.from_url(own.url)
+        admin.execute_command("CLIENT", "PAUSE", str(PAUSE_MS), "ALL")
+        admin.close()
+        with ThreadPoolExecutor(len(clients)) as pool:
+            keyed = [pool.submit(c.get, "/v1/sessions", headers=KEY) for c in clients[1:]]
+            health = clients[0].get("/healthz")
+            answers = [f.result() for f in keyed]
+        assert still_paused(own.url), "the answers came only after the pause"
+        assert health.status_code == 200
+        for answer in answers:
+            problem = assert_problem(answer, 503)
+            assert problem["type"] == "store-unavailable", problem
+            assert int(answer.headers["Retry-After"]) >= 1
+        wait_for(lambda: clients[0].get("/v1/sessions", headers=KEY).status_code == 200)
+        own.stop()
+        stopped = clients[0].get("/v1/sessions", headers=KEY)
+        assert assert_problem(stopped, 503)["type"] == "store-unavailable"
+        assert clients[0].get("/healthz").status_code == 200
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_memory_store_survives_a_worker_kill() -> None:

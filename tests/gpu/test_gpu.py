@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import SEED_STEP, ready
+from tests.conftest import LOOPBACK, SEED_STEP, ready
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,7 +52,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         max_batch_elements=10**9,
         max_body_bytes=2**31,
     )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    with TestClient(create_app(settings), raise_server_exceptions=False, client=LOOPBACK) as c:
         ready(c)
         yield c
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,11 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import SEED_STEP, assert_problem, ready
+from tests.e2e.server import ROOT
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+OPS = "operator-key-5555555555"
+OPERATOR_ROUTES = ("/metrics", "/v1/workers")
 SESSION = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
 OPEN = {"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"}
 
@@ -29,6 +34,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(
         api_keys=ALICE,
         api_keys_file=str(keys_file),
+        admin_keys=OPS,
         store=f"sqlite:///{folder / 'gradsvc.db'}",
         rate_limit=0,
     )
@@ -139,8 +145,87 @@ def test_swagger_ui_has_an_authorize_button(keyed: TestClient) -> None:
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
+def test_operator_keys_fail_closed_too(tmp_path: Path) -> None:
+    comments = tmp_path / "ops.txt"
+    comments.write_text("# to be filled in\n")
+    with pytest.raises(ValueError, match="ops.txt \\(--admin-keys-file\\) holds no key"):
+        create_app(Settings(admin_keys_file=str(comments), store="memory://"))
+    with pytest.raises(ValueError, match="both an API key and an operator key"):
+        create_app(Settings(api_keys="a,b", admin_keys="b", store="memory://"))
+
+
 def test_keys_file_errors_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "keys.txt"
     bad.write_text("not-a-digest label\n")
     with pytest.raises(ValueError, match="keys.txt:1"):
         create_app(Settings(api_keys_file=str(bad), store="memory://"))
+
+
+def test_operator_routes_take_only_operator_keys(keyed: TestClient) -> None:
+    """A tenant's key finds no /metrics or /v1/workers: the same 404 as a route that does not
+    exist. An operator key reads them, and is no tenant key anywhere else."""
+    unknown = assert_problem(keyed.get("/v1/no-such-route", headers=_as(ALICE)), 404)
+    for path in OPERATOR_ROUTES:
+        for tenant in (ALICE, BOB):
+            for asked in (path, path + "/"):
+                hidden = assert_problem(keyed.get(asked, headers=_as(tenant)), 404)
+                assert {**hidden, "detail": ""} == {**unknown, "detail": ""}, asked
+                assert hidden["detail"] == f"no resource at {asked}"
+        assert keyed.get(path, headers=_as(OPS)).status_code == 200, path
+        missing = assert_problem(keyed.get(path), 401)
+        assert missing["type"] == "unauthorized"
+    assert keyed.get("/metrics", headers=_as(OPS)).text.startswith("# HELP")
+    for method, path in [("POST", "/v1/step"), ("GET", "/v1/sessions")]:
+        r = keyed.request(method, path, headers=_as(OPS), json=SEED_STEP)
+        assert assert_problem(r, 401)["type"] == "unauthorized", (method, path)
+        assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_a_keyless_server_shows_operator_routes_to_loopback_only(client: TestClient) -> None:
+    for path in OPERATOR_ROUTES:
+        assert client.get(path).status_code == 200, path  # the fixture calls from 127.0.0.1
+    # The same app, called from another machine (no lifespan: the middleware answers).
+    remote = TestClient(client.app, raise_server_exceptions=False, client=("203.0.113.9", 4000))
+    for path in OPERATOR_ROUTES:
+        assert assert_problem(remote.get(path), 404)["type"] == "not-found", path
+
+
+def test_the_document_says_operator_routes_take_operator_keys(keyed: TestClient) -> None:
+    spec = keyed.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["adminKey"]["scheme"] == "bearer"
+    for path in OPERATOR_ROUTES:
+        operation = spec["paths"][path]["get"]
+        assert operation["security"] == [{"adminKey": []}], path
+        assert {"401", "404"} <= set(operation["responses"]), path
+
+
+def test_a_keys_option_that_yields_no_key_refuses_to_start(tmp_path: Path) -> None:
+    """Fail closed: whatever the host, exit 2 with one line on stderr, before any worker."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "comments.txt").write_text("# nobody yet\n\n   # still nobody\n")
+    cases = {
+        "--api-keys": ["--host", "0.0.0.0", "--api-keys", ","],
+        "empty.txt": ["--host", "0.0.0.0", "--api-keys-file", str(tmp_path / "empty.txt")],
+        "comments.txt": ["--api-keys-file", str(tmp_path / "comments.txt")],
+    }
+    started = {
+        said: subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--store", "memory://", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for said, args in cases.items()
+    }
+    for said, proc in started.items():
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"{said}: the service started")
+        assert proc.returncode == 2, (said, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gradsvc: "), (said, err)
+        assert said.split()[0] in lines[0] and "no key" in lines[0], (said, err)

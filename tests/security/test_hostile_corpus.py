@@ -50,6 +50,7 @@ from tests.engine.test_expression_security import REFUSED
 pytestmark = pytest.mark.slow
 
 ALICE, BOB = "alice-key", "bob-key"
+OPS = "operator-key"  # reads /v1/workers (the workers' pids), which tenants may not
 MAX_BODY = 1024 * 1024
 MB = 1_000_000
 TIMEOUT = 30.0  # per request: a hang fails the case instead of the suite
@@ -173,6 +174,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
     server = Server(
         "--api-keys",
         f"{ALICE},{BOB}",
+        "--admin-keys",
+        OPS,
         "--store",
         "memory://",
         "--max-body-bytes",
@@ -205,7 +208,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         checkpoint = http.get(f"/v1/sessions/{sid}/checkpoint", headers=auth(ALICE))
         assert checkpoint.status_code == 200, checkpoint.text
         assert server.proc is not None
-        workers = http.get("/v1/workers", headers=auth(ALICE)).json()["items"]
+        workers = http.get("/v1/workers", headers=auth(OPS)).json()["items"]
         rss = RssSampler([server.proc.pid, *(w["pid"] for w in workers)])
         baseline = rss.sample()
         rss.start()
@@ -421,6 +424,27 @@ def spec_with(path: str, value: Any) -> Callable[[Ctx], bytes]:
     return build
 
 
+def adam(**lies: torch.Tensor | None) -> Callable[[Ctx], bytes]:
+    """Alice's checkpoint made an Adam one that has stepped (a count and both moments for w,
+    all honest), then with ``lies`` put in (None: the slot removed)."""
+    honest = {
+        "opt.0.step": torch.tensor(3.0),
+        "opt.0.exp_avg": torch.tensor([0.1], dtype=torch.float64),
+        "opt.0.exp_avg_sq": torch.tensor([0.01], dtype=torch.float64),
+    }
+    slots = {f"opt.0.{k}": v for k, v in lies.items()}
+
+    def build(ctx: Ctx) -> bytes:
+        spec = json.loads(_header(ctx.checkpoint)["__metadata__"]["gradsvc.spec"])
+        made = {**honest, **slots}
+        return forged(
+            {"gradsvc.spec": json.dumps(edit(spec, "optimizer", {"type": "adam", "lr": 0.1}))},
+            tensors=lambda t: {**t, **{k: v for k, v in made.items() if v is not None}},
+        )(ctx)
+
+    return build
+
+
 def handmade(header: dict[str, Any], payload: bytes) -> bytes:
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + payload
@@ -474,6 +498,7 @@ class Case:
     send: Send
     status: int
     type: str | None  # the problem type, where the contract makes it clear
+    detail: str | None = None  # words the detail must hold: the case fails for its own reason
 
 
 ESCAPES = [
@@ -953,6 +978,25 @@ CASES: list[Case] = [
         422,
         INPUT,
     ),
+    # An optimizer state that lies: checked like the parameters, each lie named.
+    *(
+        Case(f"checkpoint-adam-{name}", restore(adam(**lie)), 422, INPUT, detail)
+        for name, lie, detail in [
+            ("step-negative", {"step": torch.tensor(-1.0)}, "opt.0.step"),
+            ("step-fractional", {"step": torch.tensor(2.5)}, "opt.0.step"),
+            ("step-int64", {"step": torch.tensor(3)}, "opt.0.step"),
+            ("step-nan", {"step": torch.tensor(float("nan"))}, "opt.0.step"),
+            ("second-moment-negative", {"exp_avg_sq": torch.tensor([-1.0]).double()}, "negative"),
+            ("second-moment-nan", {"exp_avg_sq": torch.tensor([math.nan]).double()}, "exp_avg_sq"),
+            ("moment-infinite", {"exp_avg": torch.tensor([math.inf]).double()}, "opt.0.exp_avg"),
+            ("moment-bool", {"exp_avg": torch.tensor([True])}, "opt.0.exp_avg"),
+            ("moment-int64", {"exp_avg": torch.tensor([1])}, "opt.0.exp_avg"),
+            ("moment-float32", {"exp_avg": torch.tensor([0.1])}, "opt.0.exp_avg"),
+            ("moment-scalar", {"exp_avg": torch.tensor(0.1).double()}, "opt.0.exp_avg"),
+            ("second-moment-missing", {"exp_avg_sq": None}, "exp_avg_sq"),
+            ("slot-unknown", {"evil": torch.tensor([0.0]).double()}, "opt.0.evil"),
+        ]
+    ),
     # --- another key's session: 404 on every route, never 403 -------------------------------
     Case("bob-get-alices-session", get(S, key=BOB), 404, NOT_FOUND),
     Case(
@@ -1055,6 +1099,31 @@ CASES: list[Case] = [
         "cursor-5000-deep", get("/v1/sessions", params={"cursor": cursor("[" * 5000)}), 422, INPUT
     ),
     Case(
+        "history-cursor-2**63",
+        get(S + "/history", params={"cursor": cursor(str(2**63))}),
+        422,
+        INPUT,
+        "cursor",
+    ),
+    Case(
+        "cursor-timestamp-past-a-float",
+        get("/v1/sessions", params={"cursor": cursor(f'[{10**309}, "s_x"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
+        "cursor-id-lone-surrogate",
+        get("/v1/sessions", params={"cursor": cursor('[1.5, "\\ud800"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
+        "cursor-id-not-an-id",
+        get("/v1/sessions", params={"cursor": cursor('[1.5, "\\u0000\\n../x"]')}),
+        422,
+        INPUT,
+    ),
+    Case(
         "history-cursor-5000-deep",
         get(S + "/history", params={"cursor": cursor("[" * 5000)}),
         422,
@@ -1154,6 +1223,8 @@ def test_hostile_request_is_a_4xx_problem(ctx: Ctx, case: Case) -> None:
     problem = assert_problem(response, case.status)
     if case.type is not None:
         assert problem["type"] == case.type, f"{case.id}: {problem}"
+    if case.detail is not None:
+        assert case.detail in problem["detail"], f"{case.id}: {problem}"
     assert isinstance(problem["title"], str) and problem["title"], problem
     assert isinstance(problem["detail"], str) and problem["detail"], problem
     assert "Traceback" not in response.text

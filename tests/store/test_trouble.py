@@ -3,15 +3,18 @@ worker as one: a locked SQLite file, an unreachable Redis, and their write probe
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from service.errors import InsufficientStorage, StoreUnavailable
 from service.store.base import Commit
+from service.store.ratelimit import Buckets
 from service.store.redis import RedisStore
 from service.store.sqlite import SqliteStore
 from service.store.trouble import redis_trouble, sqlite_trouble
@@ -55,9 +58,37 @@ def test_an_unreachable_redis_is_store_unavailable() -> None:
         with pytest.raises(StoreUnavailable):
             store.writable()
         with pytest.raises(StoreUnavailable):
-            store.buckets(1.0, 1).take(ALICE, time.time())
+            asyncio.run(_take_once(store.buckets(1.0, 1)))
         assert store.ping() is False
     finally:
+        store.close()
+
+
+async def _take_once(buckets: Buckets) -> float:
+    try:
+        return await buckets.take(ALICE, time.time())
+    finally:
+        await buckets.aclose()
+
+
+def test_a_bucket_redis_cannot_use_is_store_unavailable(redis_url: str) -> None:
+    """Any Redis failure of the rate limiter is a 503 (here: its key holds another type, a
+    WRONGTYPE error that the stores do not map), never a 500."""
+    import redis
+
+    prefix = f"wrongtype-{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    raw = redis.Redis.from_url(redis_url)
+    bucket = f"{prefix}rate:{ALICE}"
+    try:
+        raw.set(bucket, "not a hash")
+        with pytest.raises(StoreUnavailable, match="could not be checked in Redis"):
+            asyncio.run(_take_once(store.buckets(1.0, 1)))
+        raw.delete(bucket)
+        assert asyncio.run(_take_once(store.buckets(1.0, 1))) == 0  # the same, once fixed
+    finally:
+        raw.delete(bucket)
+        raw.close()
         store.close()
 
 

@@ -273,6 +273,36 @@ def test_the_page_works_with_an_api_key(servers: dict[str, Server], tab: Tab) ->
     tab.assert_clean()
 
 
+@pytest.mark.slow
+@in_chromium
+def test_the_docs_pages_work_under_their_security_policy(
+    servers: dict[str, Server], tab: Tab
+) -> None:
+    """/docs and /redoc send a CSP of their own, and still work under it: Swagger UI's "Try
+    it out" runs the notebook's step; ReDoc renders. What the policy refuses is only what
+    would leave the origin (ReDoc's bundle shows a logo from its CDN, and hides it when the
+    image does not load)."""
+    server, page = servers["open"], tab.page
+    for path in ("/docs", "/redoc"):  # the policy is really there
+        csp = httpx.get(server.url + path, timeout=10).headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, path
+    page.goto(server.url + "/docs")
+    operation = page.locator("#operations-compute-step_v1_step_post")
+    operation.locator(".opblock-summary").click()
+    operation.get_by_role("button", name="Execute").click()
+    status = operation.locator(".live-responses-table tr.response .response-col_status")
+    expect(status).to_have_text("200")
+    expect(operation.locator(".live-responses-table")).to_contain_text('"loss": 0.5')
+
+    page.goto(server.url + "/redoc")
+    expect(page.get_by_role("heading", level=1)).to_contain_text("gradsvc")
+    page.wait_for_timeout(500)
+    origin = urlsplit(server.url)
+    for error in tab.errors:
+        refused = re.search(r"Loading the \w+ '([^']+)' violates the following Content Sec", error)
+        assert refused and urlsplit(refused[1])[:2] != origin[:2], error
+
+
 def test_the_page_ships_in_the_package() -> None:
     """A wheel (and so the Docker image) carries only the package data that pyproject.toml
     names: every file of the page must match one of its patterns."""

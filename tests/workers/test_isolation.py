@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.engine import models, step
-from tests.conftest import SEED_STEP, ready
+from tests.conftest import LOOPBACK, SEED_STEP, ready
 from tests.e2e.server import Server
 
 SEED_SESSION = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
@@ -29,7 +29,7 @@ def test_no_route_computes_in_the_api_process(
     for module, name in [(step, "compute"), (step, "run"), (models, "build")]:
         monkeypatch.setattr(module, name, _refuse)
     settings = Settings(store=f"sqlite:///{tmp_path / 'iso.db'}", devices="cpu")
-    with TestClient(create_app(settings), raise_server_exceptions=True) as client:
+    with TestClient(create_app(settings), raise_server_exceptions=True, client=LOOPBACK) as client:
         ready(client)
         assert client.post("/v1/step", json=SEED_STEP).json()["params"] == {"w": [1.1]}
         forward = {k: SEED_STEP[k] for k in ("model", "batch")}

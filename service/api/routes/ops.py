@@ -13,6 +13,11 @@ from service.api.store_health import StoreHealth
 from service.errors import StoreUnavailable, Unavailable
 
 router = APIRouter(tags=["operations"])
+OPERATORS_ONLY = (
+    "For operators: every tenant's traffic shows here. An operator key (`--admin-keys`) "
+    "reads it; a tenant's API key gets 404. Without operator keys, a keyless server answers "
+    "its loopback callers only, and a keyed one nobody."
+)
 
 
 @router.get("/healthz", response_model=schemas.Health, summary="The process is up")
@@ -42,6 +47,7 @@ async def readyz(request: Request, pool: PoolDep) -> schemas.Health:
     response_model=schemas.Workers,
     responses=responses(503),
     summary="The worker processes: device, pid, state, queue depth, sessions held",
+    description=OPERATORS_ONLY,
 )
 async def workers(pool: PoolDep) -> schemas.Workers:
     return schemas.Workers(
@@ -59,10 +65,7 @@ async def workers(pool: PoolDep) -> schemas.Workers:
         }
     },
     summary="Prometheus metrics: requests, latency, queues, compute, batches, steps, jobs",
-    description=(
-        "With API keys configured, any valid key may read them (Prometheus sends it as "
-        "`authorization: bearer`); without keys they are open, like the rest of the service."
-    ),
+    description=OPERATORS_ONLY + " Prometheus sends the key as `authorization: bearer`.",
 )
 async def prometheus(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=metrics.MEDIA_TYPE)

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import logging
-import math
 import time
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 
-from service.api import schemas
+from service.api import cursors, schemas
 from service.api.auth import PrincipalDep
+from service.api.cursors import ID_CHARS
 from service.api.deps import InFlightDep, PoolDep, StoreDep
 from service.api.idempotency import IdemDep, InFlight, bulk_item, item_key
 from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import GradsvcError, InvalidInput, KeyReused, NotFound
+from service.errors import GradsvcError, KeyReused, NotFound
 from service.store import SessionStore
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso, new_id
 from service.workers.pool import WorkerPool
@@ -35,7 +32,6 @@ IfMatch = Annotated[
     str | None,
     Header(alias="If-Match", description="the ETag you read: 412 if the session moved since"),
 ]
-ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 MAX_PAGE = 500
 
 
@@ -44,23 +40,6 @@ def checked(session_id: str) -> str:
     if not 1 <= len(session_id) <= 64 or not set(session_id) <= ID_CHARS:
         raise NotFound(f"no session {session_id[:64]}")
     return session_id
-
-
-def _cursor(value: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def _uncursor(cursor: str) -> Any:
-    try:
-        if len(cursor) > 512:
-            raise ValueError("too long")
-        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
-        raise _bad_cursor() from None
-
-
-def _bad_cursor() -> InvalidInput:
-    return InvalidInput("cursor is not one this service gave out", loc=("query", "cursor"))
 
 
 COMMON = responses(400, 404, 409, 412, 422, 503, 504, 507)
@@ -272,21 +251,8 @@ async def list_sessions(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    after = None
-    if cursor is not None:
-        value = _uncursor(cursor)
-        if not (
-            isinstance(value, list)
-            and len(value) == 2
-            and isinstance(value[0], int | float)
-            and not isinstance(value[0], bool)
-            and math.isfinite(value[0])
-            and isinstance(value[1], str)
-        ):
-            raise _bad_cursor()
-        after = (float(value[0]), value[1])
-    items, last = await pool.page(owner, limit, after)
-    return {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
+    items, last = await pool.page(owner, limit, cursors.sessions_after(cursor))
+    return {"items": items, "next": cursors.encode([last.created_at, last.id]) if last else None}
 
 
 @router.get(
@@ -411,18 +377,14 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    after = 0
-    if cursor is not None:
-        value = _uncursor(cursor)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise _bad_cursor()
-        after = value
+    after = cursors.history_after(cursor)
     rows = await pool.history(owner, checked(session_id), limit + 1, after)
     items = [
         {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
         for r in rows[:limit]
     ]
-    return {"items": items, "next": _cursor(rows[limit - 1].step) if len(rows) > limit else None}
+    more = len(rows) > limit
+    return {"items": items, "next": cursors.encode(rows[limit - 1].step) if more else None}
 
 
 @router.get(
