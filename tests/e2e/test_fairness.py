@@ -212,8 +212,9 @@ def test_a_flood_of_jobs_and_of_event_streams(ctx: Ctx) -> None:
 
 def test_concurrent_large_bodies(ctx: Ctx) -> None:
     """Eight 60 MB JSON bodies of Bob's at once (a tensor far over the element limit): each
-    is refused (422 as its numbers are counted, or 503 while the parse budget is spent),
-    and the API process stays under its ceiling."""
+    is refused (422 as its numbers are counted, 503 while the parse budget is spent, or 408
+    when, on these busy cores, it took longer to send than this server's short body
+    timeout), and the API process stays under its ceiling."""
     numbers = ",".join(["1.5"] * 15_000_000)
     body = (
         '{"model": {"type": "linear", "in_features": 1, "out_features": 1}, "loss": "mse", '
@@ -230,7 +231,7 @@ def test_concurrent_large_bodies(ctx: Ctx) -> None:
     )
     with attack.running(ctx.server.url):
         assert_alice_served(alice_steps(ctx))
-    assert attack.statuses and set(attack.statuses) <= {422, 503}, attack.statuses
+    assert attack.statuses[422] > 0 and set(attack.statuses) <= {408, 422, 503}, attack.statuses
 
 
 def test_slow_bodies(ctx: Ctx) -> None:
