@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
@@ -23,7 +23,7 @@ from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import GradsvcError, InvalidInput, KeyReused, NotFound
+from service.errors import GradsvcError, InvalidInput, KeyReused, NotFound, TooLarge
 from service.store import SessionStore
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso, new_id
 from service.workers.pool import WorkerPool
@@ -213,6 +213,8 @@ async def _step_items(
     results = await pool.step_many(list(jobs.values()))
     for i, result in zip(jobs, results, strict=True):
         answers[i] = result
+    if all(isinstance(a, TooLarge) for a in answers):  # budgeted as a whole, and refused
+        raise cast(TooLarge, answers[0])
     items = [
         _item(item.session, answer, include, i)
         for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
@@ -264,14 +266,24 @@ def _item(
 
 
 @router.get(
-    "", response_model=schemas.SessionList, responses=responses(422, 503), summary="List sessions"
+    "",
+    response_model=schemas.SessionList,
+    responses=responses(422, 503),
+    summary="List sessions",
+    description=(
+        "Summaries, newest last; `?include=params` adds each session's parameters, within "
+        "the answer limit (`--max-answer-bytes`, else 422 `too-large`)."
+    ),
 )
 async def list_sessions(
     owner: PrincipalDep,
     pool: PoolDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
-) -> dict[str, Any]:
+    include: Annotated[
+        Literal["params"] | None, Query(description="params: add each session's parameters")
+    ] = None,
+) -> Response:
     after = None
     if cursor is not None:
         value = _uncursor(cursor)
@@ -285,8 +297,9 @@ async def list_sessions(
         ):
             raise _bad_cursor()
         after = (float(value[0]), value[1])
-    items, last = await pool.page(owner, limit, after)
-    return {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
+    items, last = await pool.page(owner, limit, after, params=include == "params")
+    body = {"items": items, "next": _cursor([last.created_at, last.id]) if last else None}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get(
