@@ -111,6 +111,7 @@ __all__ = [
     "RateLimitedError",
     "ServerError",
     "Session",
+    "SessionSummary",
     "StepManyItem",
     "StepResult",
     "TraceNode",
@@ -323,6 +324,19 @@ class Session(Generic[T]):
     device: str
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SessionSummary(Generic[T]):
+    """A session as ``list_sessions`` gives it: its parameters only when asked for."""
+
+    id: str
+    name: str | None
+    model_type: str
+    step: int
+    job: str | None
+    updated_at: datetime
+    params: dict[str, T] | None = None
 
 
 @dataclass(frozen=True)
@@ -857,10 +871,14 @@ class _Core(Generic[T]):
             body["device"] = device
         return self._post("/v1/sessions", body, self._session, idempotency_key)
 
-    def sessions_page(self, page_size: int, cursor: str | None) -> _Call[_Page[Session[T]]]:
+    def sessions_page(
+        self, page_size: int, cursor: str | None, with_params: bool = False
+    ) -> _Call[_Page[SessionSummary[T]]]:
         params: dict[str, Any] = {"limit": page_size}
         if cursor is not None:
             params["cursor"] = cursor
+        if with_params:
+            params["include"] = "params"
         return _Call("GET", "/v1/sessions", self._session_page, params=params)
 
     def get_session(self, session: SessionRef) -> _Call[Session[T]]:
@@ -1088,9 +1106,21 @@ class _Core(Generic[T]):
     def _session(self, response: httpx.Response) -> Session[T]:
         return self._session_from(_json(response), response.headers.get("etag"))
 
-    def _session_page(self, response: httpx.Response) -> _Page[Session[T]]:
+    def _session_page(self, response: httpx.Response) -> _Page[SessionSummary[T]]:
         body = _json(response)
-        return _Page([self._session_from(s, None) for s in body["items"]], body.get("next"))
+        items = [
+            SessionSummary(
+                id=s["id"],
+                name=s.get("name"),
+                model_type=s["model_type"],
+                step=int(s["step"]),
+                job=s.get("job"),
+                updated_at=_time(s["updated_at"]),
+                params=self._tensors(s["params"]) if "params" in s else None,
+            )
+            for s in body["items"]
+        ]
+        return _Page(items, body.get("next"))
 
     def _step_many(self, response: httpx.Response) -> list[StepManyItem[T]]:
         out: list[StepManyItem[T]] = []
@@ -1353,9 +1383,12 @@ class Client(Generic[T]):
         call = self._core.create_session(model, loss, optimizer, name, device, idempotency_key)
         return self._send(call)
 
-    def list_sessions(self, *, page_size: int = 50) -> Iterator[Session[T]]:
-        """``GET /v1/sessions``, every page, lazily."""
-        return self._pages(lambda cursor: self._core.sessions_page(page_size, cursor))
+    def list_sessions(
+        self, *, page_size: int = 50, with_params: bool = False
+    ) -> Iterator[SessionSummary[T]]:
+        """``GET /v1/sessions``, every page, lazily: summaries (``with_params``: with each
+        session's parameters, ``?include=params``)."""
+        return self._pages(lambda cursor: self._core.sessions_page(page_size, cursor, with_params))
 
     def get_session(self, session: SessionRef) -> Session[T]:
         """``GET /v1/sessions/{id}``."""
@@ -1613,8 +1646,10 @@ class AsyncClient(Generic[T]):
         call = self._core.create_session(model, loss, optimizer, name, device, idempotency_key)
         return await self._send(call)
 
-    def list_sessions(self, *, page_size: int = 50) -> AsyncIterator[Session[T]]:
-        return self._pages(lambda cursor: self._core.sessions_page(page_size, cursor))
+    def list_sessions(
+        self, *, page_size: int = 50, with_params: bool = False
+    ) -> AsyncIterator[SessionSummary[T]]:
+        return self._pages(lambda cursor: self._core.sessions_page(page_size, cursor, with_params))
 
     async def get_session(self, session: SessionRef) -> Session[T]:
         return await self._send(self._core.get_session(session))

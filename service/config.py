@@ -213,6 +213,8 @@ class Settings(BaseSettings):
             expression_nodes=self.max_expression_nodes,
             layers=self.max_layers,
             layer_width=self.max_layer_width,
+            request_bytes=self.max_request_bytes,
+            answer_bytes=self.max_answer_bytes,
         )
 
 

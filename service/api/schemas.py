@@ -126,8 +126,22 @@ class Session(BaseModel):
     updated_at: str
 
 
+class SessionSummary(BaseModel):
+    """A session in a listing; its parameters only with ``?include=params``."""
+
+    id: str
+    name: str | None
+    model_type: Literal["expression", "linear", "sequential"]
+    step: int = Field(description="optimizer steps applied so far")
+    job: str | None = Field(
+        default=None, description="the training job that holds the session, while one does"
+    )
+    updated_at: str
+    params: dict[str, Tensor] | None = Field(default=None, description="with ?include=params")
+
+
 class SessionList(BaseModel):
-    items: list[Session]
+    items: list[SessionSummary]
     next: str | None = Field(description="pass as ?cursor= for the next page; null at the end")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,14 @@ class Node:
 
     def apply(self, *args: torch.Tensor) -> torch.Tensor:
         return _OPS[self.op](*args)
+
+    def shape(self, *shapes: Sequence[int]) -> torch.Size:
+        """The shape this node computes from arguments of ``shapes``, without computing it:
+        broadcasting for elementwise operations, torch's own rules on meta tensors for the
+        rest. RuntimeError if they do not fit."""
+        if self.elementwise:
+            return torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call,no-any-return]
+        return self.apply(*(torch.empty(tuple(s), device="meta") for s in shapes)).shape
 
 
 @dataclass(frozen=True)

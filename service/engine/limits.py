@@ -29,6 +29,10 @@ class Limits:
     """Elements an explained answer's trace may show: values, dL/dnode and local derivatives."""
     tensor_dims: int = 8
     """Dimensions of any one tensor."""
+    request_bytes: int = 2 * 1024**3
+    """Estimated peak memory of one request, all of it together (``engine.budget``)."""
+    answer_bytes: int = 64 * 1024**2
+    """Bytes of one JSON answer."""
 
 
 DEFAULT_LIMITS = Limits()

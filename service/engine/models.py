@@ -68,11 +68,7 @@ class ExpressionModule(nn.Module):
         else:
             args = [self._eval(child, env, dtype, cache, tracer) for child in node.children]
             if len(args) > 1:  # broadcasting and matmul can grow: measure before computing
-                if node.elementwise:
-                    shape = torch.broadcast_shapes(*(a.shape for a in args))  # type: ignore[no-untyped-call]
-                else:
-                    shape = node.apply(*(a.to("meta") for a in args)).shape
-                _check_activation(shape, self.limits)
+                _check_activation(node.shape(*(a.shape for a in args)), self.limits)
             value = node.apply(*args)
             if tracer is not None:
                 names = [child.text for child in node.children]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from service.engine import losses, models, optimizers, specs
+from service.engine import budget, losses, models, optimizers, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.specs import Kind
 from service.engine.tensors import decode, encode
@@ -237,7 +237,10 @@ def compute(
 def run(
     kind: Kind, request: specs.ForwardRequest, limits: Limits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
-    """A whole stateless request: build, compute, encode. Fresh optimizer state every time."""
+    """A whole stateless request: budgeted, built, computed, encoded. Fresh optimizer state
+    every time."""
+    if (estimate := budget.stateless(kind, request, limits)) is not None:
+        budget.check(estimate, limits)  # before anything large is allocated
     model = models.build(request.model, limits)
     inputs = model.decode_inputs(request.batch.x, limits)
     optimizer, clip = None, None

@@ -63,11 +63,13 @@ class Read(Message[Answer]):
 
 @dataclass(frozen=True)
 class Page(Message[tuple[list[dict[str, Any]], SessionRecord | None]]):
-    """A page of the owner's sessions as views, and the last one if more follow."""
+    """A page of the owner's sessions as summaries (``params``: with their parameters), and
+    the last one if more follow."""
 
     owner: str
     limit: int
     after: Cursor | None
+    params: bool = False
 
 
 @dataclass(frozen=True)

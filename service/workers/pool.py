@@ -132,10 +132,10 @@ class WorkerPool:
         return await self._call(owner, m.Read(owner, session_id), session_id)
 
     async def page(
-        self, owner: str, limit: int, after: Cursor | None
+        self, owner: str, limit: int, after: Cursor | None, params: bool = False
     ) -> tuple[list[dict[str, Any]], SessionRecord | None]:
         """A page of the owner's sessions, from any worker: all of them read the store."""
-        return await self._call(owner, m.Page(owner, limit, after), None)
+        return await self._call(owner, m.Page(owner, limit, after, params), None)
 
     async def patch(
         self, owner: str, session_id: str, body: specs.SessionPatch, if_match: str | None

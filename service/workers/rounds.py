@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,7 @@ from service.errors import (
     InsufficientStorage,
     NotFound,
     PreconditionFailed,
+    TooLarge,
     Unavailable,
     short,
 )
@@ -60,6 +61,18 @@ if TYPE_CHECKING:
     from service.workers.sessions import Sessions
 
 MAX_RETRIES = 100
+STAGED_BYTES = 4 * 1024**2
+"""Bytes of serialized state a chain keeps staged in a pass beyond its first step: past
+them, its next step waits for the next pass (which starts from the state just committed),
+so that many steps of one large session hold one state at a time, not one per step."""
+
+
+def staged_at_once(state_bytes: int, steps: int) -> int:
+    """How many of a chain's ``steps`` steps a pass keeps staged at once, at most."""
+    return min(steps, max(1, STAGED_BYTES // max(1, state_bytes)))
+
+
+STEP_HINT = 'ask for "encoding": "b64" (or, in POST /v1/sessions/step, for less with "include")'
 
 
 def timed_out() -> ComputeTimeout:
@@ -107,6 +120,17 @@ class Chain:
     tainted: bool = False
     """``built`` holds steps that did not commit: it must not go back to the cache"""
 
+    @property
+    def staged_bytes(self) -> int:
+        return sum(len(s.item.record.state) for s in self.staged)
+
+    def full(self) -> bool:
+        """Whether another staged step would take the chain past ``STAGED_BYTES`` (one
+        more state as large as its last)."""
+        if not self.staged:
+            return False
+        return self.staged_bytes + len(self.staged[-1].item.record.state) > STAGED_BYTES
+
     def stop(self, index: int | None = None) -> None:
         """No more links this pass; ``index`` (a link not run) goes first in the next."""
         if index is not None:
@@ -123,9 +147,12 @@ class Pass:
         jobs: Sequence[RunJob],
         results: list[Outcome | None],
         watcher: Watcher,
+        read: Mapping[SessionKey, SessionRecord] | None = None,
     ) -> None:
         self.sessions, self.jobs, self.results = sessions, jobs, results
         self.watcher = watcher
+        self.read = read or {}
+        """sessions read from the store for this pass already (its chains start there)"""
         self.retried: list[int] = []
         self.chains: dict[SessionKey, Chain] = {}
         self.committed = False
@@ -135,7 +162,7 @@ class Pass:
         chains = self.chains
         for i in pending:
             key = (self.jobs[i].owner, self.jobs[i].session_id)
-            chains.setdefault(key, Chain(key)).todo.append(i)
+            chains.setdefault(key, Chain(key, record=self.read.get(key))).todo.append(i)
         while links := [(c, c.todo.popleft()) for c in chains.values() if c.todo and not c.stopped]:
             self._round(links)
         self._commit(list(chains.values()))
@@ -158,7 +185,7 @@ class Pass:
     def _round(self, links: list[tuple[Chain, int]]) -> None:
         ready: dict[int, tuple[Chain, Prepared]] = {}
         for chain, i in links:
-            if self.jobs[i].kind != "step" and chain.staged:
+            if (self.jobs[i].kind != "step" and chain.staged) or chain.full():
                 chain.stop(i)
                 continue
             try:
@@ -182,11 +209,17 @@ class Pass:
             if isinstance(result, GradsvcError):
                 self._fail(chain, prepared.index, result, touched=job.kind == "step")
             elif job.kind != "step":
-                self._read_done(chain, prepared, result)
+                try:
+                    self._read_done(chain, prepared, result)
+                except TooLarge as exc:  # its answer
+                    self._fail(chain, prepared.index, exc, touched=False)
             elif time.time() > watcher.deadline(prepared.index, job):
                 self._fail(chain, prepared.index, timed_out(), touched=True)
             else:
-                self._stage(chain, prepared, result)
+                try:
+                    self._stage(chain, prepared, result)
+                except TooLarge as exc:  # its answer: the step stays uncommitted
+                    self._fail(chain, prepared.index, exc, touched=True)
 
     def _prepare(self, chain: Chain, i: int) -> Prepared | Answer:
         job, sessions = self.jobs[i], self.sessions
@@ -208,6 +241,7 @@ class Pass:
             chain.base = record.version
         elif built is None:
             built = sessions.load(record)
+        sessions.budget(job, built.spec)
         inputs = built.model.decode_inputs(job.request.batch.x, sessions.limits)
         return Prepared(i, job, record, built, inputs)
 
@@ -224,9 +258,8 @@ class Pass:
 
     def _read_done(self, chain: Chain, prepared: Prepared, result: Result) -> None:
         job = prepared.job
-        answer = self.sessions.answer(
-            200, encode_result(result, job.request.encoding == "b64", job.include), prepared.record
-        )
+        body = encode_result(result, job.request.encoding == "b64", job.include)
+        answer = self.sessions.answer(200, body, prepared.record, hint=STEP_HINT)
         kept = Commit.OK
         if job.idem is not None:
             kept = self.sessions.store.remember(job.idem.record(answer))
@@ -255,7 +288,7 @@ class Pass:
             "step": new.step,
             **encode_result(result, job.request.encoding == "b64", job.include),
         }
-        answer = self.sessions.answer(200, body, committed)
+        answer = self.sessions.answer(200, body, committed, hint=STEP_HINT)
         idem = job.idem.record(answer) if job.idem else None
         item = CommitItem(new, record.version, history, idem, holder=job.holder)
         chain.staged.append(Staged(prepared.index, answer, item))
@@ -358,17 +391,20 @@ def run_many(
     sessions: Sessions,
     jobs: Sequence[RunJob],
     watcher: Watcher | None = None,
+    read: Mapping[SessionKey, SessionRecord] | None = None,
 ) -> list[Outcome]:
     """Jobs in arrival order, each applied exactly as it would be alone, one at a time;
     ``watcher`` hears of each outcome as soon as it is final, and of each computation and
-    commit before it starts, and says each job's deadline."""
+    commit before it starts, and says each job's deadline; ``read``: sessions just read
+    from the store, where the first pass starts."""
     watcher = watcher or Watcher()
     results: list[Outcome | None] = [None] * len(jobs)
     reported = [False] * len(jobs)
     retries = [0] * len(jobs)
     pending = list(range(len(jobs)))
     while pending:
-        one = Pass(sessions, jobs, results, watcher)
+        one = Pass(sessions, jobs, results, watcher, read)
+        read = None
         try:
             again = one.run(pending)
         except Exception as exc:  # store trouble outside a commit, or a bug

@@ -18,7 +18,7 @@ import orjson
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.engine import models, optimizers, specs, state
+from service.engine import budget, models, optimizers, specs, state
 from service.engine.limits import Limits
 from service.engine.tensors import decode, encode
 from service.errors import (
@@ -39,13 +39,24 @@ from service.store import (
     SessionStore,
 )
 from service.workers import devices, quotas, rounds
-from service.workers.cache import Built, BuiltCache
+from service.workers.cache import Built, BuiltCache, SessionKey
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso
 from service.workers.watch import Watcher
 
 MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
+
+VIEW_HINT = "download the session with GET /v1/sessions/{id}/checkpoint instead"
+CREATE_HINT = "a session this large cannot be shown as JSON: use fewer parameters"
+PAGE_HINT = (
+    "ask for fewer sessions per page (limit), leave include=params out, or download each "
+    "with GET /v1/sessions/{id}/checkpoint"
+)
+BULK_HINT = (
+    'ask for less with "include" (e.g. ["loss"]) or for "encoding": "b64", or send fewer '
+    "items per request"
+)
 
 
 class Sessions:
@@ -112,13 +123,22 @@ class Sessions:
     # -- views ------------------------------------------------------------------------------
 
     def page(
-        self, owner: str, limit: int, after: Cursor | None
+        self, owner: str, limit: int, after: Cursor | None, params: bool = False
     ) -> tuple[list[dict[str, Any]], SessionRecord | None]:
-        """A page of the owner's sessions as views, and the last one if more follow: one trip
-        to the compute pool for the whole page, not one per session."""
+        """A page of the owner's sessions as summaries (with their parameters if ``params``,
+        within the answer limit), and the last one if more follow: one trip to the compute
+        pool for the whole page, not one per session."""
         records = self.store.sessions(owner, limit + 1, after)
         last = records[limit - 1] if len(records) > limit else None
-        return [self.view(r) for r in records[:limit]], last
+        items, size = [], 0
+        for record in records[:limit]:
+            item = summary(record)
+            if params:
+                item["params"] = self.view(record)["params"]
+                size += len(orjson.dumps(item))
+                budget.check_answer(size, self.limits, PAGE_HINT)
+            items.append(item)
+        return items, last
 
     def view(self, record: SessionRecord, b64: bool = False) -> dict[str, Any]:
         spec = json.loads(record.spec)
@@ -145,11 +165,32 @@ class Sessions:
         record = self.fetch(owner, session_id)
         return self.answer(200, self.view(record), record)
 
-    def answer(self, status: int, body: dict[str, Any], record: SessionRecord) -> Answer:
+    def answer(
+        self, status: int, body: dict[str, Any], record: SessionRecord, hint: str = VIEW_HINT
+    ) -> Answer:
+        """The answer as stored and sent; TooLarge (with ``hint``) over the answer limit."""
         headers = {"ETag": etag(record)}
         if status == 201:
             headers["Location"] = f"/v1/sessions/{record.id}"
-        return Answer(status, orjson.dumps(body), headers)
+        data = orjson.dumps(body)
+        budget.check_answer(len(data), self.limits, hint)
+        return Answer(status, data, headers)
+
+    def budget(self, job: RunJob, spec: specs.SessionSpec) -> None:
+        """TooLarge if this step, gradients or forward would need more memory than one
+        request may have (``engine.budget``)."""
+        request = job.request
+        estimate = budget.session(
+            job.kind,
+            spec,
+            request.batch,
+            self.limits,
+            b64=request.encoding == "b64",
+            include=job.include,
+            explain=isinstance(request, specs.SessionGradientsRequest) and request.explain,
+        )
+        if estimate is not None:
+            budget.check(estimate, self.limits)
 
     # -- create, restore --------------------------------------------------------------------
 
@@ -160,6 +201,9 @@ class Sessions:
             return stored
         spec = specs.SessionSpec.model_validate(request.model_dump(exclude={"name"}))
         spec = spec.model_copy(update={"device": self._device(spec.device)})
+        if (estimate := budget.created(spec, self.limits)) is not None:  # before building anything
+            budget.check(estimate, self.limits, "this session")
+            budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
         model, optimizer = self._build(spec)
         data = state.dump(model, optimizer, {})
         return self._insert(owner, session_id, spec, request.name, 0, data, idem)
@@ -178,6 +222,9 @@ class Sessions:
                 f"{first['msg']}"
             ) from None
         spec = spec.model_copy(update={"device": self._device(spec.device)})
+        if (estimate := budget.restored(spec, data, self.limits)) is not None:
+            budget.check(estimate, self.limits, "restoring this checkpoint")
+            budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
         model, optimizer = self._build(spec, data)
         dumped = state.dump(model, optimizer, {})
         return self._insert(owner, session_id, spec, meta.name, meta.step, dumped, idem)
@@ -208,7 +255,7 @@ class Sessions:
                 now,
                 now,
             )
-            answer = self.answer(201, self.view(record), record)
+            answer = self.answer(201, self.view(record), record, CREATE_HINT)
             outcome = self.store.create(
                 record, idem.record(answer) if idem else None, self.max_per_owner
             )
@@ -250,6 +297,44 @@ class Sessions:
         ``watcher`` hears of each as soon as it is final, and of what is computed and
         written next."""
         return rounds.run_many(self, jobs, watcher)
+
+    def step_many(
+        self, jobs: Sequence[RunJob], watcher: Watcher | None = None
+    ) -> list[Answer | GradsvcError]:
+        """This worker's share of a ``POST /v1/sessions/step``, budgeted as a whole before
+        any of it runs (TooLarge for all of it: what one pass holds at once), then run as
+        ``run_many`` runs it, from the sessions read for the budget."""
+        read: dict[SessionKey, SessionRecord] = {}
+        links: dict[SessionKey, list[RunJob]] = {}
+        for job in jobs:
+            key = (job.owner, job.session_id)
+            if key not in read and (record := self.store.get(*key)) is not None:
+                read[key] = record
+            if key in read:
+                links.setdefault(key, []).append(job)
+        chains = []
+        for key, chain in links.items():
+            spec = self._spec(read[key])
+            estimates = []
+            for job in chain:
+                found = budget.session(
+                    "step",
+                    spec,
+                    job.request.batch,
+                    self.limits,
+                    b64=job.request.encoding == "b64",
+                    include=job.include,
+                )
+                if found is not None:
+                    estimates.append(found)
+            size = budget.state_bytes(spec)
+            if estimates:
+                chains.append((estimates, size, rounds.staged_at_once(size, len(chain))))
+        if chains:
+            whole = budget.in_one_pass(chains)
+            budget.check(whole, self.limits, "this request")
+            budget.check_answer(whole.answer, self.limits, BULK_HINT, at_most=True)
+        return rounds.run_many(self, jobs, watcher, read=read)
 
     # -- the cache of built sessions --------------------------------------------------------
 
@@ -321,17 +406,31 @@ class Sessions:
                 state=state.dump(model, optimizer, {}),
                 updated_at=time.time(),
             )
+            committed = replace(new, version=record.version + 1)
+            answer = self.answer(200, self.view(committed), committed)  # before: it may be refused
             self.cache.drop((owner, session_id))
             outcome = self.store.commit(new, record.version)
             if outcome is Commit.OK:
-                new = replace(new, version=record.version + 1)
-                return self.answer(200, self.view(new), new)
+                return answer
             if outcome is Commit.GONE:
                 raise NotFound(f"no session {session_id}")
             if outcome is Commit.QUOTA:
                 raise quotas.stored_bytes(self.store, owner)
             # CONFLICT or BUSY: read again (a hold is then refused by check_free)
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
+
+
+def summary(record: SessionRecord) -> dict[str, Any]:
+    """A session in a listing: what it is and where it stands, not its parameters."""
+    model = json.loads(record.spec)["model"]
+    return {
+        "id": record.id,
+        "name": record.name,
+        "model_type": model["type"],
+        "step": record.step,
+        "job": record.hold,
+        "updated_at": iso(record.updated_at),
+    }
 
 
 class CheckpointMeta(specs.Spec):

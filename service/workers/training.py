@@ -16,7 +16,7 @@ import orjson
 import torch
 from safetensors.torch import save as save_tensors
 
-from service.engine import losses, specs
+from service.engine import budget, losses, specs
 from service.engine.limits import Limits
 from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError
 from service.store import Commit, JobRecord, SessionRecord
@@ -56,6 +56,7 @@ class Trainer:
         if isinstance(record, Answer):
             return record
         inputs, y = self._dataset(record, request)
+        self._budget(record, request, inputs, y)
         total = request.epochs * math.ceil(int(y.shape[0]) / request.batch_size)
         if total > self.max_steps:
             raise InvalidInput(
@@ -98,6 +99,29 @@ class Trainer:
             elif (stored := replay(store, idem)) is not None:
                 return stored
         raise GradsvcError("could not create the job")  # pragma: no cover
+
+    def _budget(
+        self,
+        record: SessionRecord,
+        request: specs.TrainRequest,
+        inputs: dict[str, torch.Tensor],
+        y: torch.Tensor,
+    ) -> None:
+        """TooLarge unless one mini-batch's step, with the dataset held beside it (decoded,
+        and as the job's file), fits the memory budget: refused before the job starts."""
+        rows = request.batch_size
+        batch = specs.Batch.model_construct(x={k: v[:rows] for k, v in inputs.items()}, y=y[:rows])
+        spec = self.sessions.load(record).spec
+        found = budget.session("step", spec, batch, self.limits, b64=True, include=("loss",))
+        if found is None:
+            return
+        dataset = sum(t.nbytes for t in inputs.values()) + y.nbytes
+        whole = budget.Estimate(
+            found.tensors + dataset,
+            found.host + dataset,
+            {**found.parts, "batch": found.parts.get("batch", 0) + 2 * dataset},
+        )
+        budget.check(whole, self.limits, "this job (one mini-batch, and its dataset)")
 
     def _free(self, owner: str, session_id: str, idem: Idem | None) -> SessionRecord | Answer:
         """The session, if no job holds it; else the answer stored under this request's key

@@ -314,8 +314,8 @@ class Worker:
                 return sessions.restore(owner, session_id, data, idem)
             case m.Read(owner, session_id):
                 return sessions.read(owner, session_id)
-            case m.Page(owner, limit, after):
-                return sessions.page(owner, limit, after)
+            case m.Page(owner, limit, after, params):
+                return sessions.page(owner, limit, after, params)
             case m.Patch(owner, session_id, body, if_match):
                 return sessions.patch(owner, session_id, body, if_match)
             case m.Delete(owner, session_id):
@@ -328,7 +328,7 @@ class Worker:
                 return sessions.run(job)
             case m.RunMany(jobs):  # many sessions' steps in one request: POST /v1/sessions/step
                 jobs = tuple(replace(job, deadline=bulk.job.deadline) for job in jobs)
-                return sessions.run_many(jobs, bulk)
+                return sessions.step_many(jobs, bulk)
             case m.Train(owner, session_id, job_id, request, idem):
                 return trainer.start(owner, session_id, job_id, request, idem)
             case m.Ping():
@@ -339,12 +339,15 @@ class Worker:
     def _stateless(self, kind: Any, body: Any, idem: Idem | None) -> Answer:
         import orjson
 
+        from service.engine.budget import check_answer
         from service.engine.step import run
         from service.workers.idempotent import remembered
 
         limits = self.sessions.limits
 
         def computed() -> Answer:
-            return Answer(200, orjson.dumps(run(kind, body, limits)))
+            data = orjson.dumps(run(kind, body, limits))
+            check_answer(len(data), limits, 'ask for "encoding": "b64"')
+            return Answer(200, data)
 
         return remembered(self.sessions.store, idem, computed)

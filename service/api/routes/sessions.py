@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
@@ -20,7 +20,7 @@ from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
 from service.engine.specs import Kind
-from service.errors import GradsvcError, KeyReused, NotFound
+from service.errors import GradsvcError, KeyReused, NotFound, TooLarge
 from service.store import SessionStore
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso, new_id
 from service.workers.pool import WorkerPool
@@ -192,6 +192,8 @@ async def _step_items(
     results = await pool.step_many(list(jobs.values()))
     for i, result in zip(jobs, results, strict=True):
         answers[i] = result
+    if all(isinstance(a, TooLarge) for a in answers):  # budgeted as a whole, and refused
+        raise cast(TooLarge, answers[0])
     items = [
         _item(item.session, answer, include, i)
         for i, (item, answer) in enumerate(zip(body.items, answers, strict=True))
@@ -243,16 +245,28 @@ def _item(
 
 
 @router.get(
-    "", response_model=schemas.SessionList, responses=responses(422, 503), summary="List sessions"
+    "",
+    response_model=schemas.SessionList,
+    responses=responses(422, 503),
+    summary="List sessions",
+    description=(
+        "Summaries, newest last; `?include=params` adds each session's parameters, within "
+        "the answer limit (`--max-answer-bytes`, else 422 `too-large`)."
+    ),
 )
 async def list_sessions(
     owner: PrincipalDep,
     pool: PoolDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: str | None = None,
-) -> dict[str, Any]:
-    items, last = await pool.page(owner, limit, cursors.sessions_after(cursor))
-    return {"items": items, "next": cursors.encode([last.created_at, last.id]) if last else None}
+    include: Annotated[
+        Literal["params"] | None, Query(description="params: add each session's parameters")
+    ] = None,
+) -> Response:
+    after = cursors.sessions_after(cursor)
+    items, last = await pool.page(owner, limit, after, params=include == "params")
+    body = {"items": items, "next": cursors.encode([last.created_at, last.id]) if last else None}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get(

@@ -1,0 +1,879 @@
+"""The memory budget: a request's peak bytes, estimated from its specs and shapes alone.
+
+Every limit in ``Limits`` bounds one tensor; this bounds what a request holds at once. The
+estimate is made before anything large is allocated (parameter shapes come from the spec,
+input shapes from the wire form, the shapes a model computes from its layers or, for an
+expression, node by node with ``Node.shape``), and a request over ``Limits.request_bytes``
+is refused with ``TooLarge`` saying how much it would need and how to need less.
+
+The model, in elements times the model dtype's size ``d`` (P parameters, T of them
+trainable, S optimizer state, B the batch's inputs and target, O the outputs):
+
+- resident: the parameters (P), the optimizer state (S: Adam and AdamW keep two moments,
+  three with ``amsgrad``; SGD with momentum one buffer; RMSprop one to three; Adagrad one),
+  the batch (B);
+- forward and backward: every tensor the model computes (each expression node once, each
+  layer's output, dropout masks), SUMMED over nodes and layers, since backward keeps them
+  until it reaches them; plus what the loss keeps and makes (``LOSS_COPIES`` × O), plus
+  the gradients in flight at the busiest node (``BACKWARD_BUFFERS`` × its size, over the
+  nodes that depend on a trainable parameter), plus the parameters' gradients (T);
+- after backward: the answered copy of the gradients (T); for a step, the parameters kept
+  to restore on a non-finite update (T), the optimizer state's copy (S, where there is
+  state to copy), the optimizer's temporaries (``OPTIMIZER_TEMPORARIES`` × T: torch's
+  multi-tensor kernels hold one per parameter at once), and the answered parameters (P);
+- a forward without gradients keeps only its widest layer's input and output (an
+  expression keeps every node until it ends);
+- outside torch's allocator: the answer (``NUMBER_TEXT`` bytes per number as JSON text and
+  ``PYTHON_NUMBER`` bytes per number of the Python list it is made from; 4/3 byte per byte
+  in b64), and a session's state serialized for the store (P + S, twice while joined).
+
+The peak is the larger of the two phases (forward and backward, after backward) plus what
+lives outside torch. ``tests/engine/test_budget.py`` holds it to torch's own accounting over
+random specs: never under the measured peak, and within 2x of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.engine import specs
+from service.engine.expression import Expression, Node, parse
+from service.engine.limits import Limits
+from service.engine.state import MAX_METADATA
+from service.errors import GradsvcError, TooLarge
+
+Shape = tuple[int, ...]
+
+NUMBER_TEXT = 25
+"""Bytes of one float as JSON text, at most: '-2.2250738585072014e-308,'."""
+PYTHON_NUMBER = 32
+"""Bytes of one number while a tensor is a Python list (a float object and its slot)."""
+LOSS_COPIES = {
+    "squared": 4,
+    "l1": 3,
+    "cross_entropy": 3,
+    "mse": 2,
+    "smooth_l1": 2,
+    "huber": 2,
+    "bce_with_logits": 2,
+}
+"""Output-sized tensors a loss keeps and makes besides the outputs (differences, their
+powers, log-softmax, and the gradient it sends back)."""
+BACKWARD_BUFFERS = {
+    "pow": 4,
+    "div": 4,
+    "cos": 4,
+    "sin": 3,
+    "sqrt": 3,
+    "abs": 3,
+    "mul": 3,
+    "matmul": 3,
+    "layer_norm": 3,
+    "": 2,
+}
+"""Node-sized tensors alive at once while backward passes a node: its incoming gradient,
+and what its derivative makes (``pow``: the power, its product with the exponent and with
+the gradient; ``mul`` of broadcast operands: the full-size products before they are
+summed back). Fused derivatives (``tanh``, ``relu``, ``linear``...) make one."""
+OPTIMIZER_TEMPORARIES = 3
+"""Parameter-sized temporaries of an optimizer step (negated or decayed gradients, the
+square root of the second moment)."""
+
+OVERHEAD = 64 * 1024
+"""Bytes every computation allocates whatever its size (scalars, views, small checks)."""
+
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}
+
+
+def itemsize(dtype: str) -> int:
+    return _ITEMSIZE[dtype]
+
+
+# -- human units ------------------------------------------------------------------------------
+
+
+def human(nbytes: float) -> str:
+    """``1536`` → ``1.5 KiB``: bytes the way an operator reads them."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            if unit == "bytes":
+                return f"{int(nbytes)} bytes"
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+# -- shapes from the wire, without decoding ---------------------------------------------------
+
+
+def wire_shape(value: Any) -> Shape | None:
+    """The shape a tensor's wire form declares (its ``shape``, or nested lists' lengths along
+    their first elements), without reading its numbers; None if it has none (decoding will
+    say what is wrong)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return ()
+    if isinstance(value, dict):
+        shape = value.get("shape")
+        if isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
+            return tuple(shape)
+        return None
+    lengths: list[int] = []
+    while isinstance(value, list):
+        lengths.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return tuple(lengths)
+
+
+def wire_inputs(x: Any, names: Iterable[str]) -> dict[str, Shape] | None:
+    """The shapes of a batch's ``x`` for a model with inputs ``names``; None if unknown."""
+    names = tuple(names)
+    if isinstance(x, dict) and not ({"data", "b64"} & x.keys()):
+        shapes = {n: wire_shape(x.get(n)) for n in names}
+    elif len(names) == 1:
+        shapes = {names[0]: wire_shape(x)}
+    else:
+        return None
+    if any(s is None for s in shapes.values()):
+        return None
+    return {n: s for n, s in shapes.items() if s is not None}
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+# -- what a model is and computes -------------------------------------------------------------
+
+ModelSpec = specs.ExpressionModel | specs.LinearModel | specs.SequentialModel
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What a model computes on a batch, in elements."""
+
+    kept: int = 0
+    """what the forward pass holds at its peak: an expression every node, summed; a
+    sequential model what earlier layers' derivatives saved and one layer's input and
+    output"""
+    saved: int = 0
+    """what backward starts from: every tensor a derivative saved, summed over nodes and
+    layers, and the outputs"""
+    backward: int = 0
+    """the gradients in flight at the busiest node of backward: its incoming gradient and
+    the temporaries its derivative makes (``BACKWARD_BUFFERS``), at its size"""
+    live: int = 0
+    """what a forward without gradients holds at its peak: an expression every node, a
+    sequential model one layer's input and output"""
+    masks: int = 0
+    """elements of dropout's masks (a tensor of the model's dtype on the CPU)"""
+    outputs: Shape = ()
+
+
+def param_shapes(spec: ModelSpec) -> dict[str, Shape] | None:
+    """Every parameter's shape as the built model names them, from the spec alone; None
+    where the spec does not say (an expression parameter without ``value`` or ``shape``:
+    building it fails first)."""
+    if isinstance(spec, specs.ExpressionModel):
+        shapes: dict[str, Shape] = {}
+        for name, pspec in spec.params.items():
+            shape = tuple(pspec.shape) if pspec.shape is not None else wire_shape(pspec.value)
+            if shape is None:
+                return None
+            shapes[name] = shape
+        return shapes
+    if isinstance(spec, specs.LinearModel):
+        return _linear_params(spec, "")
+    shapes = {}
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, specs.LinearLayer):
+            shapes |= _linear_params(layer, f"{i}.")
+        elif isinstance(layer, specs.LayerNormLayer) and layer.elementwise_affine:
+            norm = layer.normalized_shape
+            shape = (norm,) if isinstance(norm, int) else tuple(norm)
+            shapes[f"{i}.weight"] = shape
+            if layer.bias:
+                shapes[f"{i}.bias"] = shape
+    return shapes
+
+
+def _linear_params(layer: specs.LinearLayer, prefix: str) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {f"{prefix}weight": (layer.out_features, layer.in_features)}
+    if layer.bias:
+        shapes[f"{prefix}bias"] = (layer.out_features,)
+    return shapes
+
+
+def computed(
+    spec: ModelSpec,
+    params: Mapping[str, Shape],
+    inputs: Mapping[str, Shape],
+    limits: Limits,
+    *,
+    train: bool,
+    expression: Expression | None = None,
+) -> Computed:
+    """What the model computes on inputs of these shapes, up to where the real run would
+    stop (a shape that does not fit, a tensor over ``activation_elements``): that much it
+    allocates before it fails."""
+    trainable = set(params) - set(spec.frozen)
+    if isinstance(spec, specs.ExpressionModel):
+        if expression is None:
+            try:
+                expression = parse(spec.expression, limits)
+            except GradsvcError:
+                return Computed()
+        return _expression(expression, {**params, **inputs}, trainable, limits)
+    x = inputs.get("x")
+    if x is None:
+        return Computed()
+    if isinstance(spec, specs.LinearModel):
+        return _layers([spec], x, trainable, limits, train, flat=True)
+    return _layers(list(spec.layers), x, trainable, limits, train)
+
+
+class _Stop(Exception):
+    """The real run stops here (a shape error, a tensor over the limits)."""
+
+
+def _expression(
+    expression: Expression,
+    env: Mapping[str, Shape],
+    trainable: set[str],
+    limits: Limits,
+) -> Computed:
+    """Node by node in evaluation order, each distinct node once (as ``ExpressionModule``
+    computes it): every node's value lives until the forward pass ends, then only what
+    some derivative saved (``_SAVES``) and the outputs (the loss keeps them)."""
+    seen: dict[str, tuple[Shape, bool]] = {}
+    saved: dict[str, int] = {}
+    kept = backward = 0
+
+    def visit(node: Node) -> tuple[Shape, bool]:
+        nonlocal kept, backward
+        if node.text in seen:
+            return seen[node.text]
+        if node.op == "name":
+            if node.text not in env:
+                raise _Stop
+            shape, grad = env[node.text], node.text in trainable
+        elif node.op == "const":
+            shape, grad = (), False
+            kept += 1
+        else:
+            args = [visit(child) for child in node.children]
+            shapes = [a for a, _ in args]
+            try:
+                shape = tuple(node.shape(*shapes))
+            except RuntimeError:
+                raise _Stop from None
+            numel = _numel(shape)
+            if len(args) > 1 and numel > limits.activation_elements:
+                raise _Stop
+            grads = [g for _, g in args]
+            grad = any(grads)
+            operands = _matmul_operands(node, shapes)
+            kept += numel + operands
+            if grad:
+                backward = max(backward, _buffers(node, numel, shapes, grads, operands))
+                for index in _SAVES.get(node.op, _NOTHING)(grads):
+                    child = node if index < 0 else node.children[index]
+                    if child.op not in ("name", "const"):
+                        saved[child.text] = _numel(seen[child.text][0] if index >= 0 else shape)
+        seen[node.text] = (shape, grad)
+        return shape, grad
+
+    try:
+        out = visit(expression.root)[0]
+    except _Stop:
+        out = ()
+    if expression.root.op not in ("name", "const"):
+        saved[expression.root.text] = _numel(out)
+    return Computed(kept=kept, saved=sum(saved.values()), backward=backward, live=kept, outputs=out)
+
+
+def _NOTHING(grads: list[bool]) -> Iterable[int]:
+    return ()
+
+
+_SAVES: dict[str, Callable[[list[bool]], Iterable[int]]] = {
+    # which tensors a derivative keeps, given which arguments need gradients: argument
+    # indices, -1 for the node's own result (torch's derivatives.yaml)
+    "mul": lambda g: [1] * g[0] + [0] * g[1],
+    "matmul": lambda g: [1] * g[0] + [0] * g[1],
+    "div": lambda g: [1] + [0, -1] * g[1],
+    "pow": lambda g: [0, 1, -1],
+    "exp": lambda g: [-1],
+    "tanh": lambda g: [-1],
+    "sigmoid": lambda g: [-1],
+    "sqrt": lambda g: [-1],
+    "relu": lambda g: [-1],
+    "log": lambda g: [0],
+    "sin": lambda g: [0],
+    "cos": lambda g: [0],
+    "abs": lambda g: [0],
+    "softplus": lambda g: [0],
+}
+
+
+def _buffers(node: Node, numel: int, shapes: list[Shape], grads: list[bool], operands: int) -> int:
+    """Elements alive while backward passes ``node``: its incoming gradient, and what its
+    derivative makes for each argument that needs one (full-size before a broadcast
+    argument's gradient is summed back to its shape)."""
+    wanted = sum(grads)
+    match node.op:
+        case "mean":
+            return _numel(shapes[0])  # the incoming number spread over the input
+        case "sum":
+            return 0  # an expanded view; its consumer makes the full-size product
+        case "mul":
+            return numel * (1 + wanted)
+        case "matmul":
+            sizes = [_numel(s) for s in shapes]
+            return numel + sum(n for n, g in zip(sizes, grads, strict=True) if g) + operands
+        case "div":
+            return numel * (1 + grads[0] + 3 * grads[1])
+        case "pow":
+            return 4 * numel
+    return BACKWARD_BUFFERS.get(node.op, BACKWARD_BUFFERS[""]) * numel
+
+
+def _matmul_operands(node: Node, shapes: list[Shape]) -> int:
+    """Elements of the operands a batched matmul expands and copies (0 for others)."""
+    if node.op != "matmul" or len(shapes) != 2 or min(len(s) for s in shapes) < 1:
+        return 0
+    a, b = shapes
+    if len(a) < 3 and len(b) < 3:
+        return 0
+    batch = _numel(torch.broadcast_shapes(a[:-2], b[:-2]))  # type: ignore[no-untyped-call]
+    return batch * (_numel(a[-2:]) + _numel(b[-2:]))
+
+
+def _layers(
+    layers: list[Any],
+    x: Shape,
+    trainable: set[str],
+    limits: Limits,
+    train: bool,
+    flat: bool = False,
+) -> Computed:
+    """Layer by layer (``flat``: one linear model, its parameters unprefixed)."""
+    first = next((layer for layer in layers if isinstance(layer, specs.LinearLayer)), None)
+    if first is not None and first.in_features == 1 and (not x or x[-1] != 1):
+        x = (*x, 1)  # as Model._features fits a batch of numbers to one feature
+    if first is not None and (not x or x[-1] != first.in_features):
+        return Computed()
+    rows = _numel(x) // max(1, x[-1]) if x else 1
+    widths = [
+        w
+        for layer in layers
+        if isinstance(layer, specs.LinearLayer)
+        for w in (layer.in_features, layer.out_features)
+    ]
+    if rows * max(widths, default=1) > limits.activation_elements:
+        return Computed()  # refused before anything is computed
+    shape, grad = x, False
+    kept = saved = backward = live = masks = 0
+    for i, layer in enumerate(layers):
+        before = _numel(shape) if i else 0  # x itself is the batch's
+        prefix = "" if flat else f"{i}."
+        learns = any(n.startswith(prefix) for n in trainable)
+        if i and _saves_input(layer, grad, learns):
+            saved += before  # the previous output, kept by this layer's derivative
+        grad = grad or learns
+        if isinstance(layer, specs.LinearLayer):
+            shape = (*shape[:-1], layer.out_features)
+        numel = _numel(shape)
+        stats = 2 * rows if isinstance(layer, specs.LayerNormLayer) else 0
+        saved += stats  # layer norm's mean and reciprocal deviation per row
+        if isinstance(layer, specs.DropoutLayer) and train:
+            masks += numel
+        last = i == len(layers) - 1
+        # while it computes: what earlier derivatives saved, its input and its output
+        kept = max(kept, saved + before + numel)
+        if grad and (layer.type in _SAVES_RESULT or last):
+            saved += numel  # the loss keeps the outputs
+        if grad:
+            buffers = BACKWARD_BUFFERS.get(layer.type, BACKWARD_BUFFERS[""])
+            backward = max(backward, buffers * numel)
+        live = max(live, before + numel + stats)
+    return Computed(
+        kept=kept, saved=saved, backward=backward, live=live, masks=masks, outputs=shape
+    )
+
+
+_SAVES_RESULT = frozenset({"relu", "tanh", "sigmoid", "softmax"})
+
+
+def _saves_input(layer: Any, grad: bool, learns: bool) -> bool:
+    """Whether this layer's derivative keeps its input: a linear layer to make its weight's
+    gradient, GELU and layer norm to make their input's."""
+    if isinstance(layer, specs.LinearLayer):
+        return learns
+    return layer.type in ("gelu", "layer_norm") and (grad or learns)
+
+
+def optimizer_elements(spec: specs.OptimizerBase, trainable: Mapping[str, Shape]) -> int:
+    """Elements of the optimizer's state once it has stepped (its ``step`` counts aside)."""
+    t = sum(_numel(s) for s in trainable.values())
+    match spec:
+        case specs.SGD():
+            return t if spec.momentum > 0 else 0
+        case specs.Adam():  # and AdamW
+            return (3 if spec.amsgrad else 2) * t
+        case specs.RMSprop():
+            return t * (1 + (spec.momentum > 0) + spec.centered)
+        case specs.Adagrad():
+            return t
+    return 2 * t  # pragma: no cover - the union is closed
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+def tensor_text(shape: Shape, dtype: str, b64: bool) -> int:
+    """Bytes of one tensor in an answer, at most: nested lists, or the b64 object."""
+    numel = _numel(shape)
+    if b64:
+        return 4 * math.ceil(numel * itemsize(dtype) / 3) + 48 + 12 * len(shape)
+    lists = sum(_numel(shape[:k]) for k in range(len(shape)))
+    return numel * NUMBER_TEXT + 3 * lists + 1
+
+
+def _named_text(shapes: Mapping[str, Shape], dtype: str, b64: bool) -> int:
+    return sum(len(n) + 4 + tensor_text(s, dtype, b64) for n, s in shapes.items()) + 2
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer's size: its text, and the numbers Python holds while making it."""
+
+    text: int = 0
+    numbers: int = 0
+
+    def __add__(self, other: Answer) -> Answer:
+        return Answer(self.text + other.text, self.numbers + other.numbers)
+
+    @property
+    def memory(self) -> int:
+        """Bytes while it is made (the lists and the text) and sent (a copy of the text)."""
+        return self.numbers * PYTHON_NUMBER + 2 * self.text
+
+
+def answer(
+    kind: specs.Kind,
+    params: Mapping[str, Shape],
+    trainable: Mapping[str, Shape],
+    outputs: Shape,
+    dtype: str,
+    *,
+    b64: bool,
+    include: Iterable[str] = ("loss", "grads", "params", "outputs"),
+) -> Answer:
+    """What a forward, gradients or step answers: outputs; loss, grad_norm and grads;
+    params (only those named in ``include``)."""
+    wanted = set(include)
+    text, numbers = 64, 0  # the loss, grad_norm, step and the braces
+    if "outputs" in wanted:
+        text += tensor_text(outputs, dtype, b64)
+        numbers += 0 if b64 else _numel(outputs)
+    if kind != "forward" and "grads" in wanted:
+        text += _named_text(trainable, dtype, b64)
+        numbers += 0 if b64 else sum(_numel(s) for s in trainable.values())
+    if kind == "step" and "params" in wanted:
+        text += _named_text(params, dtype, b64)
+        numbers += 0 if b64 else sum(_numel(s) for s in params.values())
+    return Answer(text, numbers)
+
+
+def view(params: Mapping[str, Shape], dtype: str, spec_text: int = 0) -> Answer:
+    """A session's view (its parameters as nested lists, and its specs)."""
+    numbers = sum(_numel(s) for s in params.values())
+    return Answer(512 + spec_text + _named_text(params, dtype, False), numbers)
+
+
+# -- the estimate -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A request's peak memory, in bytes, and its main parts."""
+
+    tensors: int
+    """the peak of what torch holds at once"""
+    host: int
+    """what lives outside torch meanwhile: the answer's text, a serialized state"""
+    parts: dict[str, int] = field(default_factory=dict)
+    """the parts worth naming: parameters, optimizer state, activations, batch, answer"""
+    answer: int = 0
+    """bytes of the answer's text, at most"""
+
+    @property
+    def total(self) -> int:
+        return self.tensors + self.host
+
+
+@dataclass(frozen=True)
+class Work:
+    """One computation on a model, described by shapes only."""
+
+    kind: specs.Kind
+    params: Mapping[str, Shape]
+    trainable: Mapping[str, Shape]
+    dtype: str
+    computed: Computed
+    inputs: int = 0
+    """elements of the batch's inputs"""
+    largest_input: int = 0
+    """elements of its largest input or target"""
+    target: int = 0
+    """bytes of its target"""
+    optimizer: int = 0
+    """elements of the optimizer's state"""
+    state_copied: bool = True
+    """whether a step copies existing optimizer state (a fresh optimizer has none yet)"""
+    explain: bool = False
+    loss: str = ""
+    """the loss's name (what it keeps differs)"""
+    answer: Answer = Answer()
+
+
+def estimate(work: Work, limits: Limits) -> Estimate:
+    """The peak bytes of one computation (see the module's docstring for the model)."""
+    d = itemsize(work.dtype)
+    p = sum(_numel(s) for s in work.params.values()) * d
+    t = sum(_numel(s) for s in work.trainable.values()) * d
+    s = work.optimizer * d
+    c = work.computed
+    batch = work.inputs * d + work.target
+    out = _numel(c.outputs)
+    largest = max([_numel(x) for x in work.params.values()] + [out, work.largest_input])
+    resident = p + batch + (s if work.state_copied else 0)
+    phases = [resident + finite(work.largest_input, d)]  # decoding checks the batch
+    if work.kind == "forward":
+        activations = c.live * d
+        phases += [resident + activations, resident + out * d + finite(out, d)]
+        gradients = 0
+    else:
+        trace = 4 * limits.explain_elements * d if work.explain else 0
+        loss = LOSS_COPIES.get(work.loss, max(LOSS_COPIES.values())) * out * d
+        forward = resident + (c.kept + c.masks) * d + trace
+        backward = resident + (c.saved + c.backward + c.masks) * d + loss + t + trace
+        phases += [forward, backward]
+        activations = max(forward, backward) - resident
+        # the outputs, and one more of their size the loss leaves; the gradients and their
+        # answered copy; the finiteness check of the largest
+        after = resident + 2 * out * d + 2 * t + finite(largest, d)
+        phases.append(after)
+        if work.kind == "step":
+            fresh = 0 if work.state_copied else s
+            phases.append(after + t + s + fresh + OPTIMIZER_TEMPORARIES * t + p)
+        gradients = 2 * t
+    host = work.answer.memory
+    parts = {
+        "parameters": p,
+        "optimizer state": s,
+        "gradients": gradients,
+        "activations": activations,
+        "batch": batch,
+        "answer": host,
+    }
+    return Estimate(OVERHEAD + max(phases), host, parts, work.answer.text)
+
+
+def finite(elements: int, d: int) -> int:
+    """What ``torch.isfinite`` makes of a tensor: ``(t == t) * (t.abs() != inf)``, a copy
+    and three byte masks. Tensors are checked one at a time."""
+    return elements * (d + 3)
+
+
+def check(estimate: Estimate, limits: Limits, what: str = "this request") -> None:
+    """TooLarge if ``estimate`` is over ``limits.request_bytes``, saying what to change."""
+    if estimate.total <= limits.request_bytes:
+        return
+    named = sorted(((size, name) for name, size in estimate.parts.items() if size), reverse=True)
+    shares = ", ".join(f"{name} {human(size)}" for size, name in named[:4])
+    biggest = named[0][1] if named else "activations"
+    raise TooLarge(
+        f"{what} would need about {human(estimate.total)} of memory at its peak ({shares}); "
+        f"the limit is {human(limits.request_bytes)} (--max-request-bytes): "
+        f"{_HINTS.get(biggest, _HINTS['activations'])}"
+    )
+
+
+_HINTS = {
+    "activations": "send a smaller batch (fewer rows), or use a smaller model",
+    "batch": "send a smaller batch (fewer rows)",
+    "answer": 'ask for "encoding": "b64", or for less in the answer',
+    "parameters": "use a model with fewer parameters",
+    "optimizer state": "use a model with fewer parameters, or an optimizer with less state",
+    "gradients": "use a model with fewer parameters",
+    "staged states": "send fewer items per request, or items for fewer sessions",
+}
+
+
+def check_answer(nbytes: int, limits: Limits, hint: str, *, at_most: bool = False) -> None:
+    """TooLarge if an answer of ``nbytes`` (``at_most``: of up to ``nbytes``, an estimate
+    made before it is computed) is over ``limits.answer_bytes``."""
+    if nbytes > limits.answer_bytes:
+        size = f"up to {human(nbytes)}" if at_most else human(nbytes)
+        raise TooLarge(
+            f"the answer would be {size} of JSON; the limit is {human(limits.answer_bytes)} "
+            f"(--max-answer-bytes): {hint}"
+        )
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def work(
+    kind: specs.Kind,
+    spec: ModelSpec,
+    batch: specs.Batch,
+    limits: Limits,
+    *,
+    loss: specs.LossName | specs.LossSpec | None = None,
+    optimizer: specs.OptimizerBase | None = None,
+    fresh: bool = True,
+    b64: bool = False,
+    include: Iterable[str] = ("loss", "grads", "params", "outputs"),
+    explain: bool = False,
+) -> Work | None:
+    """One forward, gradients or step of ``spec`` on ``batch``, by shapes; None when the
+    shapes are not known before decoding (decoding then says what is wrong)."""
+    params = param_shapes(spec)
+    if params is None:
+        return None
+    expression = None
+    if isinstance(spec, specs.ExpressionModel):
+        try:
+            expression = parse(spec.expression, limits)
+        except GradsvcError:
+            return None
+        names: tuple[str, ...] = tuple(n for n in expression.names if n not in params)
+    else:
+        names = ("x",)
+    inputs = wire_inputs(batch.x, names)
+    y = wire_shape(batch.y) if batch.y is not None else ()
+    if inputs is None or y is None or not _checked_first(spec, params, inputs, y, limits):
+        return None
+    trainable = {n: s for n, s in params.items() if n not in spec.frozen}
+    train = kind != "forward"
+    seen = computed(spec, params, inputs, limits, train=train, expression=expression)
+    target = target_elements = 0
+    name = loss if isinstance(loss, str) else getattr(loss, "type", "")
+    if batch.y is not None:
+        integral = name == "cross_entropy" and _integral(batch.y)
+        target_elements = _numel(y)
+        target = target_elements * (8 if integral else itemsize(spec.dtype))
+    state = optimizer_elements(optimizer, trainable) if optimizer is not None else 0
+    copied = not fresh or isinstance(optimizer, specs.Adagrad)  # Adagrad's state is eager
+    return Work(
+        kind,
+        params,
+        trainable,
+        spec.dtype,
+        seen,
+        inputs=sum(_numel(s) for s in inputs.values()),
+        largest_input=max([_numel(s) for s in inputs.values()] + [target_elements]),
+        target=target,
+        optimizer=state,
+        state_copied=copied,
+        explain=explain,
+        loss=name,
+        answer=answer(kind, params, trainable, seen.outputs, spec.dtype, b64=b64, include=include),
+    )
+
+
+def _checked_first(
+    spec: ModelSpec,
+    params: Mapping[str, Shape],
+    inputs: Mapping[str, Shape],
+    y: Shape,
+    limits: Limits,
+) -> bool:
+    """Whether the request passes the limits that building and decoding check before they
+    allocate anything: if not, they refuse it with their own, more precise, problem."""
+    tensors = [*inputs.values(), y]
+    if any(len(s) > limits.tensor_dims or _numel(s) > limits.tensor_elements for s in tensors):
+        return False
+    if sum(map(_numel, inputs.values())) > limits.batch_elements:
+        return False
+    return _buildable(spec, params, limits)
+
+
+def _buildable(spec: ModelSpec, params: Mapping[str, Shape], limits: Limits) -> bool:
+    """Whether the model passes the limits its builder checks before it allocates."""
+    if any(len(s) > limits.tensor_dims for s in params.values()):
+        return False
+    if sum(map(_numel, params.values())) > limits.model_elements:
+        return False
+    if isinstance(spec, specs.SequentialModel) and len(spec.layers) > limits.layers:
+        return False
+    layers = spec.layers if isinstance(spec, specs.SequentialModel) else [spec]
+    return all(
+        max(layer.in_features, layer.out_features) <= limits.layer_width
+        for layer in layers
+        if isinstance(layer, specs.LinearLayer)
+    )
+
+
+def _integral(y: Any) -> bool:
+    if isinstance(y, dict):
+        return y.get("dtype") == "int64"
+    if isinstance(y, torch.Tensor):
+        return not y.dtype.is_floating_point
+    while isinstance(y, list) and y:
+        y = y[0]
+    return isinstance(y, int)
+
+
+def stateless(kind: specs.Kind, request: specs.ForwardRequest, limits: Limits) -> Estimate | None:
+    """``POST /v1/forward``, ``/gradients`` or ``/step``: a fresh model and optimizer."""
+    described = work(
+        kind,
+        request.model,
+        request.batch,
+        limits,
+        loss=getattr(request, "loss", None),
+        optimizer=getattr(request, "optimizer", None),
+        b64=request.encoding == "b64",
+        explain=getattr(request, "explain", False),
+    )
+    return None if described is None else estimate(described, limits)
+
+
+def session(
+    kind: specs.Kind,
+    spec: specs.SessionSpec,
+    batch: specs.Batch,
+    limits: Limits,
+    *,
+    b64: bool = False,
+    include: Iterable[str] = ("loss", "grads", "params", "outputs"),
+    explain: bool = False,
+) -> Estimate | None:
+    """A forward, gradients or step on a session: its parameters and optimizer state are
+    held already (and copied by a step), and a step's new state is serialized for the store
+    (P + S, twice while its pieces are joined)."""
+    described = work(
+        kind,
+        spec.model,
+        batch,
+        limits,
+        loss=spec.loss,
+        optimizer=spec.optimizer,
+        fresh=False,
+        b64=b64,
+        include=include,
+        explain=explain,
+    )
+    if described is None:
+        return None
+    found = estimate(described, limits)
+    if kind != "step":
+        return found
+    staged = state_bytes(spec)
+    parts = {**found.parts, "staged states": 2 * staged}
+    return Estimate(found.tensors, found.host + 2 * staged, parts, found.answer)
+
+
+def state_bytes(spec: specs.SessionSpec) -> int:
+    """Bytes of a session's state as the store keeps it: parameters and optimizer state."""
+    params = param_shapes(spec.model) or {}
+    trainable = {n: s for n, s in params.items() if n not in spec.model.frozen}
+    elements = sum(map(_numel, params.values())) + optimizer_elements(spec.optimizer, trainable)
+    return elements * itemsize(spec.model.dtype)
+
+
+def in_one_pass(chains: Iterable[tuple[list[Estimate], int, int]]) -> Estimate:
+    """A pass over several sessions' chains of steps, each given as its links' estimates,
+    its state's bytes and how many of its states the pass keeps staged at once. A round
+    computes one link of every chain (perhaps as one vmapped call): each chain's largest
+    link, summed over the chains; every answer is kept until the pass ends; and the staged
+    states."""
+    tensors = host = text = 0
+    parts: dict[str, int] = {}
+    for links, state, staged in chains:
+        largest = max(links, key=lambda e: e.tensors)
+        tensors += largest.tensors
+        answers = sum(e.parts.get("answer", 0) for e in links)
+        host += answers + (staged + 2) * state
+        text += sum(e.answer for e in links)
+        for name, size in largest.parts.items():
+            parts[name] = parts.get(name, 0) + size
+        parts["answer"] = parts.get("answer", 0) - largest.parts.get("answer", 0) + answers
+        parts["staged states"] = parts.get("staged states", 0) + staged * state
+    return Estimate(tensors, host, parts, text)
+
+
+def created(spec: specs.SessionSpec, limits: Limits) -> Estimate | None:
+    """A new session: its model built (the largest parameter drawn twice), its state
+    serialized, and its view (the state read back, its parameters as JSON)."""
+    params = param_shapes(spec.model)
+    if params is None or not _buildable(spec.model, params, limits):
+        return None
+    d = itemsize(spec.model.dtype)
+    p = sum(map(_numel, params.values())) * d
+    trainable = {n: s for n, s in params.items() if n not in spec.model.frozen}
+    eager = optimizer_elements(spec.optimizer, trainable) if _eager(spec.optimizer) else 0
+    s = eager * d
+    largest = max(map(_numel, params.values()), default=0) * d
+    shown = view(params, spec.model.dtype)
+    tensors = OVERHEAD + p + s + max(largest, p + s)
+    host = 2 * (p + s) + shown.memory
+    parts = {"parameters": p, "optimizer state": s, "answer": shown.memory}
+    return Estimate(tensors, host, parts, shown.text)
+
+
+def restored(spec: specs.SessionSpec, data: bytes, limits: Limits) -> Estimate | None:
+    """A session from a checkpoint of ``len(data)`` bytes: its tensors read (once to check
+    them, once into the model, once for the view), the model and optimizer built, the state
+    serialized again, and the view."""
+    stored = _tensor_bytes(data)
+    params = param_shapes(spec.model)
+    if stored is None or params is None or not _buildable(spec.model, params, limits):
+        return None
+    shown = view(params, spec.model.dtype)
+    tensors = OVERHEAD + 2 * stored
+    host = len(data) + 2 * stored + shown.memory
+    parts = {"parameters and optimizer state": stored, "answer": shown.memory}
+    return Estimate(tensors, host, parts, shown.text)
+
+
+def _eager(spec: specs.OptimizerBase) -> bool:
+    """Whether the optimizer makes its state when it is built (Adagrad) or at its first
+    step (the rest)."""
+    return isinstance(spec, specs.Adagrad)
+
+
+def _tensor_bytes(data: bytes) -> int | None:
+    """Bytes of the tensors a safetensors file holds, from its header alone."""
+    if len(data) < 8:
+        return None
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + size]) if size <= MAX_METADATA else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    total = 0
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name == "__metadata__" or not isinstance(offsets, list) or len(offsets) != 2:
+            continue
+        if all(type(o) is int for o in offsets):
+            total += max(0, offsets[1] - offsets[0])
+    return total
