@@ -31,11 +31,11 @@ SEED_SESSION = specs.SessionCreate.model_validate(
 STEP = specs.SessionGradientsRequest.model_validate({"batch": {"x": 1, "y": 3}})
 
 
-def heavy(layers: int, rows: int) -> specs.ForwardRequest:
-    """Gradients of a deep 512-wide MLP on ``rows`` rows: seconds of compute, little memory."""
-    x = np.ones((rows, 512), dtype=np.float32)
+def heavy(layers: int, rows: int, width: int = 512) -> specs.ForwardRequest:
+    """Gradients of a deep MLP on ``rows`` rows: seconds of compute, little memory."""
+    x = np.ones((rows, width), dtype=np.float32)
     y = np.zeros((rows, 1), dtype=np.float32)
-    linear = {"type": "linear", "in_features": 512, "out_features": 512}
+    linear = {"type": "linear", "in_features": width, "out_features": width}
     body = {
         "model": {
             "type": "sequential",
@@ -43,7 +43,7 @@ def heavy(layers: int, rows: int) -> specs.ForwardRequest:
         },
         "loss": "mse",
         "batch": {
-            "x": {"dtype": "float32", "shape": [rows, 512], "b64": base64.b64encode(x).decode()},
+            "x": {"dtype": "float32", "shape": [rows, width], "b64": base64.b64encode(x).decode()},
             "y": {"dtype": "float32", "shape": [rows, 1], "b64": base64.b64encode(y).decode()},
         },
     }
@@ -131,14 +131,14 @@ def test_a_request_still_queued_at_its_deadline_is_504_and_never_runs(tmp_path: 
         bob = await session(pool, "bob")
         slow = specs.SessionCreate.model_validate(
             {
-                "model": heavy(12, 2000).model.model_dump(),
+                "model": heavy(12, 8000, 256).model.model_dump(),
                 "loss": "mse",
                 "optimizer": {"type": "sgd", "lr": 0.0},
             }
         )
         assert (await pool.create("bob", bob + "x", slow, None)).status == 201
         request = specs.SessionGradientsRequest.model_validate(
-            {"batch": heavy(12, 2000).batch.model_dump()}
+            {"batch": heavy(12, 8000, 256).batch.model_dump(), "encoding": "b64"}
         )
         answers = await asyncio.gather(
             *(pool.run(RunJob("step", "bob", bob + "x", request)) for _ in range(6)),
