@@ -13,6 +13,10 @@ from starlette.types import Scope
 
 LEASE = "gradsvc.parse_lease"
 """The scope key under which a request's ``Lease`` travels to the route that parses it."""
+SMALL = 64 * 1024
+"""A body up to this size is always admitted: one key's large bodies must not turn away
+another key's ordinary requests, and these together are bounded by the connection limit
+(``--max-connections`` × 64 KiB)."""
 
 
 class ParseBudget:
@@ -32,8 +36,10 @@ class Lease:
         self.budget, self.held, self.returned = budget, 0, False
 
     def take(self, nbytes: int) -> bool:
-        """Hold ``nbytes`` more, if the budget has them; False (and nothing held) if not."""
-        if self.budget.used + nbytes > self.budget.total:
+        """Hold ``nbytes`` more, if the budget has them (or the body is still small); False
+        (and nothing held) if not."""
+        small = self.held + nbytes <= SMALL
+        if self.budget.used + nbytes > self.budget.total and not small:
             return False
         self.budget.used += nbytes
         self.held += nbytes

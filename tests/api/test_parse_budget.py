@@ -33,3 +33,15 @@ def test_the_share_goes_back_once_the_body_is_parsed(
     assert padded.status_code == 200, padded.text
     assert held == [0]
     assert budget.used == 0
+
+
+def test_a_small_body_is_admitted_even_when_large_ones_hold_the_whole_budget() -> None:
+    """Bob's large bodies may spend the budget; Alice's ordinary request still gets in."""
+    from service.api.parsebudget import SMALL, ParseBudget
+
+    budget = ParseBudget(1024 * 1024)
+    assert budget.lease().take(1024 * 1024)  # Bob's: the whole budget
+    assert not budget.lease().take(SMALL + 1)
+    assert budget.lease().take(300)  # Alice's step
+    grows = budget.lease()
+    assert grows.take(SMALL) and not grows.take(1)  # small only while it stays small
