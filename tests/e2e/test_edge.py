@@ -14,12 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
+from service.api.parsebudget import SMALL
 from tests.conftest import SEED_STEP
 from tests.e2e.server import Server
 
 pytestmark = pytest.mark.slow
 
-BODY_TIMEOUT, MAX_CONNECTIONS, PARSING = 2, 8, 65536
+BODY_TIMEOUT, MAX_CONNECTIONS, PARSING = 2, 8, 4 * 65536
 MiB = 1024 * 1024
 JSON = {"content-type": "application/json"}
 
@@ -116,7 +117,10 @@ def test_the_parse_budget_is_shared(strict: Server, opened: list[socket.socket])
     # Declares most of the budget, and stalls: its share is held, though nothing arrived.
     holder = _start(strict, PARSING - 1000, b"{", opened=opened)
     for _ in range(50):  # until the server has read the holder's head
-        r = httpx.post(strict.url + "/v1/step", content=_seed(2000), headers=JSON, timeout=30)
+        # (larger than the small bodies that are always admitted)
+        r = httpx.post(
+            strict.url + "/v1/step", content=_seed(SMALL + 2000), headers=JSON, timeout=30
+        )
         if r.status_code == 503:
             break
         assert r.status_code == 200, r.text
