@@ -1510,7 +1510,8 @@ class Client(Generic[T]):
     # -- operations -------------------------------------------------------------------------
 
     def workers(self) -> list[Worker]:
-        """``GET /v1/workers``."""
+        """``GET /v1/workers``: an operator key's (``--admin-keys``), or a loopback caller's of a
+        keyless server; a tenant key gets 404."""
         return self._send(self._core.workers())
 
     def health(self) -> Health:

@@ -165,7 +165,8 @@ class AuthMiddleware:
         path: str = scope["path"]
         tenants = self.keys.tenants
         principal: str | None = ANONYMOUS
-        if path.rstrip("/") in OPERATOR_PATHS:  # with its slash too: no redirect hints at it
+        # With its slash too: no redirect hints at it. Other methods go on to their 405.
+        if path.rstrip("/") in OPERATOR_PATHS and scope["method"] in ("GET", "HEAD"):
             if not await self._operator(scope, send):
                 return
         elif tenants is not None and not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):

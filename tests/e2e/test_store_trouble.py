@@ -321,7 +321,7 @@ def test_redis_at_its_maxmemory(redis_server: tuple[Server, OwnRedis]) -> None:
 
 
 KEY = {"Authorization": "Bearer limited-key"}
-PAUSE_MS = 4000
+PAUSE_MS = 3000
 """Longer than the rate limiter waits for Redis (1 s), shorter than the store's own default
 wait (5 s), so that an answer that comes while the pause lasts came from the limiter."""
 
