@@ -568,10 +568,10 @@ def estimate(work: Work, limits: Limits) -> Estimate:
     else:
         trace = 4 * limits.explain_elements * d if work.explain else 0
         loss = LOSS_COPIES.get(work.loss, max(LOSS_COPIES.values())) * out * d
-        forward = resident + (c.kept + c.masks) * d + trace
-        backward = resident + (c.saved + c.backward + c.masks) * d + loss + t + trace
-        phases += [forward, backward]
-        activations = max(forward, backward) - resident
+        computed = (c.kept + c.masks) * d + trace
+        kept = (c.saved + c.backward + c.masks) * d + loss + trace
+        phases += [resident + computed, resident + kept + t]
+        activations = max(computed, kept)
         # the outputs, and one more of their size the loss leaves; the gradients and their
         # answered copy; the finiteness check of the largest
         after = resident + 2 * out * d + 2 * t + finite(largest, d)
@@ -581,6 +581,7 @@ def estimate(work: Work, limits: Limits) -> Estimate:
             phases.append(after + t + s + fresh + OPTIMIZER_TEMPORARIES * t + p)
         gradients = 2 * t
     host = work.answer.memory
+    tensors = OVERHEAD + max(phases)
     parts = {
         "parameters": p,
         "optimizer state": s,
@@ -589,7 +590,9 @@ def estimate(work: Work, limits: Limits) -> Estimate:
         "batch": batch,
         "answer": host,
     }
-    return Estimate(OVERHEAD + max(phases), host, parts, work.answer.text)
+    # what a step copies to undo a non-finite update, the optimizer's temporaries, checks
+    parts["copies and temporaries"] = max(0, tensors + host - sum(parts.values()))
+    return Estimate(tensors, host, parts, work.answer.text)
 
 
 def finite(elements: int, d: int) -> int:
@@ -619,6 +622,7 @@ _HINTS = {
     "parameters": "use a model with fewer parameters",
     "optimizer state": "use a model with fewer parameters, or an optimizer with less state",
     "gradients": "use a model with fewer parameters",
+    "copies and temporaries": "use a model with fewer parameters",
     "staged states": "send fewer items per request, or items for fewer sessions",
 }
 
