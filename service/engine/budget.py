@@ -7,29 +7,36 @@ expression, node by node with ``Node.shape``), and a request over ``Limits.reque
 is refused with ``TooLarge`` saying how much it would need and how to need less.
 
 The model, in elements times the model dtype's size ``d`` (P parameters, T of them
-trainable, S optimizer state, B the batch's inputs and target, O the outputs):
+trainable, S optimizer state, B the batch's inputs and target, O the outputs). A request
+holds, all along, the parameters (P), the batch (B) and, in a session, the optimizer state
+(S: Adam and AdamW keep two moments, three with ``amsgrad``; SGD with momentum one buffer;
+RMSprop one to three; Adagrad one). On top of that, its peak is the largest of its phases:
 
-- resident: the parameters (P), the optimizer state (S: Adam and AdamW keep two moments,
-  three with ``amsgrad``; SGD with momentum one buffer; RMSprop one to three; Adagrad one),
-  the batch (B);
-- forward and backward: every tensor the model computes (each expression node once, each
-  layer's output, dropout masks), SUMMED over nodes and layers, since backward keeps them
-  until it reaches them; plus what the loss keeps and makes (``LOSS_COPIES`` × O), plus
-  the gradients in flight at the busiest node (``BACKWARD_BUFFERS`` × its size, over the
-  nodes that depend on a trainable parameter), plus the parameters' gradients (T);
-- after backward: the answered copy of the gradients (T); for a step, the parameters kept
-  to restore on a non-finite update (T), the optimizer state's copy (S, where there is
-  state to copy), the optimizer's temporaries (``OPTIMIZER_TEMPORARIES`` × T: torch's
-  multi-tensor kernels hold one per parameter at once), and the answered parameters (P);
-- a forward without gradients keeps only its widest layer's input and output (an
-  expression keeps every node until it ends);
-- outside torch's allocator: the answer (``NUMBER_TEXT`` bytes per number as JSON text and
-  ``PYTHON_NUMBER`` bytes per number of the Python list it is made from; 4/3 byte per byte
-  in b64), and a session's state serialized for the store (P + S, twice while joined).
+- decoding: the largest input checked for finiteness (``finite``: a copy and three byte
+  masks, as ``torch.isfinite`` makes them);
+- the forward pass: an expression holds every node it computed (each distinct node once)
+  until it returns, SUMMED over the nodes; a sequential model what earlier layers'
+  derivatives saved plus one layer's input and output; dropout's masks. Without gradients,
+  a sequential model holds only one layer's input and output;
+- backward: every tensor some derivative saved, summed over nodes and layers (an
+  expression's ``_SAVES``, a layer's output or input), and the outputs; what the loss keeps
+  and makes (``LOSS_COPIES`` x O); the gradients in flight at the busiest node
+  (``BACKWARD_BUFFERS`` x its size, over the nodes that depend on a trainable parameter);
+  and the parameters' gradients (T);
+- after backward: the outputs, twice; the gradients and their answered copy (2T); the
+  largest tensor checked for finiteness; for a step also the parameters kept to undo a
+  non-finite update (T), the copy of the optimizer state (S, where there is state: a new
+  optimizer's is made here instead), its temporaries (``OPTIMIZER_TEMPORARIES`` x T: the
+  multi-tensor kernels make one per parameter at once) and the answered parameters (P).
 
-The peak is the larger of the two phases (forward and backward, after backward) plus what
-lives outside torch. ``tests/engine/test_budget.py`` holds it to torch's own accounting over
-random specs: never under the measured peak, and within 2x of it.
+Outside torch's allocator: the answer (at most ``NUMBER_TEXT`` bytes per number as JSON
+text, made from a Python list of ``PYTHON_NUMBER`` bytes per number; 4/3 byte per byte in
+b64; held twice while it is sent), and a session step's new state serialized for the store
+(P + S, twice while joined). A session's create, restore and view, and a pass over many
+steps, are composed from the same parts (``created``, ``restored``, ``in_one_pass``).
+
+``tests/engine/test_budget.py`` holds the estimate to torch's own accounting over random
+requests: never under the measured peak, and within 2x of it.
 """
 
 from __future__ import annotations
@@ -568,19 +575,19 @@ def estimate(work: Work, limits: Limits) -> Estimate:
     else:
         trace = 4 * limits.explain_elements * d if work.explain else 0
         loss = LOSS_COPIES.get(work.loss, max(LOSS_COPIES.values())) * out * d
-        forward = resident + (c.kept + c.masks) * d + trace
-        backward = resident + (c.saved + c.backward + c.masks) * d + loss + t + trace
-        phases += [forward, backward]
-        activations = max(forward, backward) - resident
+        computed = (c.kept + c.masks) * d + trace
+        kept = (c.saved + c.backward + c.masks) * d + loss + trace
+        phases += [resident + computed, resident + kept + t]
+        activations = max(computed, kept)
         # the outputs, and one more of their size the loss leaves; the gradients and their
         # answered copy; the finiteness check of the largest
         after = resident + 2 * out * d + 2 * t + finite(largest, d)
         phases.append(after)
-        if work.kind == "step":
-            fresh = 0 if work.state_copied else s
-            phases.append(after + t + s + fresh + OPTIMIZER_TEMPORARIES * t + p)
+        if work.kind == "step":  # s: the copy of the state held, or the new state made
+            phases.append(after + t + s + OPTIMIZER_TEMPORARIES * t + p)
         gradients = 2 * t
     host = work.answer.memory
+    tensors = OVERHEAD + max(phases)
     parts = {
         "parameters": p,
         "optimizer state": s,
@@ -589,7 +596,9 @@ def estimate(work: Work, limits: Limits) -> Estimate:
         "batch": batch,
         "answer": host,
     }
-    return Estimate(OVERHEAD + max(phases), host, parts, work.answer.text)
+    # what a step copies to undo a non-finite update, the optimizer's temporaries, checks
+    parts["copies and temporaries"] = max(0, tensors + host - sum(parts.values()))
+    return Estimate(tensors, host, parts, work.answer.text)
 
 
 def finite(elements: int, d: int) -> int:
@@ -598,8 +607,11 @@ def finite(elements: int, d: int) -> int:
     return elements * (d + 3)
 
 
-def check(estimate: Estimate, limits: Limits, what: str = "this request") -> None:
-    """TooLarge if ``estimate`` is over ``limits.request_bytes``, saying what to change."""
+def check(
+    estimate: Estimate, limits: Limits, what: str = "this request", hint: str | None = None
+) -> None:
+    """TooLarge if ``estimate`` is over ``limits.request_bytes``, saying how much it would
+    need, of what, and what to change (``hint``, else what suits its largest part)."""
     if estimate.total <= limits.request_bytes:
         return
     named = sorted(((size, name) for name, size in estimate.parts.items() if size), reverse=True)
@@ -608,7 +620,7 @@ def check(estimate: Estimate, limits: Limits, what: str = "this request") -> Non
     raise TooLarge(
         f"{what} would need about {human(estimate.total)} of memory at its peak ({shares}); "
         f"the limit is {human(limits.request_bytes)} (--max-request-bytes): "
-        f"{_HINTS.get(biggest, _HINTS['activations'])}"
+        f"{hint or _HINTS.get(biggest, _HINTS['activations'])}"
     )
 
 
@@ -619,6 +631,7 @@ _HINTS = {
     "parameters": "use a model with fewer parameters",
     "optimizer state": "use a model with fewer parameters, or an optimizer with less state",
     "gradients": "use a model with fewer parameters",
+    "copies and temporaries": "use a model with fewer parameters",
     "staged states": "send fewer items per request, or items for fewer sessions",
 }
 

@@ -13,7 +13,11 @@ next link starts from the last state the chain applied, never from the failed on
 step that may have touched the model's tensors has the model rebuilt from that state's
 bytes. A chain stops, and its remaining links go to the next pass (where they start from the
 state the store holds), when a read (gradients, forward) comes behind staged steps: a read
-sees committed state only, since its answer may be stored under its Idempotency-Key at once.
+sees committed state only, since its answer may be stored under its Idempotency-Key at once;
+and when its staged states reach ``STAGED_BYTES``: each staged step keeps the whole state it
+commits (a refused step cuts its chain, and the state before it must then be the one
+committed), so that bound is what lets many steps of one large session hold one state at a
+time.
 
 A result computed on staged state stands only if that state commits: when a chain's k-th
 staged step is refused (another writer moved the session, its key was taken, its deadline

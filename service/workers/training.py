@@ -121,7 +121,12 @@ class Trainer:
             found.host + dataset,
             {**found.parts, "batch": found.parts.get("batch", 0) + 2 * dataset},
         )
-        budget.check(whole, self.limits, "this job (one mini-batch, and its dataset)")
+        budget.check(
+            whole,
+            self.limits,
+            "this job (one mini-batch, and its dataset)",
+            "use a smaller batch_size, or a smaller dataset",
+        )
 
     def _free(self, owner: str, session_id: str, idem: Idem | None) -> SessionRecord | Answer:
         """The session, if no job holds it; else the answer stored under this request's key
