@@ -41,7 +41,10 @@ is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor
 unreachable, locked or refuses writes; retry after `Retry-After`), `insufficient-storage`
 (507: the store's disk or memory is full), `request-timeout` (408: the body did not arrive
 in time), `unsupported-media-type` (415: a JSON body sent without `Content-Type:
-application/json`), `internal`.
+application/json`), `too-large` (422: over the memory or answer budget; the detail gives
+the estimate), `too-many-requests` (429, with `Retry-After`: the rate or in-flight limit),
+`quota-exceeded` (429, no `Retry-After`: a per-key quota of jobs, streams, stored bytes or
+sessions), `compute-timeout` (504: nothing was changed), `internal`.
 """
 
 
