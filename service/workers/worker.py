@@ -127,7 +127,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     runner = worker.runner
     backlog = False
     try:
-        _warm_up(config.limits)
+        _warm_up()
         inbox.send(Reply(0, True, os.getpid(), Info()))
         while True:
             # Requests first; a training job's next mini-batch when none is waiting (and
@@ -169,15 +169,19 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         store.close()
 
 
-def _warm_up(limits: Limits) -> None:
+def _warm_up() -> None:
     """The notebook's step, once, before the worker says it is up: a fresh process's first
     autograd call loads and initialises much of torch (seconds on a small machine), and
     that must not count against the first request's compute timeout."""
     from service.engine import specs
+    from service.engine.limits import DEFAULT_LIMITS
     from service.engine.seed import SEED_STEP
     from service.engine.step import run
 
-    run("step", specs.StepRequest.model_validate(SEED_STEP), limits)
+    try:  # under the engine's own limits: the operator's may refuse the seed itself
+        run("step", specs.StepRequest.model_validate(SEED_STEP), DEFAULT_LIMITS)
+    except Exception:  # only a warm-up: the first request will say what is wrong
+        log.exception("the warm-up step failed")
 
 
 def _die_with_parent() -> None:

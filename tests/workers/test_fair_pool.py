@@ -140,19 +140,21 @@ def test_a_request_still_queued_at_its_deadline_is_504_and_never_runs(tmp_path: 
         request = specs.SessionGradientsRequest.model_validate(
             {"batch": heavy(12, 8000, 256).batch.model_dump(), "encoding": "b64"}
         )
+        # 16 steps of one session, one pass each: however fast the machine, the last ones
+        # wait several steps' time, past the timeout (which no one step comes near)
         answers = await asyncio.gather(
-            *(pool.run(RunJob("step", "bob", bob + "x", request)) for _ in range(6)),
+            *(pool.run(RunJob("step", "bob", bob + "x", request)) for _ in range(16)),
             return_exceptions=True,
         )
         done = [a for a in answers if isinstance(a, Answer)]
         late = [a for a in answers if isinstance(a, ComputeTimeout)]
-        assert len(done) + len(late) == 6 and late, answers
-        assert all("never started" in str(a) for a in late)
+        assert len(done) + len(late) == 16 and done, answers
+        assert any("never started" in str(a) for a in late), answers
         history = await pool.history("bob", bob + "x", 100, 0)
         assert [row.step for row in history] == sorted(step_of(a) for a in done)
         assert pool.workers[0].restarts == 0 and not pool.recycled
 
-    run(main, pool_with(tmp_path, compute_timeout=4.0, batch_window_ms=0))
+    run(main, pool_with(tmp_path, compute_timeout=2.0, batch_window_ms=0))
 
 
 def test_a_key_over_its_in_flight_limit_is_429_and_another_key_is_not(tmp_path: Path) -> None:
