@@ -21,6 +21,7 @@ from tests.e2e.server import ROOT
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 OPS = "operator-key-5555555555"
 OPERATOR_ROUTES = ("/metrics", "/v1/workers")
+MEMORY = ("--store", "memory://")
 SESSION = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}
 OPEN = {"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"}
 
@@ -210,7 +211,7 @@ def test_a_keys_option_that_yields_no_key_refuses_to_start(tmp_path: Path) -> No
     }
     started = {
         said: subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--store", "memory://", *args],
+            [sys.executable, "-m", "service", "serve", "--port", "0", *MEMORY, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -218,14 +219,20 @@ def test_a_keys_option_that_yields_no_key_refuses_to_start(tmp_path: Path) -> No
         )
         for said, args in cases.items()
     }
-    for said, proc in started.items():
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            pytest.fail(f"{said}: the service started")
-        assert proc.returncode == 2, (said, err)
+    ended: dict[str, tuple[int | None, str]] = {}
+    try:
+        for said, proc in started.items():
+            try:
+                ended[said] = (proc.wait(timeout=60), proc.communicate()[1])
+            except subprocess.TimeoutExpired:
+                ended[said] = (None, "")  # it started to serve
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for said, (code, err) in ended.items():
+        assert code == 2, (said, code, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gradsvc: "), (said, err)
-        assert said.split()[0] in lines[0] and "no key" in lines[0], (said, err)
+        assert said in lines[0] and "no key" in lines[0], (said, err)
