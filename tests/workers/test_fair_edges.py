@@ -224,13 +224,11 @@ def test_a_pass_s_deadline_is_spent_by_whoever_runs_first(
 
 
 def test_requests_go_before_a_training_jobs_next_mini_batch(tmp_path: Path) -> None:
-    """The worker's loop takes requests first and runs a training job's next mini-batch
-    only when none is waiting. But the pool now sends a pass only once the last one is
-    answered, so when the worker looks (at once) the next pass is never there yet: a
-    mini-batch runs before every pass, whatever the backlog. Here Alice's 30 reads, all queued at
-    once (30 passes: one other request per key per pass), let Bob's training job take steps
-    in between (before this change: none, they were all waiting in the worker's socket). Each
-    such mini-batch delays the pass after it, on a deadline that runs from when it was sent."""
+    """The worker's loop takes requests first and runs a training job's next mini-batch only
+    when none is waiting. The pool sends a pass only once the last one is answered, so it
+    tells the worker when more wait (``Job.backlog``) and the worker waits for that next pass
+    before training. Without it, Alice's 30 reads (30 passes: one other request per key per
+    pass) let Bob's training job take a step between every two of them."""
     from service.engine import specs
     from service.workers.jobs import new_id
     from tests.workers.test_fair_pool import SEED_SESSION
@@ -260,8 +258,10 @@ def test_requests_go_before_a_training_jobs_next_mini_batch(tmp_path: Path) -> N
             before = await bob_step()
             await asyncio.gather(*(pool.read("alice", alice) for _ in range(30)))
             taken = await bob_step() - before
-            # one mini-batch may slip in before the first read is queued, one after the last
-            assert taken <= 2, f"bob's job took {taken} steps during alice's 30 queued reads"
+            # A mini-batch may slip in before the reads queue up behind the first one, after
+            # the last, and where a loaded machine stalls the pool past the worker's wait for
+            # its next pass: a few, where going between every pass takes about 30.
+            assert taken <= 5, f"bob's job took {taken} steps during alice's 30 queued reads"
         finally:
             await pool.close()
 
