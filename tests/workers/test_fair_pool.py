@@ -42,6 +42,7 @@ def heavy(layers: int, rows: int, width: int = 512) -> specs.ForwardRequest:
             "layers": [linear] * layers + [{**linear, "out_features": 1}],
         },
         "loss": "mse",
+        "encoding": "b64",  # the gradients' answer within the answer budget
         "batch": {
             "x": {"dtype": "float32", "shape": [rows, width], "b64": base64.b64encode(x).decode()},
             "y": {"dtype": "float32", "shape": [rows, 1], "b64": base64.b64encode(y).decode()},
@@ -105,7 +106,7 @@ def test_an_overrunning_computation_recycles_its_worker_and_the_queue_behind_it_
 
     async def main(pool: WorkerPool) -> None:
         alice = await session(pool, "alice")
-        bob = asyncio.create_task(pool.stateless("bob", "gradients", heavy(36, 4000), None))
+        bob = asyncio.create_task(pool.stateless("bob", "gradients", heavy(36, 6000), None))
         await started(pool)
         answers = await asyncio.gather(
             *(pool.run(RunJob("step", "alice", alice, STEP)) for _ in range(3)),
@@ -118,7 +119,7 @@ def test_an_overrunning_computation_recycles_its_worker_and_the_queue_behind_it_
         assert dict(pool.recycled) == {"bob": 1}
 
     with caplog.at_level(logging.WARNING, logger="gradsvc.pool"):
-        run(main, pool_with(tmp_path, compute_timeout=1.0, batch_window_ms=0))
+        run(main, pool_with(tmp_path, compute_timeout=0.5, batch_window_ms=0))
     assert any("computation of key bob" in r.getMessage() for r in caplog.records)
 
 
