@@ -224,9 +224,10 @@ class WorkerHandle:
             ticket.cancel_expiry()
             ticket.sent = now
             self.flight[ticket.id] = ticket
-            job = Job(ticket.id, ticket.message, now + timeout, timeout, len(tickets) - 1 - k)
-            job.backlog = backlog
-            self.channel.send(job)
+            rest = len(tickets) - 1 - k
+            self.channel.send(
+                Job(ticket.id, ticket.message, now + timeout, timeout, rest, backlog=backlog)
+            )
         self.last_pass = sum(1 for t in tickets if t.batched)
         self._rearm()
 

@@ -23,13 +23,18 @@ def free_port() -> int:
         return port
 
 
-def high_water_kib(pid: int) -> int:
-    """A process's peak resident memory so far (the kernel's VmHWM), in KiB."""
+def status_kib(pid: int, name: str) -> int:
+    """One size from a process's ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``...), in KiB."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for pid {pid}")
+    raise AssertionError(f"no {name} for pid {pid}")
+
+
+def high_water_kib(pid: int) -> int:
+    """A process's peak resident memory so far (the kernel's VmHWM), in KiB."""
+    return status_kib(pid, "VmHWM")
 
 
 class Server:

@@ -16,7 +16,7 @@ import pytest
 
 from service.api.parsebudget import SMALL
 from tests.conftest import SEED_STEP
-from tests.e2e.server import Server
+from tests.e2e.server import Server, status_kib
 
 pytestmark = pytest.mark.slow
 
@@ -136,17 +136,6 @@ def test_the_parse_budget_is_shared(strict: Server, opened: list[socket.socket])
     assert r.status_code == 200, r.text  # the budget is whole again
 
 
-def _rss(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (the peak so far) of a process, in bytes."""
-    sizes = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                sizes[name] = int(value.split()[0]) * 1024
-    return sizes
-
-
 def _post_large(server: Server, body: bytes, answers: list[tuple[int, dict[str, Any]]]) -> None:
     """Send ``body`` while reading the answer, which may come before the body is all sent."""
     sock = _start(server, len(body), path="/v1/forward")
@@ -184,7 +173,7 @@ def test_many_large_bodies_at_once_keep_memory_bounded() -> None:
     answers: list[tuple[int, dict[str, Any]]] = []
     with Server("--store", "memory://", "--workers-per-device", "1") as server:
         assert server.proc is not None
-        before = _rss(server.proc.pid)["VmRSS"]
+        before = status_kib(server.proc.pid, "VmRSS") * 1024
         senders = [
             threading.Thread(target=_post_large, args=(server, body, answers)) for _ in range(8)
         ]
@@ -192,7 +181,7 @@ def test_many_large_bodies_at_once_keep_memory_bounded() -> None:
             sender.start()
         for sender in senders:
             sender.join()
-        peak = _rss(server.proc.pid)["VmHWM"] - before
+        peak = status_kib(server.proc.pid, "VmHWM") * 1024 - before
         assert peak < 256 * MiB + len(body) + 32 * MiB, f"peak RSS rose by {peak / MiB:.0f} MiB"
         assert len(answers) == 8
         assert {status for status, _ in answers} <= {413, 422, 503}, answers

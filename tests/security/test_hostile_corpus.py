@@ -44,7 +44,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tests.conftest import SEED_STEP, assert_problem
-from tests.e2e.server import Server
+from tests.e2e.server import Server, status_kib
 from tests.engine.test_expression_security import REFUSED
 
 pytestmark = pytest.mark.slow
@@ -112,15 +112,7 @@ class RssSampler:
     _thread: threading.Thread | None = None
 
     def read(self, name: str = "VmRSS") -> int:
-        return sum(self._read(pid, name) for pid in self.pids)
-
-    @staticmethod
-    def _read(pid: int, name: str) -> int:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-        raise AssertionError(f"no {name} for pid {pid}")
+        return sum(status_kib(pid, name) for pid in self.pids)
 
     def sample(self) -> int:
         kib = self.read()
