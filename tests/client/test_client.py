@@ -25,6 +25,7 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any, Literal
 
+import gradsvc_client
 import httpx
 import numpy as np
 import pytest
@@ -930,3 +931,9 @@ def test_the_quick_start_in_the_docs_runs(server: Server) -> None:
     namespace: dict[str, Any] = {}
     exec(compile(source, str(Path("docs/client.md")), "exec"), namespace)
     assert namespace["second"].params["w"].tolist() == [1.46]
+
+
+def test_every_public_name_is_documented() -> None:
+    text = (ROOT / "docs" / "client.md").read_text()
+    missing = [n for n in gradsvc_client.__all__ if not re.search(rf"(?<![\w.]){n}\b", text)]
+    assert missing == []

@@ -36,14 +36,12 @@ JOB_DONE = frozenset({"succeeded", "failed", "cancelled"})
 """The job statuses after which nothing changes."""
 
 
-def _bound(owner: Any, want_async: bool, what: str) -> Any:
+def _bound(owner: Any, want_async: bool, what: str, other: str) -> Any:
     """The client an object came from, if it is of the kind the caller's method needs."""
     if owner is None:
         raise TypeError(f"this {what} was not fetched by a client: it cannot fetch itself")
-    is_async = bool(getattr(owner, "is_async", False))
-    if is_async != want_async:
-        hint = "await it with the _async method" if is_async else "call the method without _async"
-        raise TypeError(f"this {what} came from {type(owner).__name__}: {hint}")
+    if bool(getattr(owner, "is_async", False)) != want_async:
+        raise TypeError(f"this {what} came from {type(owner).__name__}: use {other}")
     return owner
 
 
@@ -150,7 +148,9 @@ class Session(Generic[T]):
             TypeError: It came from an ``AsyncClient`` (``await refresh_async()``).
             NotFoundError: It has been deleted.
         """
-        fresh: Session[T] = _bound(self.client, False, "Session").get_session(self.id)
+        fresh: Session[T] = _bound(
+            self.client, False, "Session", "await refresh_async()"
+        ).get_session(self.id)
         return fresh
 
     async def refresh_async(self) -> Session[T]:
@@ -163,7 +163,9 @@ class Session(Generic[T]):
             TypeError: It came from a ``Client`` (``refresh()``).
             NotFoundError: It has been deleted.
         """
-        fresh: Session[T] = await _bound(self.client, True, "Session").get_session(self.id)
+        fresh: Session[T] = await _bound(self.client, True, "Session", "refresh()").get_session(
+            self.id
+        )
         return fresh
 
 
@@ -318,7 +320,9 @@ class Job:
             TimeoutError: It still runs after ``timeout`` seconds.
             TypeError: It came from an ``AsyncClient`` (``await wait_async()``).
         """
-        final: Job = _bound(self.client, False, "Job").wait(self, timeout, poll=poll)
+        final: Job = _bound(self.client, False, "Job", "await wait_async()").wait(
+            self, timeout, poll=poll
+        )
         return final
 
     async def wait_async(self, timeout: float | None = None, *, poll: float = 0.5) -> Job:
@@ -335,7 +339,7 @@ class Job:
             TimeoutError: It still runs after ``timeout`` seconds.
             TypeError: It came from a ``Client`` (``wait()``).
         """
-        final: Job = await _bound(self.client, True, "Job").wait(self, timeout, poll=poll)
+        final: Job = await _bound(self.client, True, "Job", "wait()").wait(self, timeout, poll=poll)
         return final
 
 
