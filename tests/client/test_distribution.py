@@ -70,10 +70,13 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     venv = here / "venv"
     env = _clean_env()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
+    # No pip of its own (ensurepip takes seconds): this pip installs into it with --python.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env, timeout=120
+    )
     python = venv / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(source)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", str(source)],
         check=True,
         env=env,
         timeout=600,
