@@ -53,9 +53,10 @@ RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX}" -c constra
 
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY client ./client
 # Torch is already installed and satisfies the pins, so pip keeps it and resolves its
-# dependencies; `pip check` fails the build if anything is missing or out of range.
-RUN pip install --no-cache-dir -c constraints.txt . \
+# dependencies (the client from ./client); `pip check` fails if anything is missing.
+RUN pip install --no-cache-dir -c constraints.txt ./client . \
     && pip check
 
 # ---- runtime: the venv, a non-root user, nothing else ----

@@ -1,4 +1,4 @@
-"""service.client against a real server process, sync and async, and its retries proven safe.
+"""gradsvc_client against a real server process, sync and async, and its retries proven safe.
 
 Most tests run one scenario twice, through ``Client`` and through ``AsyncClient``: a scenario
 is a coroutine that awaits whatever the client returns when it is awaitable (``aw``) and
@@ -25,12 +25,12 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any, Literal
 
+import gradsvc_client
 import httpx
 import numpy as np
 import pytest
 import torch
-
-from service.client import (
+from gradsvc_client import (
     ApiError,
     AsyncClient,
     AuthenticationError,
@@ -55,11 +55,10 @@ from service.client import (
     TraceNode,
     UnavailableError,
     Worker,
-    _Encoder,
-    _retry_after,
-    _to_numpy,
-    _to_torch,
 )
+from gradsvc_client.errors import retry_after as _retry_after
+from gradsvc_client.tensors import _Encoder, _to_numpy, _to_torch
+
 from service.engine import tensors as wire
 from tests.e2e.server import ROOT, Server, free_port
 
@@ -99,12 +98,6 @@ def run(mode: str, url: str, scenario: Scenario, **options: Any) -> None:
                 await scenario(ags)
 
     asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with Server("--store", "memory://") as s:
-        yield s
 
 
 @pytest.fixture(params=MODES)
@@ -225,7 +218,7 @@ def test_every_session_endpoint(server: Server, mode: str) -> None:
         assert restored.id != s.id and restored.step == 1
         assert restored.params["w"].tolist() == [2.0] and restored.optimizer["lr"] == 0.5
 
-        listed = await collect(gs.list_sessions(page_size=2))
+        listed = await collect(gs.sessions(page_size=2))
         ids = [x.id for x in listed]
         assert {s.id, restored.id} <= set(ids) and len(ids) == len(set(ids))
 
@@ -485,7 +478,7 @@ def test_api_keys(keyed: Server, mode: str) -> None:
     async def stranger(gs: Any) -> None:
         with pytest.raises(NotFoundError):  # another key's session does not exist
             await aw(gs.get_session(made[0].id))
-        assert [s.id for s in await collect(gs.list_sessions())] == []
+        assert [s.id for s in await collect(gs.sessions())] == []
 
     async def nobody(gs: Any) -> None:
         assert (await aw(gs.health())).ok and (await aw(gs.ready())).ok  # open paths
@@ -938,3 +931,9 @@ def test_the_quick_start_in_the_docs_runs(server: Server) -> None:
     namespace: dict[str, Any] = {}
     exec(compile(source, str(Path("docs/client.md")), "exec"), namespace)
     assert namespace["second"].params["w"].tolist() == [1.46]
+
+
+def test_every_public_name_is_documented() -> None:
+    text = (ROOT / "docs" / "client.md").read_text()
+    missing = [n for n in gradsvc_client.__all__ if not re.search(rf"(?<![\w.]){n}\b", text)]
+    assert missing == []

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from gradsvc_client import Client
 
-from service.client import Client
 from tests.conftest import assert_problem
 from tests.e2e.server import Server
 
