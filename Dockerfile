@@ -28,6 +28,8 @@
 # mounted file of SHA-256 digests, e.g. a secret), or GRADSVC_INSECURE=1 on a trusted network:
 #   docker run --rm -p 8000:8000 -e GRADSVC_API_KEYS=change-me -v gradsvc-data:/data gradsvc
 
+# checkov:skip=CKV_DOCKER_7: FROM names ${BASE_IMAGE}, which checkov cannot resolve; its default
+# is pinned by tag just below (python:3.11-slim-bookworm), and a build argument pins any other.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: a virtual environment with torch and the package, copied whole into the runtime ----

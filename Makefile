@@ -2,21 +2,37 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+# Two stamps on one venv: `make run` installs only what serving needs (SERVE_STAMP); every
+# other target adds the dev tools on top (STAMP). Both create .venv when it is missing.
+SERVE_STAMP := $(VENV)/.serve-stamp
+STAMP := $(VENV)/.dev-stamp
+# checkov pins packages that clash with ours (jsonschema, for one): it gets a venv of its own,
+# from its own pins, which only the deployment tests use.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 
 .PHONY: run test lint format openapi bench clean
 
-$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
+$(SERVE_STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ./client
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+$(CHECKOV_STAMP): tests/deploy/checkov-constraints.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q -c tests/deploy/checkov-constraints.txt checkov
+	touch $(CHECKOV_STAMP)
+
+run: $(SERVE_STAMP)
 	$(BIN)/gradsvc serve
 
-test: lint
+test: lint $(CHECKOV_STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -36,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache

