@@ -55,6 +55,7 @@ class WorkerPool:
         self.context = multiprocessing.get_context("spawn")
         self.closing = False
         self.draining = False
+        """SIGTERM came: not ready (the requests in flight still run)"""
         self._ids = itertools.count(1)
         self._turn = itertools.count()
         self.inflight_limit = settings.max_inflight_per_key if settings.keyed else None
@@ -204,8 +205,9 @@ class WorkerPool:
     ) -> R:
         """Have the worker for ``key`` answer ``message`` for ``owner``; raise what it raised.
         ``counted``: whether this is a request of its own against the key's in-flight limit
-        (a bulk step's parts are one request)."""
-        if self.draining or self.closing:
+        (a bulk step's parts are one request). While the server drains, what was admitted
+        before the drain still runs: the drain refuses new requests before they get here."""
+        if self.closing:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", retry_after=5
             )

@@ -29,7 +29,7 @@ from tests.e2e.test_jobs_replicas import (
 )
 
 pytestmark = pytest.mark.slow
-DRAIN = 5.0
+DRAIN = 4.0
 EXIT_WITHIN = DRAIN + 6.0
 """The drain, then uvicorn's last seconds, the workers' stop and the store's close."""
 
