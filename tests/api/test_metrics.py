@@ -6,6 +6,7 @@ import json
 import logging
 import zlib
 from importlib import metadata
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -148,6 +149,32 @@ def test_store_trouble_is_counted_once_by_kind() -> None:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     assert value(samples, "gradsvc_store_errors_total", kind="locked") == 1
     assert value(samples, "gradsvc_store_errors_total", kind="full") == 0
+
+
+def test_cuda_memory_is_summed_over_a_device_s_workers() -> None:
+    """The collector alone, over a pool whose workers said what they hold on two devices
+    (the real thing: tests/gpu/test_gpu_metrics.py)."""
+
+    def worker(device: str, cuda: tuple[int, int] | None) -> SimpleNamespace:
+        return SimpleNamespace(
+            index=0, state="up", restarts=0, depth=0, held=0, running=1, cuda=cuda,
+            config=SimpleNamespace(device=device),
+        )  # fmt: skip
+
+    metrics = Metrics()
+    metrics.pool = SimpleNamespace(  # type: ignore[assignment]
+        layout=SimpleNamespace(devices=("cuda:0", "cuda:0", "cuda:1")),
+        workers=[worker("cuda:0", (10, 20)), worker("cuda:0", (1, 2)), worker("cuda:1", None)],
+        recycled=0,
+    )
+    samples = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert value(samples, "gradsvc_cuda_memory_allocated_bytes", device="cuda:0") == 11
+    assert value(samples, "gradsvc_cuda_memory_reserved_bytes", device="cuda:0") == 22
+    assert ("gradsvc_cuda_memory_allocated_bytes", (("device", "cuda:1"),)) not in samples
+    assert value(samples, "gradsvc_jobs_running") == 3
 
 
 def test_request_ids_are_honoured_or_made(client: TestClient) -> None:
