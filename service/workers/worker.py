@@ -38,7 +38,8 @@ NEXT_PASS = 0.5
 mini-batch may go first (the pool sends it as soon as this pass's answers arrive)."""
 HEARTBEAT_SECONDS = 2.0
 """How often a worker tells its pool what it did that answered no request (a training job's
-steps) and what it holds now (jobs running, device memory): ``Reply`` 0 with no value."""
+steps) and what it holds now (jobs running, device memory): ``Reply`` 0 with no value. It
+also does as soon as it takes up or ends a training job."""
 WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train)
 """Operations that may change the store as they run: a lost worker's pool never runs them
 again, as it cannot know they did not. (An answer kept under an Idempotency-Key is no
@@ -144,14 +145,16 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
         _warm_up()
         compute.drain_calls()  # the warm-up is no request's
         inbox.send(Reply(0, True, os.getpid(), Info()))
-        beat = time.monotonic() + HEARTBEAT_SECONDS
+        beat, running = time.monotonic() + HEARTBEAT_SECONDS, 0
         while True:
             # Requests first; a training job's next mini-batch when none is waiting (and
             # none is on its way: the pool said more wait behind the last pass). Jobs come
             # from the store (any replica's), looked for at most every half second.
             guarded(runner.tick)
-            if time.monotonic() >= beat:  # a training job's steps answer no request
-                beat = time.monotonic() + HEARTBEAT_SECONDS
+            # A training job's steps answer no request: a heartbeat tells of them, and at
+            # once of a job taken or ended.
+            if time.monotonic() >= beat or len(runner.runs) != running:
+                beat, running = time.monotonic() + HEARTBEAT_SECONDS, len(runner.runs)
                 inbox.send(Reply(0, True, None, report(Info())))
             if runner.busy:
                 try:
@@ -181,6 +184,10 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     finally:
         runner.release()
         store.close()
+    # Everything is written and closed: skip the interpreter's teardown (torch's takes
+    # seconds on a busy machine, and the server's exit waits for it).
+    logging.shutdown()
+    os._exit(0)
 
 
 def _store_errors() -> list[str]:
