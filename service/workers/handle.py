@@ -9,13 +9,13 @@
 - Deadlines: a request still queued at its deadline is answered 504 and never runs. A pass
   gets ``compute_timeout`` from when it is sent; the worker refuses to commit past it, and
   if it has not answered ``GRACE`` seconds later it is killed. Only the computation it was
-  in (its ``Progress`` says which) is answered 504, and its key is named in the log and the
-  ``recycled`` count.
+  in (its ``Progress`` says which) is answered 504, and its key is named in the log (the
+  ``recycled`` count has no key: keys are many).
 - A worker that dies (killed, crashed, lost its device) is started again, ever slower if it
-  keeps dying as it starts; its sessions reload from the store, where everything
-  acknowledged is. Of its pass, the jobs it was computing or may have written for end 503;
-  the rest, which wrote nothing, go back to the head of the queue and run on the restarted
-  worker.
+  keeps dying before it has been up a minute (``Backoff``); its sessions reload from the
+  store, where everything acknowledged is. Of its pass, the jobs it was computing or may
+  have written for end 503; the rest, which wrote nothing, go back to the head of the queue
+  and run on the restarted worker.
 """
 
 from __future__ import annotations
