@@ -15,7 +15,7 @@ from service import __version__
 from service.api import docs, problems
 from service.api.auth import OPEN_PATHS, OPERATOR_PATHS, AuthMiddleware, Keys
 from service.api.bodylimit import BodyLimitMiddleware
-from service.api.connections import ConnectionLimitMiddleware
+from service.api.connections import ConnectionLimitMiddleware, Drain
 from service.api.idempotency import InFlight
 from service.api.jobfeed import Feeds, JobBoard
 from service.api.metrics import Metrics, ObserveMiddleware
@@ -82,6 +82,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ttl=settings.job_ttl,
         )
         app.state.feeds = Feeds(board, max_streams_per_key=settings.max_streams_per_key)
+        pool, health = app.state.pool, app.state.store_health
+        metrics.ready = lambda: pool.ready and health.healthy and not drain.draining
+        handing_over: list[asyncio.Task[int]] = []
+
+        def drained() -> None:
+            # SIGTERM: no new work for the workers (the middleware refuses it before them),
+            # every event stream gets its final event now, and the training jobs go to a
+            # worker of another replica at once rather than when their leases lapse.
+            pool.draining = True
+            app.state.feeds.close()
+            handing_over.append(asyncio.create_task(pool.hand_over()))
+
+        drain.on_begin(drained)
         try:
             yield
         finally:
@@ -107,13 +120,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
+    app.state.drain = drain = Drain(settings.drain_seconds)
     keys = Keys.from_settings(settings)
     app.state.limits = settings.limits()
     problems.install(app)
     app.state.parse_budget = budget = ParseBudget(settings.max_parsing_bytes)
     # Added innermost first. A request meets: the metrics and access log (which count what
-    # the others refuse too), the connection limit (503), the key (401, 429), then its body's
-    # size, time and share of the parse budget (413, 408, 503).
+    # the others refuse too), the drain and the connection limit (503), the key (401, 429),
+    # then its body's size, time and share of the parse budget (413, 408, 503).
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -121,7 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         budget=budget,
     )
     app.add_middleware(AuthMiddleware, keys=keys)
-    app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
+    app.add_middleware(
+        ConnectionLimitMiddleware, max_connections=settings.max_connections, drain=drain
+    )
     app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.include_router(compute.router)
     app.include_router(sessions.router)

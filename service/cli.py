@@ -7,8 +7,10 @@ its ``GRADSVC_*`` variable and its default can never disagree.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -18,6 +20,10 @@ from pydantic import ValidationError
 
 from service import logs, train_cli
 from service.config import Settings
+
+SHUTDOWN_SECONDS = 3
+"""Seconds uvicorn gives the connections still open once the drain is over (or, on SIGINT,
+at once) before it cancels them."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,22 +87,41 @@ def _serve(settings: Settings) -> int:
     from service.app import create_app
 
     class Server(uvicorn.Server):
-        """SIGTERM is the ordinary way to stop a service: drain, then exit 0. (uvicorn would
-        re-raise the signal after its graceful shutdown, so the exit status said "killed".)"""
+        """SIGTERM is the ordinary way to stop a service: drain, then exit 0.
+
+        uvicorn would stop listening at once (a new client gets a connection error, not
+        the 503 promised) and wait for every connection, an event stream's too, for up to
+        its graceful timeout; then re-raise the signal, so the exit status said "killed".
+        Here SIGTERM begins the app's drain (``connections.Drain``): the listener stays open
+        and the app answers 503 while in-flight requests finish and streams get their final
+        event; uvicorn is told to stop only when the drain is over. SIGINT (Ctrl-C) stops at
+        once, as uvicorn does."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            pool = getattr(app.state, "pool", None)
-            if pool is not None:  # new work gets 503 while the work in flight finishes
-                pool.draining = True
+            if sig == signal.SIGTERM and self.loop is not None and not self.should_exit:
+                # A signal handler runs between any two bytecodes: the drain begins on the
+                # event loop's own turn, never inside one of its callbacks.
+                self.loop.call_soon_threadsafe(drain.begin)
+                return
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM and sig in self._captured_signals:
                 self._captured_signals.remove(sig)
+
+        async def on_tick(self, counter: int) -> bool:
+            return await super().on_tick(counter) or drain.over()
 
     try:
         app = create_app(settings)
     except (ValueError, OSError) as exc:  # an unreadable keys file, a store URL we don't know
         sys.stderr.write(f"gradsvc: {exc}\n")
         return 2
+    drain = app.state.drain
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -104,7 +129,7 @@ def _serve(settings: Settings) -> int:
         log_level=settings.log_level,
         log_config=logs.config(settings.log_level),
         access_log=False,  # gradsvc.access logs every request, as JSON, with its id
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
     )
     Server(config).run()
     return 0

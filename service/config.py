@@ -160,6 +160,15 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1024, ge=1, description="connections served at once (503 over)"
     )
+    drain_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        le=3600,
+        description=(
+            "seconds after SIGTERM that the listener stays open answering new requests 503 "
+            "(Retry-After) while those in flight finish; then the process exits 0"
+        ),
+    )
     job_ttl: float = Field(
         default=JOB_TTL, gt=0, description="seconds a finished training job is kept"
     )

@@ -183,8 +183,11 @@ class StoreUnavailable(Unavailable):
     type = "store-unavailable"
     title = "Session store unavailable"
 
-    def __init__(self, detail: str, *, retry_after: int = 2) -> None:
+    def __init__(self, detail: str, *, retry_after: int = 2, kind: str = "unavailable") -> None:
         super().__init__(detail, retry_after=retry_after)
+        self.kind = kind
+        """for ``gradsvc_store_errors_total``: ``locked`` (SQLite's busy wait ran out), else
+        ``unavailable``"""
 
 
 class ComputeTimeout(GradsvcError):
@@ -206,3 +209,4 @@ class InsufficientStorage(GradsvcError):
     status = 507
     type = "insufficient-storage"
     title = "Insufficient storage"
+    kind = "full"

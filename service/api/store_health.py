@@ -31,6 +31,11 @@ class StoreHealth:
         self._checked = -float("inf")
         self._error: GradsvcError | None = None
 
+    @property
+    def healthy(self) -> bool:
+        """What the last probe said (True before the first): read without probing."""
+        return self._error is None
+
     async def trouble(self) -> GradsvcError | None:
         """What a write would meet now (None: it would go through), at most ``every`` old."""
         async with self._lock:

@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from service.errors import StoreUnavailable
+from service.store import trouble
 from service.store.trouble import redis_trouble
 
 TIMEOUT = 1.0
@@ -98,7 +99,9 @@ class RedisBuckets:
                 keys=[f"{self.prefix}rate:{key}"], args=[self.rate, self.burst, now]
             )
         except (redis.RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            error = _unavailable(exc)
+            trouble.count(error)
+            raise error from exc
         return float(cast(bytes, answer))
 
     async def aclose(self) -> None:

@@ -13,6 +13,7 @@ write is one script or one MULTI/EXEC, which the server applies whole or not at 
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import sqlite3
@@ -46,7 +47,8 @@ def sqlite_trouble(exc: BaseException) -> GradsvcError | None:
     if code in _BUSY_CODES or any(word in text for word in _LOCKED):
         return StoreUnavailable(
             "the SQLite store stayed locked by another process past its busy wait; nothing "
-            "was written: retry shortly (if it persists, look for a process holding the file)"
+            "was written: retry shortly (if it persists, look for a process holding the file)",
+            kind="locked",
         )
     if "readonly" in text.replace(" ", "") or "unable to open" in text:
         return StoreUnavailable(
@@ -95,6 +97,29 @@ def _full(what: str) -> InsufficientStorage:
     )
 
 
+met: collections.Counter[str] = collections.Counter()
+"""The store trouble this process has met, by kind (``unavailable``, ``locked``, ``full``),
+since ``drain_met`` last asked: counted once, here, where it leaves the store (the metric
+``gradsvc_store_errors_total``)."""
+
+
+def drain_met() -> dict[str, int]:
+    """The trouble counted since the last call (and forgotten here)."""
+    counts = dict(met)
+    met.clear()
+    return counts
+
+
+def count(error: GradsvcError) -> None:
+    """Count ``error`` in ``met`` if it is store trouble, once however many wrapped methods
+    it leaves through (one store method may call another)."""
+    if isinstance(error, StoreUnavailable | InsufficientStorage) and not getattr(
+        error, "_counted", False
+    ):
+        error._counted = True  # type: ignore[union-attr]
+        met[error.kind] += 1
+
+
 def translated(translate: Translate) -> Callable[[type[T]], type[T]]:
     """Wrap every public method of a store class so that its driver's trouble leaves it as
     a domain error (``translate`` decides which failures are trouble; others go on as they
@@ -105,12 +130,14 @@ def translated(translate: Translate) -> Callable[[type[T]], type[T]]:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return method(*args, **kwargs)
-            except GradsvcError:
+            except GradsvcError as exc:
+                count(exc)
                 raise
             except Exception as exc:
                 error = translate(exc)
                 if error is None:
                     raise
+                count(error)
                 raise error from exc
 
         return call

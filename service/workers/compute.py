@@ -6,6 +6,7 @@ Nothing here reads or writes the store: the caller (``rounds``) decides what is 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -23,6 +24,16 @@ from service.workers.jobs import RunJob
 R = TypeVar("R")
 P = ParamSpec("P")
 log = logging.getLogger("gradsvc.worker")
+calls: list[tuple[int, float]] = []
+"""This process's computations since the worker last reported them (``drain_calls``): the
+items in each call (a vmapped group's size; 1 alone) and the seconds the call took."""
+
+
+def drain_calls() -> list[tuple[int, float]]:
+    """The computations recorded since the last call (and forgotten here)."""
+    done = calls[:]
+    calls.clear()
+    return done
 
 
 def guarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | GradsvcError:
@@ -85,12 +96,16 @@ def computed(
     for group in groups.values():
         if before is not None:
             before([p.index for p in group])
+        start = time.perf_counter()
         if len(group) == 1:
-            yield group[0], guarded(_compute_one, group[0], limits)
+            alone = guarded(_compute_one, group[0], limits)
+            calls.append((1, time.perf_counter() - start))
+            yield group[0], alone
             continue
         first = group[0]
         entries = [p.entry() for p in group]
         outcomes = guarded(batching.run_group, first.job.kind, first.built.spec, entries, limits)
+        calls.append((len(group), time.perf_counter() - start))
         if isinstance(outcomes, GradsvcError):
             for prepared in group:
                 yield prepared, outcomes

@@ -9,19 +9,20 @@
 - Deadlines: a request still queued at its deadline is answered 504 and never runs. A pass
   gets ``compute_timeout`` from when it is sent; the worker refuses to commit past it, and
   if it has not answered ``GRACE`` seconds later it is killed. Only the computation it was
-  in (its ``Progress`` says which) is answered 504, and its key is named in the log and the
-  ``recycled`` count.
+  in (its ``Progress`` says which) is answered 504, and its key is named in the log (the
+  ``recycled`` count has no key: keys are many).
 - A worker that dies (killed, crashed, lost its device) is started again, ever slower if it
-  keeps dying as it starts; its sessions reload from the store, where everything
-  acknowledged is. Of its pass, the jobs it was computing or may have written for end 503;
-  the rest, which wrote nothing, go back to the head of the queue and run on the restarted
-  worker.
+  keeps dying before it has been up a minute (``Backoff``); its sessions reload from the
+  store, where everything acknowledged is. Of its pass, the jobs it was computing or may
+  have written for end 503; the rest, which wrote nothing, go back to the head of the queue
+  and run on the restarted worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradsvc.pool")
 MAX_BACKOFF = 30.0
+HEALTHY_SECONDS = 60.0
+"""Seconds up after which a worker's exit no longer counts towards its restart back-off."""
 GRACE = 2.0
 """Seconds past its deadline that a pass's worker gets to say so before it is recycled."""
 EOF_WAIT = 1.0
@@ -98,11 +101,17 @@ class WorkerHandle:
         """the jobs the worker said it is computing (or writing for) now"""
         self.done = 0
         self.restarts = 0
+        self.backoff = Backoff()
         self.held = 0
+        self.running = 0
+        """training jobs the worker runs, as its last answer or heartbeat said"""
+        self.cuda: tuple[int, int] | None = None
+        """its CUDA memory (allocated, reserved), as last said; None on the CPU"""
+        self.up_at: float | None = None
+        """time.monotonic() when the running process said it is up"""
         self.pid: int | None = None
         self.process: Any = None
         self.channel: _Channel | None = None
-        self.started_at = 0.0
         self.up = asyncio.Event()
         self.last_pass = 0
         """``Run`` jobs in the last pass: how many to wait a batch window for"""
@@ -131,7 +140,7 @@ class WorkerHandle:
         process.start()
         theirs.close()
         self.process, self.state, self.pid = process, "starting", None
-        self.started_at = time.monotonic()
+        self.up_at = None
         self._exited_seen = False
         self.up.clear()
         _, channel = await loop.connect_accepted_socket(
@@ -249,14 +258,17 @@ class WorkerHandle:
             if self.flight:
                 self._rearm()
             return
+        self.held, self.running, self.cuda = reply.info.held, reply.info.running, reply.info.cuda
         if reply.job_id == 0:
-            self._up(reply.value)
+            if reply.value is not None:
+                self._up(reply.value)
+            elif self.pool.observer is not None:  # a heartbeat
+                self.pool.observer(reply.info)
             return
-        self.held = reply.info.held
         self.done += 1
         ticket = self.flight.pop(reply.job_id, None)
-        if ticket is not None:  # its wait: in this queue, then in the worker
-            reply.info.wait += ticket.sent - ticket.arrived
+        if ticket is not None:  # from the fair queue to the worker
+            reply.info.wait = ticket.sent - ticket.arrived
         if self.pool.observer is not None:
             self.pool.observer(reply.info)
         if ticket is not None and not ticket.future.done():
@@ -272,6 +284,7 @@ class WorkerHandle:
             self._startup.cancel()
             self._startup = None
         self.pid, self.state = pid, "up"
+        self.up_at = time.monotonic()
         self.up.set()
         log.info("worker %d up on %s (pid %d)", self.index, self.config.device, pid)
         deadline = time.time() + self.pool.timeout
@@ -298,8 +311,7 @@ class WorkerHandle:
         culprits = [self.flight[i] for i in self.current if i in self.flight]
         culprits = culprits or [t for t in self.flight.values() if t.started]
         owners = sorted({t.owner for t in culprits})
-        for owner in owners:
-            self.pool.recycled[owner] += 1
+        self.pool.recycled += 1
         log.warning(
             "worker %d is stuck past a deadline in a computation of %s; recycling it",
             self.index,
@@ -326,6 +338,7 @@ class WorkerHandle:
         self.process.join(0)
         self._exited_seen = True
         self.state = "stopped" if self.pool.closing else "restarting"
+        self.running, self.cuda = 0, None  # its jobs go on elsewhere; its memory is freed
         self.up.clear()
         if self.channel is None or self.channel.lost:
             self._judge()
@@ -340,9 +353,11 @@ class WorkerHandle:
         channel, self.channel = self.channel, None
         if channel.transport is not None:
             channel.transport.close()
-        code = self.process.exitcode
+        if self.process.exitcode is None:  # its end of the pipe closes before it is reaped
+            self.process.join(EOF_WAIT)
+        how = exit_status(self.process.exitcode)
         lost = Unavailable(
-            f"the worker computing this request stopped (exit status {code}) before it "
+            f"the worker computing this request stopped ({how}) before it "
             "answered: retry with the same Idempotency-Key (a change it had already committed "
             "is then answered, not applied again)"
         )
@@ -367,17 +382,13 @@ class WorkerHandle:
             ticket.started = False
             self._arm(ticket)
         self.restarts += 1
-        lived = time.monotonic() - self.started_at
-        # A worker that dies as it starts (an unreachable store, say) is retried ever slower.
-        # One that was recycled for an overrun is not failing: it starts again at once.
+        up_for = None if self.up_at is None else time.monotonic() - self.up_at
         recycled, self._recycled = self._recycled, False
-        delay = (
-            0.0 if lived > 10 or recycled else min(MAX_BACKOFF, 0.5 * 2 ** min(self.restarts, 6))
-        )
+        delay = self.backoff.after_exit(up_for, recycled=recycled)
         log.warning(
-            "worker %d exited with %s; restarting in %.1f s (%d requests to run there)",
+            "worker %d exited (%s); restarting in %.1f s (%d requests to run there)",
             self.index,
-            code,
+            how,
             delay,
             len(self.queue),
         )
@@ -421,6 +432,42 @@ class WorkerHandle:
             self.done,
             self.restarts,
         )
+
+
+class Backoff:
+    """How long to wait before a worker that exited is started again.
+
+    A worker that keeps dying before it has been healthy (an unreachable store, a broken
+    device: it may not even say it is up) is started again ever slower, 0.5 s doubling up to
+    ``MAX_BACKOFF``. One that was up for ``HEALTHY_SECONDS`` was not failing to start: its
+    exit is taken as a one-off, the count starts over and it restarts at once. So does one
+    recycled for an overrun (the computation's fault, not the worker's).
+    """
+
+    def __init__(self) -> None:
+        self.failures = 0
+        """exits in a row of a worker that never stayed up ``HEALTHY_SECONDS``"""
+
+    def after_exit(self, up_for: float | None, *, recycled: bool = False) -> float:
+        """The delay before the next start, given how long the worker that just exited had
+        been up (None: it never said it was up), and whether it was recycled."""
+        if recycled or (up_for is not None and up_for >= HEALTHY_SECONDS):
+            self.failures = 0
+            return 0.0
+        self.failures += 1
+        return float(min(MAX_BACKOFF, 0.5 * 2 ** (self.failures - 1)))
+
+
+def exit_status(code: int | None) -> str:
+    """A process's exit as the log says it: the signal that killed it, or its exit status."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def label(owner: str) -> str:

@@ -131,6 +131,12 @@ class Ping(Message[int]):
     """Answered with the worker's pid."""
 
 
+@dataclass(frozen=True)
+class Handover(Message[int]):
+    """The server is draining: let every training job's lease go (a worker of another
+    replica resumes the job at once) and claim no more; answered with how many were let go."""
+
+
 Request = (
     Stateless
     | Create
@@ -145,6 +151,7 @@ Request = (
     | RunMany
     | Train
     | Ping
+    | Handover
 )
 """Every message a worker answers."""
 
@@ -172,22 +179,28 @@ class Job:
 
 @dataclass
 class Info:
-    """What an answer tells the pool besides the answer, for its metrics."""
+    """What an answer (or a worker's heartbeat, ``Reply`` 0 after the first) tells the pool
+    besides the answer, for its metrics: what happened in the worker since its last one."""
 
     held: int = 0
     """sessions this worker keeps built"""
-    wait: float = 0.0
-    """seconds the job waited in this worker before it ran"""
-    compute: float = 0.0
-    """seconds its computation took (its batch's, when batched)"""
-    batch: int = 1
-    """jobs computed together with it, itself included"""
+    wait: float | None = None
+    """seconds the job waited in the pool's queue before it was sent (the pool sets it;
+    None in a heartbeat)"""
+    calls: list[tuple[int, float]] | None = None
+    """computations: (items computed in the one call, seconds the call took)"""
     steps: int = 0
-    """session steps committed since the last answer"""
+    """session steps committed"""
     store: list[tuple[str, float]] | None = None
-    """store calls since the last answer: (operation, seconds)"""
+    """store calls: (operation, seconds)"""
+    store_errors: list[str] | None = None
+    """store trouble met, by kind (``unavailable``, ``locked``, ``full``)"""
     jobs: list[str] | None = None
-    """training jobs that ended since the last answer, by how they ended"""
+    """training job events: how jobs ended (``succeeded``, ``failed``...), and ``resumed``"""
+    running: int = 0
+    """training jobs this worker runs now"""
+    cuda: tuple[int, int] | None = None
+    """on a CUDA device: (bytes allocated, bytes reserved) by this worker's torch"""
 
 
 @dataclass(frozen=True)
@@ -204,7 +217,7 @@ class Progress:
 @dataclass
 class Reply:
     """A job's answer: its result when ``ok``, else the ``GradsvcError`` to raise. Job 0 is
-    the worker saying it is up (its value: the pid)."""
+    the worker saying it is up (its value: the pid), and then its heartbeat (value None)."""
 
     job_id: int
     ok: bool

@@ -55,13 +55,14 @@ class WorkerPool:
         self.context = multiprocessing.get_context("spawn")
         self.closing = False
         self.draining = False
+        """SIGTERM came: not ready (the requests in flight still run)"""
         self._ids = itertools.count(1)
         self._turn = itertools.count()
         self.inflight_limit = settings.max_inflight_per_key if settings.keyed else None
         """requests a key may have in flight; None without keys (one user: nothing to share)"""
         self.inflight: collections.Counter[str] = collections.Counter()
-        self.recycled: collections.Counter[str] = collections.Counter()
-        """workers recycled because a computation of this key overran, by key"""
+        self.recycled = 0
+        """workers recycled because a computation overran (the log names the keys)"""
         limits = settings.limits()
         self.workers = [
             WorkerHandle(
@@ -204,8 +205,9 @@ class WorkerPool:
     ) -> R:
         """Have the worker for ``key`` answer ``message`` for ``owner``; raise what it raised.
         ``counted``: whether this is a request of its own against the key's in-flight limit
-        (a bulk step's parts are one request)."""
-        if self.draining or self.closing:
+        (a bulk step's parts are one request). While the server drains, what was admitted
+        before the drain still runs: the drain refuses new requests before they get here."""
+        if self.closing:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", retry_after=5
             )
@@ -213,23 +215,41 @@ class WorkerPool:
         if handle.depth >= self.queue_size:
             raise Unavailable("this worker's queue is full; retry shortly")
         with self._admitted(owner) if counted else contextlib.nullcontext():
-            now = time.time()
-            ticket = Ticket(
-                next(self._ids),
-                owner,
-                message,
-                asyncio.get_running_loop().create_future(),
-                deadline=now + self.timeout,
-                arrived=now,
-                session=key if isinstance(message, m.Run) else None,
-            )
-            handle.submit(ticket)
+            return await self._send(handle, owner, message, key)
+
+    async def _send(
+        self, handle: WorkerHandle, owner: str, message: m.Message[R], key: str | None
+    ) -> R:
+        now = time.time()
+        ticket = Ticket(
+            next(self._ids),
+            owner,
+            message,
+            asyncio.get_running_loop().create_future(),
+            deadline=now + self.timeout,
+            arrived=now,
+            session=key if isinstance(message, m.Run) else None,
+        )
+        handle.submit(ticket)
+        try:
+            result: R = await asyncio.shield(ticket.future)
+        except asyncio.CancelledError:  # the caller went away: if it is queued, drop it
+            handle.withdraw(ticket)
+            raise
+        return result
+
+    async def hand_over(self) -> int:
+        """The server drains: every worker lets its training jobs' leases go and claims no
+        more (``Runner.hand_over``), after the requests queued before it. Returns how many
+        jobs were let go; a worker that cannot answer lets its own go as it stops."""
+
+        async def one(handle: WorkerHandle) -> int:
             try:
-                result: R = await asyncio.shield(ticket.future)
-            except asyncio.CancelledError:  # the caller went away: if it is queued, drop it
-                handle.withdraw(ticket)
-                raise
-            return result
+                return await self._send(handle, "", m.Handover(), None)
+            except GradsvcError:
+                return 0
+
+        return sum(await asyncio.gather(*(one(handle) for handle in self.workers)))
 
     @contextlib.contextmanager
     def _admitted(self, owner: str) -> Iterator[None]:

@@ -114,7 +114,10 @@ class Runner:
         self._turns = itertools.count()
         self._next_claim = 0.0
         self.finished: list[str] = []
-        """how jobs ended, since drain_finished() last asked"""
+        """how jobs ended (and ``resumed`` for each taken up again), since drain_finished()
+        last asked"""
+        self.handed_over = False
+        """the server is draining: this worker claims no more jobs"""
 
     def drain_finished(self) -> list[str]:
         finished, self.finished = self.finished, []
@@ -139,7 +142,7 @@ class Runner:
         for run in list(self.runs.values()):
             if now - run.renewed >= RENEW_SECONDS:
                 self._report(run)
-        if now >= self._next_claim and len(self.runs) < MAX_RUNS:
+        if now >= self._next_claim and len(self.runs) < MAX_RUNS and not self.handed_over:
             self._next_claim = now + CLAIM_SECONDS
             job = self.sessions.store.claim_job(self.worker, time.time(), LEASE_SECONDS)
             if job is not None:
@@ -183,6 +186,7 @@ class Runner:
         else:
             self.runs[job.id] = run
             if job.attempts > 1:
+                self.finished.append("resumed")
                 log.info("resuming job %s at step %d (attempt %d)", job.id, run.step, job.attempts)
 
     def advance(self) -> None:
@@ -273,6 +277,17 @@ class Runner:
         """On a clean stop, let the leases go: another worker takes over at once."""
         for run in list(self.runs.values()):
             guarded(self._let_go, run.job, run.progress())
+
+    def hand_over(self) -> int:
+        """The server drains: let every lease go now (a live worker elsewhere resumes each
+        job from its last committed step at its next look, not after the lease lapses) and
+        claim no more. Returns how many jobs were let go."""
+        self.handed_over = True
+        held = len(self.runs)
+        self.release()
+        if held:
+            log.info("handed over %d training jobs: this server is draining", held)
+        return held
 
 
 def _reported(job: JobRecord) -> Progress:

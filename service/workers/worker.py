@@ -36,6 +36,10 @@ log = logging.getLogger("gradsvc.worker")
 NEXT_PASS = 0.5
 """Seconds to wait for the next pass the pool said is coming, before a training job's
 mini-batch may go first (the pool sends it as soon as this pass's answers arrive)."""
+HEARTBEAT_SECONDS = 2.0
+"""How often a worker tells its pool what it did that answered no request (a training job's
+steps) and what it holds now (jobs running, device memory): ``Reply`` 0 with no value. It
+also does as soon as it takes up or ends a training job."""
 WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train)
 """Operations that may change the store as they run: a lost worker's pool never runs them
 again, as it cannot know they did not. (An answer kept under an Idempotency-Key is no
@@ -101,6 +105,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     import torch
 
     from service.store import open_store
+    from service.workers import compute
     from service.workers.compute import guarded
     from service.workers.sessions import Sessions
 
@@ -125,15 +130,32 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     )
     worker = Worker(sessions, config)
     runner = worker.runner
+
+    def report(info: Info) -> Info:
+        """What happened here since the last answer or heartbeat, for the pool's metrics."""
+        info.held = len(sessions.cache)
+        info.store, info.steps = store.drain(), sessions.drain_steps()
+        info.calls, info.store_errors = compute.drain_calls(), _store_errors()
+        info.jobs, info.running = runner.drain_finished(), len(runner.runs)
+        info.cuda = _cuda_memory(config.device)
+        return info
+
     backlog = False
     try:
         _warm_up()
+        compute.drain_calls()  # the warm-up is no request's
         inbox.send(Reply(0, True, os.getpid(), Info()))
+        beat, running = time.monotonic() + HEARTBEAT_SECONDS, 0
         while True:
             # Requests first; a training job's next mini-batch when none is waiting (and
             # none is on its way: the pool said more wait behind the last pass). Jobs come
             # from the store (any replica's), looked for at most every half second.
             guarded(runner.tick)
+            # A training job's steps answer no request: a heartbeat tells of them, and at
+            # once of a job taken or ended.
+            if time.monotonic() >= beat or len(runner.runs) != running:
+                beat, running = time.monotonic() + HEARTBEAT_SECONDS, len(runner.runs)
+                inbox.send(Reply(0, True, None, report(Info())))
             if runner.busy:
                 try:
                     first = inbox.get(timeout=NEXT_PASS) if backlog else inbox.get_nowait()
@@ -150,13 +172,8 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
                 break
 
             def send(reply: Reply | Progress) -> None:
-                if isinstance(reply, Progress):
-                    inbox.send(reply)
-                    return
-                info = reply.info
-                info.held = len(sessions.cache)
-                info.store, info.steps = store.drain(), sessions.drain_steps()
-                info.jobs = runner.drain_finished()
+                if isinstance(reply, Reply):
+                    report(reply.info)
                 inbox.send(reply)
 
             jobs = worker.gather(first, inbox)
@@ -167,6 +184,25 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     finally:
         runner.release()
         store.close()
+    # Everything is written and closed: skip the interpreter's teardown (torch's takes
+    # seconds on a busy machine, and the server's exit waits for it).
+    logging.shutdown()
+    os._exit(0)
+
+
+def _store_errors() -> list[str]:
+    from service.store import trouble
+
+    return [kind for kind, n in trouble.drain_met().items() for _ in range(n)]
+
+
+def _cuda_memory(device: str) -> tuple[int, int] | None:
+    """Bytes allocated and reserved by this process's torch on its CUDA device; None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
 
 
 def _warm_up() -> None:
@@ -203,7 +239,6 @@ class _Group(Watcher):
 
     def __init__(self, jobs: list[Job], send: Callable[[Reply | Progress], None]) -> None:
         self.jobs, self.send = jobs, send
-        self.start = time.monotonic()
         self.answered: set[int] = set()
         self.deadlines = [job.deadline for job in jobs]
 
@@ -222,9 +257,7 @@ class _Group(Watcher):
 
     def reply(self, job: Job, result: Any) -> None:
         self.answered.add(job.id)
-        took = time.monotonic() - self.start
-        info = Info(wait=self.start - job.received, compute=took, batch=len(self.jobs))
-        self.send(Reply(job.id, not isinstance(result, GradsvcError), result, info))
+        self.send(Reply(job.id, not isinstance(result, GradsvcError), result, Info()))
 
 
 class _Bulk(Watcher):
@@ -337,6 +370,8 @@ class Worker:
                 return trainer.start(owner, session_id, job_id, request, idem)
             case m.Ping():
                 return os.getpid()
+            case m.Handover():
+                return self.runner.hand_over()
             case _:
                 assert_never(message)
 
@@ -350,7 +385,14 @@ class Worker:
         limits = self.sessions.limits
 
         def computed() -> Answer:
-            data = orjson.dumps(run(kind, body, limits))
+            from service.workers import compute
+
+            start = time.perf_counter()
+            try:
+                result = run(kind, body, limits)
+            finally:
+                compute.calls.append((1, time.perf_counter() - start))
+            data = orjson.dumps(result)
             check_answer(len(data), limits, 'ask for "encoding": "b64"')
             return Answer(200, data)
 

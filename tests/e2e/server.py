@@ -45,7 +45,9 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
-        self.env = {**os.environ, **(env or {})}
+        # A second of drain after SIGTERM, unless a test says otherwise: the default 20 s
+        # would be waited out by every test that stops a server cleanly.
+        self.env = {"GRADSVC_DRAIN_SECONDS": "1", **os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="gradsvc-", suffix=".log")[1])
 

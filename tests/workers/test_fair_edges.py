@@ -142,7 +142,7 @@ def test_the_second_request_of_a_pass_is_blamed_for_the_first_ones_time(
         assert ran < timeout
         assert not isinstance(outcome[0], ComputeTimeout), (
             f"bob's computation ran {ran:.2f} s of a {timeout} s timeout and was answered "
-            f"{outcome[0]!r}; recycled: {dict(pool.recycled)}"
+            f"{outcome[0]!r}; recycled: {pool.recycled}"
         )
 
     asyncio.run(main())

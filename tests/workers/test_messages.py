@@ -13,7 +13,7 @@ from service.workers.jobs import Idem, RunJob
 
 def test_every_request_is_a_frozen_message() -> None:
     kinds = typing.get_args(m.Request)
-    assert len(kinds) == len(set(kinds)) == 13
+    assert len(kinds) == len(set(kinds)) == 14
     for kind in kinds:
         assert issubclass(kind, m.Message) and dataclasses.is_dataclass(kind), kind
         assert kind.__dataclass_params__.frozen, kind  # type: ignore[attr-defined]
