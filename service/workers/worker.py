@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -187,6 +188,8 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     # Everything is written and closed: skip the interpreter's teardown (torch's takes
     # seconds on a busy machine, and the server's exit waits for it).
     logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 

@@ -24,23 +24,6 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "gradsvc.json"
 # in quotes and dropped before matching.
 _METRIC = re.compile(r"\b((?:gradsvc|process|python)_[a-zA-Z0-9_]+)")
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
-# Families being added to service/api/metrics.py in parallel work (issue 13). Until they land,
-# their absence is an expected failure, not a pass; any other missing name fails outright.
-# Empty this set once they are exported.
-PENDING = {
-    "gradsvc_batch_items",
-    "gradsvc_compute_seconds_per_item",
-    "gradsvc_jobs_running",
-    "gradsvc_jobs_resumed",
-    "gradsvc_jobs_failed",
-    "gradsvc_store_errors",
-    "gradsvc_build_info",
-    "gradsvc_ready",
-    "gradsvc_cuda_memory_allocated_bytes",
-    "gradsvc_cuda_memory_reserved_bytes",
-    "process_cpu_seconds",
-    "process_resident_memory_bytes",
-}
 
 
 def _promtool() -> str:
@@ -140,7 +123,4 @@ def test_every_metric_named_is_exported(exported: tuple[set[str], set[str]]) -> 
             family = family.removesuffix(suffix)
         if name not in samples and family not in families:
             missing[family] = sorted(where)
-    unexpected = {k: v for k, v in missing.items() if k not in PENDING}
-    assert not unexpected, f"named but not exported: {unexpected}"
-    if missing:
-        pytest.xfail(f"not exported yet (PENDING): {sorted(missing)}")
+    assert not missing, f"named but not exported: {missing}"
