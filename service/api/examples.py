@@ -68,22 +68,23 @@ def _session(step: int, version: int, w: float, name: str = "notebook") -> dict[
     }
 
 
-def _job(status: str, steps_done: int, loss: float | None, attempts: int) -> dict[str, Any]:
+def _job(status: str, steps_done: int, epoch: int, loss: float | None) -> dict[str, Any]:
+    """schemas.TRAIN_EXAMPLES on a new notebook session: 3 epochs of 2 batches."""
     return {
         "id": JOB_ID,
         "session": OTHER_SESSION_ID,
         "status": status,
         "progress": steps_done / 6,
-        "epoch": 3 if steps_done == 6 else 1,
+        "epoch": epoch,
         "epochs": 3,
         "steps_done": steps_done,
         "total_steps": 6,
-        "step": 1 + steps_done,
+        "step": steps_done,
         "loss": loss,
-        "attempts": attempts,
+        "attempts": 0 if status == "queued" else 1,
         "error": None,
         "created_at": CREATED,
-        "updated_at": CREATED if steps_done == 0 else UPDATED,
+        "updated_at": CREATED if status == "queued" else UPDATED,
     }
 
 
@@ -102,6 +103,8 @@ SESSION_STEP = {
 SESSION_GRADIENTS = {"first": FIRST, "second": SECOND}
 SESSION_FORWARD = {"first": {"outputs": 2.0}}
 SESSION = {"after-two-steps": _session(2, 3, 1.46)}
+# The checkpoint of that session, restored: a new session (its own id and version 1).
+SESSION_RESTORED = {"after-two-steps": {**_session(2, 1, 1.46), "updated_at": CREATED}}
 SESSION_PATCHED = {"renamed": _session(2, 4, 1.46, name="notebook, renamed")}
 SESSION_LIST = {
     "one": {
@@ -155,9 +158,10 @@ SESSIONS_STEP = {
         ]
     }
 }
-JOB_STARTED = {"line": _job("queued", 0, None, 0)}
-JOB_DONE = {"line": _job("succeeded", 6, 0.042026078981250006, 1)}
-JOB_CANCELLED = {"line": _job("cancelled", 0, None, 0)}
+JOB_STARTED = {"line": _job("queued", 0, 1, None)}
+JOB_DONE = {"line": _job("succeeded", 6, 3, 0.05188404812499988)}
+# Cancelled after the first epoch: the loss is that epoch's last batch's.
+JOB_CANCELLED = {"line": _job("cancelled", 2, 2, 2.9331249999999995)}
 WORKERS = {
     "one-cpu": {
         "items": [
@@ -185,7 +189,7 @@ ANSWERS: dict[str, dict[str, Any]] = {
     "gradients": GRADIENTS,
     "step": STEP,
     "createSession": SESSION_CREATED,
-    "restoreSession": SESSION_CREATED,
+    "restoreSession": SESSION_RESTORED,
     "listSessions": SESSION_LIST,
     "getSession": SESSION,
     "updateSession": SESSION_PATCHED,
