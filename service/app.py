@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import docs, problems
-from service.api.auth import OPEN_PATHS, OPERATOR_PATHS, AuthMiddleware, Keys
+from service.api import docs, openapi, problems
+from service.api.auth import AuthMiddleware, Keys
 from service.api.bodylimit import BodyLimitMiddleware
 from service.api.connections import ConnectionLimitMiddleware, Drain
 from service.api.idempotency import InFlight
@@ -34,17 +32,8 @@ notebook (ŷ = w·x + 1, L = ½(ŷ−y)², SGD with lr 0.1), and answers loss 0.
 w = 1.1. Add `"explain": true` to see the chain rule, computed.
 
 Tensors travel as nested lists, `{"dtype","shape","data"}`, or `{"dtype","shape","b64"}`
-(raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); its `type`
-is one of `validation-error`, `malformed-json`, `invalid-input`, `invalid-tensor`,
-`invalid-expression`, `invalid-spec`, `shape-mismatch`, `non-finite`, `not-found`,
-`method-not-allowed`, `session-busy`, `unavailable`, `store-unavailable` (503: the store is
-unreachable, locked or refuses writes; retry after `Retry-After`), `insufficient-storage`
-(507: the store's disk or memory is full), `request-timeout` (408: the body did not arrive
-in time), `unsupported-media-type` (415: a JSON body sent without `Content-Type:
-application/json`), `too-large` (422: over the memory or answer budget; the detail gives
-the estimate), `too-many-requests` (429, with `Retry-After`: the rate or in-flight limit),
-`quota-exceeded` (429, no `Retry-After`: a per-key quota of jobs, streams, stored bytes or
-sessions), `compute-timeout` (504: nothing was changed), `internal`.
+(raw little-endian bytes). Every error is `application/problem+json` (RFC 9457); the
+`Problem` schema lists every `type` it can have, with its status and what to do about it.
 """
 
 
@@ -117,6 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         license_info={"name": "MIT"},
+        openapi_tags=openapi.TAGS,
+        servers=openapi.SERVERS,
+        generate_unique_id_function=openapi.operation_id,
     )
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
@@ -145,91 +137,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(ui.router)
     docs.install(app)
-    _add_problem_schema(app, keys=keys)
+    openapi.install(app, keys=keys)
     return app
-
-
-def _declare_security(schema: dict[str, Any], *, keys: Keys) -> None:
-    """Bearer keys on every route but the open ones (Swagger UI's Authorize button), and the
-    problems answered before a route's own code runs: 503 (too many connections) everywhere;
-    401 and 429 on every keyed route (401 and 404 on the operator routes, for a tenant's
-    key); 408, 413 and 503 (the parse budget) wherever a body is read; 415 wherever the body
-    is JSON.
-
-    With keys configured the key is required; without, it is optional (the empty requirement),
-    which is what the committed document, made with the default settings, says. The operator
-    routes take an operator key; with none configured, a keyless server's loopback callers
-    need none."""
-    schema["components"]["securitySchemes"] = {
-        "apiKey": {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "an API key, when the service is configured with keys",
-        },
-        "adminKey": {
-            "type": "http",
-            "scheme": "bearer",
-            "description": (
-                "an operator key (--admin-keys): the only key the operator routes take; "
-                "a keyless server also answers them to loopback callers without one"
-            ),
-        },
-    }
-    keyed = keys.tenants is not None
-    for path, operations in schema["paths"].items():
-        for method, operation in operations.items():
-            if path in OPEN_PATHS:
-                operation["responses"].setdefault("503", problems.responses(503)[503])
-                continue
-            if path in OPERATOR_PATHS:
-                open_to_loopback = not keyed and keys.operators is None
-                operation["security"] = [{"adminKey": []}] + ([{}] if open_to_loopback else [])
-                extra = [401, 404, 503]
-            else:
-                operation["security"] = [{"apiKey": []}] if keyed else [{"apiKey": []}, {}]
-                extra = [401, 429, 503]
-            if method in ("post", "patch", "put"):
-                extra += [408, 413]
-            if "application/json" in operation.get("requestBody", {}).get("content", {}):
-                extra.append(415)
-            for status, entry in problems.responses(*extra).items():
-                operation["responses"].setdefault(str(status), entry)
-
-
-def _add_problem_schema(app: FastAPI, *, keys: Keys) -> None:
-    """Put the Problem schema in the document so that every route's problem responses resolve."""
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = original()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["Problem"] = problems.Problem.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            defs = components["Problem"].pop("$defs", {})
-            components.update(defs)
-            components.setdefault(
-                "DType",
-                {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16", "int64"]},
-            )
-            _declare_security(schema, keys=keys)
-            _problem_for_validation(schema)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _problem_for_validation(schema: dict[str, Any]) -> None:
-    """FastAPI declares its own 422 body (HTTPValidationError, application/json) on a route
-    that names none; this app answers every 422 as a problem, so the document says so."""
-    for operations in schema["paths"].values():
-        for operation in operations.values():
-            declared = operation["responses"].get("422", {})
-            if "application/json" in declared.get("content", {}):
-                operation["responses"]["422"] = problems.responses(422)[422]
-    text = json.dumps(schema["paths"])
-    for name in ("HTTPValidationError", "ValidationError"):
-        if f"#/components/schemas/{name}" not in text:
-            schema["components"]["schemas"].pop(name, None)

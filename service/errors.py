@@ -30,12 +30,15 @@ Redis into ``StoreUnavailable`` or ``InsufficientStorage`` at its own boundary, 
 client is told to retry (or the operator to make room) instead of seeing a 500.
 
 ``engine/`` raises these with plain messages; ``api/problems.py`` turns them into
-``application/problem+json`` bodies. ``loc`` points into the request body where it can.
+``application/problem+json`` bodies. ``problem_types()`` is the one list of problem types:
+these, with the few the API layer answers itself; the OpenAPI document's list is made from it.
+``loc`` points into the request body where it can.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 Loc = tuple[str | int, ...]
 
@@ -50,6 +53,10 @@ class GradsvcError(Exception):
     status: int = 500
     type: str = "internal"
     title: str = "Internal error"
+    description: str = (
+        "a bug in the service, never caused by what the client sent; it is logged, and nothing "
+        "was changed"
+    )
 
     def __init__(self, detail: str, *, loc: Sequence[str | int] = ()) -> None:
         super().__init__(detail)
@@ -66,31 +73,53 @@ class InvalidInput(GradsvcError):
     status = 422
     type = "invalid-input"
     title = "Invalid input"
+    description = (
+        "a value in the body is well-formed but cannot be used; the detail says which and how "
+        "to fix it"
+    )
 
 
 class TensorError(InvalidInput):
     type = "invalid-tensor"
     title = "Invalid tensor"
+    description = (
+        "a tensor is ragged, of an unknown dtype, badly encoded, or over the element limit"
+    )
 
 
 class ExpressionError(InvalidInput):
     type = "invalid-expression"
     title = "Invalid expression"
+    description = (
+        "an expression model's formula does not parse, uses a name or function outside the "
+        "grammar, or is over the length or depth limit"
+    )
 
 
 class SpecError(InvalidInput):
     type = "invalid-spec"
     title = "Invalid model, loss or optimizer"
+    description = (
+        "a model, layer, loss, optimizer or scheduler spec names something unknown or takes "
+        "arguments that do not fit"
+    )
 
 
 class ShapeError(InvalidInput):
     type = "shape-mismatch"
     title = "Shapes do not fit"
+    description = (
+        "the batch does not fit the model (an input's or target's shape, or a missing input)"
+    )
 
 
 class NonFinite(InvalidInput):
     type = "non-finite"
     title = "Result is not finite"
+    description = (
+        "a result (loss, gradient, new parameter) is NaN or infinite, which JSON cannot carry; "
+        "in a session nothing was changed"
+    )
 
 
 class TooLarge(InvalidInput):
@@ -98,22 +127,36 @@ class TooLarge(InvalidInput):
 
     type = "too-large"
     title = "Request too large"
+    description = (
+        "the request's estimated peak memory, or its answer, is over the configured budget; the"
+        " detail gives the estimate (send b64, or download the checkpoint)"
+    )
 
 
 class KeyReused(InvalidInput):
     type = "idempotency-key-reused"
     title = "Idempotency-Key reused for another request"
+    description = (
+        "this Idempotency-Key was first sent with another request; use a new key for a new request"
+    )
 
 
 class Conflict(GradsvcError):
     status = 409
     type = "conflict"
     title = "Conflict"
+    description = (
+        "a request with the same Idempotency-Key is still running; retry once it has answered"
+    )
 
 
 class SessionBusy(Conflict):
     type = "session-busy"
     title = "Session busy"
+    description = (
+        "a training job holds the session; wait for it to end, or cancel it (the detail names "
+        "the job)"
+    )
 
     @classmethod
     def held_by(cls, job_id: str) -> SessionBusy:
@@ -127,12 +170,16 @@ class PreconditionFailed(GradsvcError):
     status = 412
     type = "precondition-failed"
     title = "Precondition failed"
+    description = "If-Match names a version the session has moved on from; read the session again"
 
 
 class TooManyRequests(GradsvcError):
     status = 429
     type = "too-many-requests"
     title = "Too many requests"
+    description = (
+        "over the key's request rate or in-flight limit; retry after `Retry-After` seconds"
+    )
 
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail)
@@ -146,30 +193,43 @@ class QuotaExceeded(GradsvcError):
     status = 429
     type = "quota-exceeded"
     title = "Quota exceeded"
+    description = (
+        "a per-key quota (sessions, active jobs, event streams, stored bytes) is used up; no "
+        "`Retry-After`: finish, close or delete something first"
+    )
 
 
 class RequestTimeout(GradsvcError):
     status = 408
     type = "request-timeout"
     title = "Request timeout"
+    description = "the request body did not arrive within the body timeout"
 
 
 class UnsupportedMediaType(GradsvcError):
     status = 415
     type = "unsupported-media-type"
     title = "Unsupported media type"
+    description = "a JSON route was called without `Content-Type: application/json`"
 
 
 class NotFound(GradsvcError):
     status = 404
     type = "not-found"
     title = "Not found"
+    description = (
+        "no such resource, or one that belongs to another key; also a path that no route serves"
+    )
 
 
 class Unavailable(GradsvcError):
     status = 503
     type = "unavailable"
     title = "Service unavailable"
+    description = (
+        "the worker queue is full, the server is draining or at its connection limit, or a "
+        "worker was lost; retry after `Retry-After` seconds"
+    )
 
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail)
@@ -182,6 +242,10 @@ class StoreUnavailable(Unavailable):
 
     type = "store-unavailable"
     title = "Session store unavailable"
+    description = (
+        "the store is unreachable, locked past its wait, or refuses writes; nothing was "
+        "written: retry after `Retry-After` seconds"
+    )
 
     def __init__(self, detail: str, *, retry_after: int = 2, kind: str = "unavailable") -> None:
         super().__init__(detail, retry_after=retry_after)
@@ -194,12 +258,17 @@ class ComputeTimeout(GradsvcError):
     status = 504
     type = "compute-timeout"
     title = "Computation timed out"
+    description = (
+        "the computation ran past the compute timeout (or was still queued at its deadline); "
+        "nothing was changed"
+    )
 
 
 class OutOfMemory(GradsvcError):
     status = 507
     type = "out-of-memory"
     title = "Out of device memory"
+    description = "the device ran out of memory for this computation; nothing was changed"
 
 
 class InsufficientStorage(GradsvcError):
@@ -210,3 +279,87 @@ class InsufficientStorage(GradsvcError):
     type = "insufficient-storage"
     title = "Insufficient storage"
     kind = "full"
+    description = (
+        "the store's disk or memory is full; nothing was written, and retrying helps once an "
+        "operator has made room"
+    )
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    """One kind of problem the API answers.
+
+    Attributes:
+        type: the slug in a problem body's ``type`` (a relative URI reference).
+        status: the HTTP status it is always answered with.
+        title: the body's ``title``: the same for every problem of this type.
+        description: when it is sent, and what the client can do about it.
+    """
+
+    type: str
+    status: int
+    title: str
+    description: str
+
+
+# The problems that the API layer answers itself, around the domain: FastAPI's validation,
+# the JSON parser, the key check, routing and the body-size limit.
+API_PROBLEMS = (
+    ProblemType(
+        "validation-error",
+        422,
+        "Request validation failed",
+        "the body, a query or a header does not match the operation's schema; `errors` lists "
+        "each place (`loc`) and what is wrong there",
+    ),
+    ProblemType(
+        "malformed-json",
+        400,
+        "Malformed JSON",
+        "the body is not valid JSON (or not UTF-8, or nested deeper than the parser allows)",
+    ),
+    ProblemType(
+        "unauthorized",
+        401,
+        "Unauthorized",
+        "no API key, or one the server does not know: send `Authorization: Bearer <key>`",
+    ),
+    ProblemType(
+        "method-not-allowed",
+        405,
+        "Method not allowed",
+        "the path exists but not with this method; the `Allow` header lists those it takes",
+    ),
+    ProblemType(
+        "payload-too-large",
+        413,
+        "Payload too large",
+        "the request body is over the body-size limit; send large tensors as b64, or fewer",
+    ),
+)
+
+
+def problem_types() -> dict[str, ProblemType]:
+    """Every problem type the API answers, by slug: each domain error's (``GradsvcError``
+    and its subclasses, in the order of the tree above) and the API layer's own. The
+    OpenAPI document's list of problem types is made from this.
+
+    Returns:
+        The types by slug, in a stable order.
+
+    Raises:
+        ValueError: if two errors share a slug with another status or title (each type has
+            one of each).
+    """
+    found: dict[str, ProblemType] = {}
+    pending: list[type[GradsvcError]] = [GradsvcError]
+    kinds: list[ProblemType] = []
+    while pending:
+        error = pending.pop(0)
+        kinds.append(ProblemType(error.type, error.status, error.title, error.description))
+        pending[:0] = error.__subclasses__()
+    for kind in (*kinds, *API_PROBLEMS):
+        known = found.setdefault(kind.type, kind)
+        if (known.status, known.title) != (kind.status, kind.title):
+            raise ValueError(f"problem type {kind.type} has two statuses or titles")
+    return found

@@ -148,7 +148,7 @@ async def _unauthorized(send: Send, token: str | None) -> None:
 
 async def _not_found(send: Send, path: str) -> None:
     # The body of any unknown route's 404 (problems.http_error): nothing says it exists.
-    await send_problem(send, 404, "not-found", "Not Found", f"no resource at {path}")
+    await send_problem(send, 404, "not-found", "Not found", f"no resource at {path}")
 
 
 class AuthMiddleware:

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Send
 
-from service.errors import GradsvcError
+from service.errors import GradsvcError, problem_types
 
 log = logging.getLogger("gradsvc")
 MEDIA_TYPE = "application/problem+json"
@@ -149,7 +149,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if status == 400 and "parsing the body" in str(exc.detail):
         # FastAPI's word for a body that is not UTF-8 or nests too deep for the JSON parser.
         slug, phrase, detail = "malformed-json", "Malformed JSON", "the body is not valid JSON"
-    return problem(status, slug, phrase, detail, headers=headers or None)
+    known = problem_types().get(slug)  # one title per type, whichever layer answers it
+    title = known.title if known is not None else phrase
+    return problem(status, slug, title, detail, headers=headers or None)
 
 
 async def unhandled_error(request: Request, exc: Exception) -> Response:

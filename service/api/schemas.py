@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.api.problems import Problem
 from service.engine.seed import SEED_MODEL, SEED_SGD, SEED_STEP
 from service.engine.specs import Tensor
 
@@ -191,7 +192,10 @@ class Workers(BaseModel):
     items: list[Worker]
 
 
-class SessionsStepItem(BaseModel):
+class SessionsStepResult(BaseModel):
+    """One item's answer in ``POST /v1/sessions/step`` (the request's items are
+    ``SessionsStepItem``)."""
+
     session: str
     status: int = Field(description="200, or the status this item's own /step would have had")
     step: int | None = Field(default=None, description="the session's step after this one")
@@ -201,11 +205,11 @@ class SessionsStepItem(BaseModel):
     params: dict[str, Tensor] | None = None
     outputs: Tensor | None = None
     replayed: bool | None = Field(default=None, description="true: answered from its key")
-    problem: dict[str, Any] | None = Field(default=None, description="a problem, if not 200")
+    problem: Problem | None = Field(default=None, description="a problem, if not 200")
 
 
 class SessionsStepResponse(BaseModel):
-    items: list[SessionsStepItem] = Field(description="in request order")
+    items: list[SessionsStepResult] = Field(description="in request order")
 
 
 SESSIONS_STEP_EXAMPLES: dict[str, Any] = {
@@ -237,7 +241,7 @@ class Job(BaseModel):
         description="runs of the job: 1, and one more each time a runner died and another "
         "worker resumed it from its last committed step"
     )
-    error: dict[str, Any] | None = Field(description="a problem, if the job failed")
+    error: Problem | None = Field(description="a problem, if the job failed")
     created_at: str
     updated_at: str
 

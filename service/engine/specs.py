@@ -80,7 +80,10 @@ class ParamSpec(Spec):
         json_schema_extra={
             "not": {
                 "required": ["value", "shape"],
-                "properties": {"value": {"not": {"type": "null"}}, "shape": {"type": "array"}},
+                "properties": {
+                    "value": {"not": {"type": "null"}},
+                    "shape": {"type": "array", "items": {}},
+                },
             }
         }
     )
@@ -212,7 +215,10 @@ class SGD(OptimizerBase):
 class Adam(OptimizerBase):
     type: Literal["adam"]
     lr: NonNegFloat = 1e-3
-    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_tuple)] = (0.9, 0.999)
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_tuple)] = Field(
+        (0.9, 0.999),  # "items" too: generators read a list from it, prefixItems they skip
+        json_schema_extra={"items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
+    )
     eps: NonNegFloat = 1e-8
     amsgrad: bool = False
 

@@ -45,7 +45,13 @@ ComputeDep = Annotated[Compute, Depends(_compute)]
     "/forward",
     response_model=schemas.ForwardResponse,
     responses=PROBLEMS,
+    operation_id="forward",
     summary="The model's outputs for a batch",
+    description=(
+        "Runs the model on `batch.x` (in eval mode) and answers `outputs`; no loss, no "
+        "gradient, nothing kept. The seed example is the notebook's prediction at w = 1: "
+        "ŷ = 1·1 + 1 = 2."
+    ),
 )
 async def forward(
     body: Annotated[specs.ForwardRequest, Body(openapi_examples=schemas.FORWARD_EXAMPLES)],
@@ -59,7 +65,14 @@ async def forward(
     response_model=schemas.GradientsResponse,
     response_model_exclude_none=True,
     responses=PROBLEMS,
+    operation_id="gradients",
     summary="Loss, dL/dθ and outputs for a batch; no update",
+    description=(
+        "Forward, loss and backward: `grads` holds dL/dθ for every trainable parameter. "
+        "The seed example is the notebook's first gradient: loss 0.5, dL/dw = −1. With "
+        '`"explain": true` the answer carries the trace of every node, from which the '
+        "chain rule can be read off."
+    ),
 )
 async def gradients(
     body: Annotated[specs.GradientsRequest, Body(openapi_examples=schemas.GRADIENTS_EXAMPLES)],
@@ -73,6 +86,7 @@ async def gradients(
     response_model=schemas.StepResponse,
     response_model_exclude_none=True,
     responses=PROBLEMS,
+    operation_id="step",
     summary="One optimizer step from fresh optimizer state",
     description=(
         "Forward, loss, backward and one update. The seed example is the notebook's first "

@@ -49,6 +49,7 @@ FeedsDep = Annotated[Feeds, Depends(_feeds)]
     status_code=202,
     response_model=schemas.Job,
     responses=responses(400, 404, 409, 422, 503, 504, 507),
+    operation_id="trainSession",
     summary="Start a training job: epochs of mini-batch steps, each one committed",
     description=(
         "Answers 202 at once with the job and `Location: /v1/jobs/{id}`. The job is kept in the "
@@ -82,7 +83,12 @@ async def train(
     "/v1/jobs/{job_id}",
     response_model=schemas.Job,
     responses=responses(404, 503),
+    operation_id="getJob",
     summary="A training job's state and progress",
+    description=(
+        "The same on every replica: `status`, `progress` (0..1), the epoch and steps done, "
+        "the last mini-batch's loss, and `error` (a problem) if it failed."
+    ),
 )
 async def job(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
     return await jobs.get(owner, job_id)
@@ -92,7 +98,12 @@ async def job(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
     "/v1/jobs/{job_id}",
     response_model=schemas.Job,
     responses=responses(404, 503),
+    operation_id="cancelJob",
     summary="Cancel a training job; the session keeps its last completed step",
+    description=(
+        "Stops the job on whichever replica runs it and releases its session, which keeps "
+        "the last committed mini-batch. A job that has ended already is answered as it is."
+    ),
 )
 async def cancel(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
     return await jobs.cancel(owner, job_id)
@@ -113,6 +124,7 @@ async def cancel(job_id: JobId, owner: PrincipalDep, jobs: JobsDep) -> Any:
         **responses(404, 503),
     },
     response_class=StreamingResponse,
+    operation_id="followJobEvents",
     summary="Follow a training job: Server-Sent Events",
     description=(
         "A key may have `--max-streams-per-key` streams open on one server (default 16): "

@@ -20,7 +20,13 @@ OPERATORS_ONLY = (
 )
 
 
-@router.get("/healthz", response_model=schemas.Health, summary="The process is up")
+@router.get(
+    "/healthz",
+    response_model=schemas.Health,
+    operation_id="health",
+    summary="The process is up",
+    description="Liveness: 200 while the API process answers, whatever the store or workers do.",
+)
 async def healthz() -> schemas.Health:
     return schemas.Health(status="ok")
 
@@ -29,7 +35,12 @@ async def healthz() -> schemas.Health:
     "/readyz",
     response_model=schemas.Health,
     responses=responses(503),
+    operation_id="ready",
     summary="Store and compute ready (503 otherwise)",
+    description=(
+        "Readiness, for a load balancer: 200 when every worker is up and the store takes "
+        "writes; 503 (`unavailable` or `store-unavailable`, saying why) otherwise."
+    ),
 )
 async def readyz(request: Request, pool: PoolDep) -> schemas.Health:
     if not pool.ready:
@@ -46,6 +57,7 @@ async def readyz(request: Request, pool: PoolDep) -> schemas.Health:
     "/v1/workers",
     response_model=schemas.Workers,
     responses=responses(503),
+    operation_id="listWorkers",
     summary="The worker processes: device, pid, state, queue depth, sessions held",
     description=OPERATORS_ONLY,
 )
@@ -64,6 +76,7 @@ async def workers(pool: PoolDep) -> schemas.Workers:
             "description": "Prometheus text format",
         }
     },
+    operation_id="metrics",
     summary="Prometheus metrics: requests, latency, queues, compute, batches, steps, jobs",
     description=OPERATORS_ONLY + " Prometheus sends the key as `authorization: bearer`.",
 )

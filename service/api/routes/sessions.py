@@ -51,7 +51,14 @@ CHECKPOINT_MEDIA = "application/octet-stream"
     status_code=201,
     response_model=schemas.Session,
     responses=COMMON,
+    operation_id="createSession",
     summary="Create a session",
+    description=(
+        "Builds the model, its parameters and the optimizer's state, and keeps them: 201 with "
+        "`Location` and `ETag`, and the session at step 0. The seed example is the notebook's "
+        "w = 1, squared loss and SGD with lr 0.1; step it with `POST /v1/sessions/{id}/step`. "
+        "A key may hold `--max-sessions-per-key` sessions (else 429 `quota-exceeded`)."
+    ),
 )
 async def create(
     body: Annotated[specs.SessionCreate, Body(openapi_examples=schemas.SESSION_EXAMPLES)],
@@ -70,7 +77,13 @@ async def create(
     status_code=201,
     response_model=schemas.Session,
     responses=responses(400, 404, 409, 413, 422, 503, 507),
+    operation_id="restoreSession",
     summary="A new session from a checkpoint file",
+    description=(
+        "The body is a safetensors file from `GET /v1/sessions/{id}/checkpoint` "
+        "(`application/octet-stream`): a new session with its parameters, optimizer state, "
+        "step and specs, each checked as if sent in JSON (a file that lies is a 422)."
+    ),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -96,6 +109,7 @@ async def restore(
     response_model=schemas.SessionsStepResponse,
     response_model_exclude_none=True,
     responses=responses(400, 409, 422, 503, 504, 507),
+    operation_id="stepSessions",
     summary="Many sessions, one step each, in one request",
     description=(
         "For services that train many small models: one round trip, one vectorised "
@@ -248,6 +262,7 @@ def _item(
     "",
     response_model=schemas.SessionList,
     responses=responses(422, 503),
+    operation_id="listSessions",
     summary="List sessions",
     description=(
         "Summaries, newest last; `?include=params` adds each session's parameters, within "
@@ -273,7 +288,13 @@ async def list_sessions(
     "/{session_id}",
     response_model=schemas.Session,
     responses=responses(404, 503),
+    operation_id="getSession",
     summary="A session",
+    description=(
+        "Its specs, device, step, version and current parameters, with its `ETag` (send it "
+        "back as `If-Match` to step or patch only the state you read). Another key's session "
+        "is a 404, as is one that does not exist."
+    ),
 )
 async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
     return respond(await pool.read(owner, checked(session_id)))
@@ -283,7 +304,13 @@ async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Resp
     "/{session_id}",
     response_model=schemas.Session,
     responses=COMMON,
+    operation_id="updateSession",
     summary="Rename, change optimizer hyper-parameters, or set parameter values",
+    description=(
+        'Changes `name`, optimizer hyper-parameters (`{"optimizer": {"lr": 0.01}}`) or '
+        "parameter values, as one new version; the optimizer's state is kept. Honours "
+        "`If-Match` (412 if the session moved on); 409 `session-busy` while a job holds it."
+    ),
 )
 async def patch(
     session_id: SessionId,
@@ -296,7 +323,15 @@ async def patch(
 
 
 @router.delete(
-    "/{session_id}", status_code=204, responses=responses(404, 503), summary="Delete a session"
+    "/{session_id}",
+    status_code=204,
+    responses=responses(404, 503),
+    operation_id="deleteSession",
+    summary="Delete a session",
+    description=(
+        "Removes the session, its history and its checkpoint state: 204. 409 "
+        "`session-busy` while a training job holds it (cancel the job first)."
+    ),
 )
 async def delete(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
     await pool.delete(owner, checked(session_id))
@@ -340,7 +375,15 @@ StepBody = Annotated[
     response_model=schemas.SessionStepResponse,
     response_model_exclude_none=True,
     responses=COMMON,
+    operation_id="stepSession",
     summary="One optimizer step on the session's state, committed before the answer",
+    description=(
+        "Forward, loss, backward and one update of the session's parameters and optimizer "
+        "state, committed before the answer. On a new notebook session the first example "
+        "gives loss 0.5 and w 1.1, the second then outputs 3.2, loss 1.62 and w 1.46. "
+        "Exactly once with an `Idempotency-Key`; `If-Match` makes it conditional (412); a "
+        "result that is not finite is a 422 `non-finite` and changes nothing."
+    ),
 )
 async def step(
     session_id: SessionId, body: StepBody, call: SessionCallDep, if_match: IfMatch = None
@@ -353,7 +396,12 @@ async def step(
     response_model=schemas.GradientsResponse,
     response_model_exclude_none=True,
     responses=COMMON,
+    operation_id="sessionGradients",
     summary="Loss and dL/dθ at the session's parameters; nothing changes",
+    description=(
+        "What `POST /v1/sessions/{id}/step` would compute, without the update: the session "
+        "keeps its parameters, optimizer state and step."
+    ),
 )
 async def session_gradients(
     session_id: SessionId, body: StepBody, call: SessionCallDep
@@ -365,7 +413,9 @@ async def session_gradients(
     "/{session_id}/forward",
     response_model=schemas.ForwardResponse,
     responses=COMMON,
+    operation_id="sessionForward",
     summary="The session's model on a batch",
+    description="The outputs at the session's current parameters, in eval mode; nothing changes.",
 )
 async def session_forward(
     session_id: SessionId,
@@ -382,7 +432,12 @@ async def session_forward(
     "/{session_id}/history",
     response_model=schemas.History,
     responses=responses(404, 422, 503),
+    operation_id="getHistory",
     summary="Loss and gradient norm of every step, oldest first",
+    description=(
+        "One row per committed step, paginated: pass `next` back as `?cursor=` for the "
+        "following page; `next` is null on the last."
+    ),
 )
 async def history(
     session_id: SessionId,
@@ -411,7 +466,12 @@ async def history(
         **responses(404, 503),
     },
     response_class=Response,
+    operation_id="getCheckpoint",
     summary="Download the session as a safetensors file",
+    description=(
+        "Parameters, buffers and optimizer state as tensors, the specs and step in the "
+        "file's metadata: `POST /v1/sessions/restore` makes a new session from it."
+    ),
 )
 async def checkpoint(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Response:
     data, record = await pool.checkpoint(owner, checked(session_id))
