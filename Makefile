@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The tests' reference for quantities beyond the gradient, without the torchvision it
+	# declares (only its examples import it, and PyPI's does not load beside this torch).
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt backpack-for-pytorch
 	touch $(STAMP)
 
 run: $(STAMP)
