@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from service.engine import losses, models, specs
+from service.engine import budget, losses, models, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import decode
-from service.errors import GradsvcError, NonFinite, ShapeError, SpecError, TooLarge
+from service.errors import GradsvcError, NonFinite, ShapeError, SpecError
 
 NAMES: tuple[str, ...] = specs.QuantityName.__args__  # type: ignore[attr-defined]
 PER_SAMPLE = frozenset({"per_sample_grads", "per_sample_l2", "sum_grad_squared", "variance"})
@@ -338,14 +338,7 @@ def check(
         )
     trainable = model.trainable()
     if "hessian" in wanted:
-        count = sum(p.numel() for p in trainable.values())
-        if count > limits.hessian_params:
-            raise TooLarge(
-                f"the hessian of {count} parameters would be {count}x{count}; the limit is "
-                f"{limits.hessian_params} parameters (--max-hessian-params): ask for "
-                '"diag_hessian", or "hvp" with a vector, instead',
-                loc=("quantities",),
-            )
+        budget.check_hessian({n: tuple(p.shape) for n, p in trainable.items()}, limits)
     if "hvp" not in wanted:
         return None
     if vector is None:

@@ -56,7 +56,7 @@ async def forward(
 
 @router.post(
     "/gradients",
-    response_model=schemas.GradientsResponse,
+    response_model=schemas.QuantitiesResponse,
     response_model_exclude_none=True,
     responses=PROBLEMS,
     summary="Loss, dL/dθ and outputs for a batch; no update",

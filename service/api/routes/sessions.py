@@ -350,13 +350,17 @@ async def step(
 
 @router.post(
     "/{session_id}/gradients",
-    response_model=schemas.GradientsResponse,
+    response_model=schemas.QuantitiesResponse,
     response_model_exclude_none=True,
     responses=COMMON,
     summary="Loss and dL/dθ at the session's parameters; nothing changes",
 )
 async def session_gradients(
-    session_id: SessionId, body: StepBody, call: SessionCallDep
+    session_id: SessionId,
+    body: Annotated[
+        specs.SessionQuantitiesRequest, Body(openapi_examples=schemas.SESSION_STEP_EXAMPLES)
+    ],
+    call: SessionCallDep,
 ) -> Response:
     return await call("gradients", session_id, body)
 
