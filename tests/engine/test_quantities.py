@@ -13,8 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.engine import losses, models, quantities, specs, step
+from service.engine import budget, losses, models, quantities, specs, step
+from service.engine.limits import Limits
 from service.errors import SpecError
+from tests.engine.test_budget import peak
+
+LIMITS = Limits(request_bytes=2**62)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,3 +235,31 @@ def test_dropout_first_order_uses_the_gradients_mask() -> None:
         )
         with pytest.raises(SpecError, match="dropout"):
             step.run("gradients", request)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5, 7, 11])
+@pytest.mark.parametrize("rows", [3, 200])
+def test_the_budget_is_an_upper_bound(seed: int, rows: int) -> None:
+    """The estimate covers what torch's allocator held while every quantity was computed."""
+    body = random_case(seed)
+    if body["model"]["type"] != "expression":  # a wider batch: what grows with N shows
+        gen = torch.Generator().manual_seed(seed)
+        k = len(body["batch"]["x"][0])
+        body["batch"]["x"] = torch.randn(rows, k, generator=gen).tolist()
+        body["batch"].pop("y")
+        y = random_case_target(body)
+        body["batch"]["y"] = y
+    request = specs.GradientsRequest.model_validate(body)
+    estimate = budget.stateless("gradients", request, LIMITS)
+    assert estimate is not None
+    measured = peak(lambda: step.run("gradients", request, LIMITS))
+    assert estimate.tensors >= measured, (estimate.parts, measured)
+
+
+def random_case_target(body: dict[str, Any]) -> Any:
+    first = {"model": body["model"], "loss": "mse", "batch": {"x": body["batch"]["x"]}}
+    built = models.build(specs.GradientsRequest.model_validate(first).model)
+    outputs = built.forward(built.decode_inputs(body["batch"]["x"]))
+    if body["loss"]["type"] == "cross_entropy":
+        return torch.zeros(outputs.shape[:-1], dtype=torch.int64).tolist()
+    return torch.zeros(outputs.shape, dtype=torch.float64).tolist()
