@@ -150,10 +150,15 @@ def per_sample_grads(problem: Problem) -> Params:
     share = problem.share()
     if n is not None and _row_wise(problem):
         module, frozen = problem.model.module, problem.frozen
+        # A sample without its batch dimension makes each weight's gradient one outer
+        # product, which batches far faster than a matmul over a dimension of 1; only a
+        # softmax over a dimension counted from the front needs that dimension kept.
+        keep = any(isinstance(m, nn.Softmax) and (m.dim or 0) >= 0 for m in module.modules())
 
         def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(module, {**frozen, **p}, (x.unsqueeze(0),))
-            return share(out, y.unsqueeze(0))
+            if keep:
+                x, y = x.unsqueeze(0), y.unsqueeze(0)
+            return share(functional_call(module, {**frozen, **p}, (x,)), y)
 
         result: Params = vmap(grad(one), in_dims=(None, 0, 0))(
             params, problem._features(), problem.target
@@ -411,12 +416,19 @@ def compute(problem: Problem, wanted: tuple[str, ...], vector: Params | None) ->
             found[name] = _FROM_PROBLEM[name](problem)
     for name, tensors in found.items():
         for param, value in tensors.items():
-            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            if value.dtype.is_floating_point and not _finite(value):
                 raise NonFinite(
                     f"{name} of {param} is not finite (NaN or Infinity): JSON cannot carry it. "
                     "Scale the inputs or targets down, or use float64"
                 )
     return {name: {p: v.detach() for p, v in found[name].items()} for name in wanted}
+
+
+def _finite(value: torch.Tensor) -> bool:
+    """Whether every element is finite. A sum is non-finite whenever an element is, and
+    costs a fraction of ``isfinite`` on the large per-sample tensors; only a sum that
+    overflowed needs the element-wise look."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
 _FROM_PER_SAMPLE: dict[str, Callable[[Params], Params]] = {
