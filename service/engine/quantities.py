@@ -402,6 +402,8 @@ def compute(problem: Problem, wanted: tuple[str, ...], vector: Params | None) ->
     """
     _forward_mode()
     problem.model.module.train()
+    if not problem.params:  # every parameter frozen, or none: nothing to differentiate
+        return {n: {HESSIAN_KEY: _empty(problem, 2)} if n == "hessian" else {} for n in wanted}
     found: dict[str, Params] = {}
     per_sample = per_sample_grads(problem) if PER_SAMPLE & set(wanted) else None
     for name in wanted:

@@ -263,3 +263,22 @@ def random_case_target(body: dict[str, Any]) -> Any:
     if body["loss"]["type"] == "cross_entropy":
         return torch.zeros(outputs.shape[:-1], dtype=torch.int64).tolist()
     return torch.zeros(outputs.shape, dtype=torch.float64).tolist()
+
+
+def test_nothing_to_differentiate() -> None:
+    """Every parameter frozen: every quantity is empty (the Hessian 0 x 0), not an error."""
+    body = {
+        "model": {
+            "type": "expression",
+            "expression": "w * x + 1",
+            "params": {"w": {"value": [1.0]}},
+            "frozen": ["w"],
+        },
+        "loss": "squared",
+        "batch": {"x": [1, 2], "y": [3, 5]},
+        "quantities": [*quantities.NAMES],
+        "vector": {},
+    }
+    answer = step.run("gradients", specs.GradientsRequest.model_validate(body))
+    assert answer["quantities"]["hessian"] == {"*": []}
+    assert all(answer["quantities"][n] == {} for n in quantities.NAMES if n != "hessian")
