@@ -282,8 +282,28 @@ QuantityName = Literal[
 ]
 
 
+_HVP = {"contains": {"const": "hvp"}}
+_VECTOR = {"type": "object"}
+
+
 class Quantities(Spec):
     """Quantities beyond the gradient (docs/quantities.md), answered beside ``grads``."""
+
+    # hvp needs a vector, and a vector is only for hvp: said in the document as well.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"quantities": _HVP}, "required": ["quantities"]},
+                    "then": {"properties": {"vector": _VECTOR}, "required": ["vector"]},
+                },
+                {
+                    "if": {"properties": {"vector": _VECTOR}, "required": ["vector"]},
+                    "then": {"properties": {"quantities": _HVP}, "required": ["quantities"]},
+                },
+            ]
+        }
+    )
 
     quantities: list[QuantityName] = Field(
         default_factory=list,
