@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     WithJsonSchema,
     model_validator,
 )
@@ -282,8 +283,8 @@ QuantityName = Literal[
 ]
 
 
-_HVP = {"contains": {"const": "hvp"}}
-_VECTOR = {"type": "object"}
+_HVP: dict[str, JsonValue] = {"contains": {"const": "hvp"}}
+_VECTOR: dict[str, JsonValue] = {"type": "object"}
 
 
 class Quantities(Spec):
