@@ -22,6 +22,9 @@ $(SERVE_STAMP): pyproject.toml client/pyproject.toml constraints.txt
 
 $(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The tests' reference for quantities beyond the gradient, without the torchvision it
+	# declares (only its examples import it, and PyPI's does not load beside this torch).
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt backpack-for-pytorch
 	touch $(STAMP)
 
 $(CHECKOV_STAMP): tests/deploy/checkov-constraints.txt

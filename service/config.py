@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     max_layer_width: int = Field(
         default=_DEFAULT.layer_width, ge=1, description="features of a linear layer"
     )
+    max_hessian_params: int = Field(
+        default=_DEFAULT.hessian_params,
+        ge=1,
+        description='trainable parameters a "hessian" quantity may span (422 too-large over)',
+    )
 
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="request body bytes (413 over)"
@@ -224,6 +229,7 @@ class Settings(BaseSettings):
             layer_width=self.max_layer_width,
             request_bytes=self.max_request_bytes,
             answer_bytes=self.max_answer_bytes,
+            hessian_params=self.max_hessian_params,
         )
 
 

@@ -36,6 +36,16 @@ class GradientsResponse(ForwardResponse):
     trace: list[TraceNode] | None = Field(default=None, description='with "explain": true')
 
 
+class QuantitiesResponse(GradientsResponse):
+    quantities: dict[str, dict[str, Tensor]] | None = Field(
+        default=None,
+        description=(
+            'with "quantities": {name: {param: tensor}}; hessian under the key "*" '
+            "(docs/quantities.md)"
+        ),
+    )
+
+
 class StepResponse(GradientsResponse):
     params: dict[str, Tensor] = Field(description="every parameter after the update")
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -217,6 +217,12 @@ class Work:
     loss: str = ""
     """the loss's name (what it keeps differs)"""
     answer: Answer = Answer()
+    quantities: tuple[str, ...] = ()
+    """quantities beyond the gradient asked for (``engine.quantities``)"""
+    samples: int = 1
+    """rows of the batch, at most (its first dimension)"""
+    row_wise: bool = True
+    """whether per-sample gradients run each sample alone (else one backward per sample)"""
 
 
 def estimate(work: Work, limits: Limits) -> Estimate:
@@ -249,6 +255,9 @@ def estimate(work: Work, limits: Limits) -> Estimate:
         if work.kind == "step":  # s: the copy of the state held, or the new state made
             phases.append(after + t + s + OPTIMIZER_TEMPORARIES * t + p)
         gradients = 2 * t
+    extra = quantities_bytes(work, (c.saved + c.backward + c.masks) * d, out, d)
+    if extra:
+        phases.append(resident + 2 * out * d + 2 * t + extra)
     host = work.answer.memory
     tensors = OVERHEAD + max(phases)
     parts = {
@@ -259,6 +268,8 @@ def estimate(work: Work, limits: Limits) -> Estimate:
         "batch": batch,
         "answer": host,
     }
+    if extra:
+        parts["quantities"] = extra
     # what a step copies to undo a non-finite update, the optimizer's temporaries, checks
     parts["copies and temporaries"] = max(0, tensors + host - sum(parts.values()))
     return Estimate(tensors, host, parts, work.answer.text)
@@ -268,6 +279,69 @@ def finite(elements: int, d: int) -> int:
     """What ``torch.isfinite`` makes of a tensor: ``(t == t) * (t.abs() != inf)``, a copy
     and three byte masks. Tensors are checked one at a time."""
     return elements * (d + 3)
+
+
+QUANTITY_CHUNK = 64
+"""Basis vectors or samples a quantity pushes through at once (``quantities.CHUNK``)."""
+
+
+def quantities_bytes(work: Work, kept: int, outputs: int, d: int) -> int:
+    """What the quantities beyond the gradient hold at once, on top of the gradients (T
+    trainable elements, N samples, O outputs, ``kept`` bytes a backward starts from, C
+    vectors at a time): per-sample gradients N x T twice (the gradients and what is derived
+    from them) and their computation (a backward of the batch when samples run alone, else
+    min(N, C) backwards at once); a Hessian's rows C x T, C backwards of the gradient's graph
+    (two of the batch's) and the whole T x T, twice while it is joined; the GGN's C forward
+    tangents and output curvatures; the Jacobian O x T twice, min(O, C) backwards at once."""
+    wanted = set(work.quantities)
+    t = sum(count(s) for s in work.trainable.values())
+    n, chunk = max(1, work.samples), QUANTITY_CHUNK
+    held = 0
+    if wanted & {"per_sample_grads", "per_sample_l2", "sum_grad_squared", "variance"}:
+        backwards = 2 * kept if work.row_wise else min(n, chunk) * kept
+        held = max(held, 2 * n * t * d + backwards)
+    basis = min(t, chunk)
+    if wanted & {"diag_hessian", "hessian"}:
+        whole = 2 * t * t * d if "hessian" in wanted else t * d
+        held = max(held, 2 * kept + basis * (2 * t * d + kept) + whole)
+    if "diag_ggn" in wanted:
+        held = max(held, 2 * kept + basis * (t * d + kept + 2 * outputs * d) + t * d)
+    if "hvp" in wanted:
+        held = max(held, 4 * kept + 3 * t * d)
+    if "jacobian" in wanted:
+        held = max(held, 2 * outputs * t * d + min(outputs, chunk) * (kept + outputs * d))
+    return held
+
+
+def quantities_answer(work: Work, outputs: Shape, b64: bool) -> Answer:
+    """The quantities' part of an answer: each named tensor, by its shape."""
+    n = max(1, work.samples)
+    shapes: dict[str, dict[str, Shape]] = {
+        "per_sample_grads": {k: (n, *s) for k, s in work.trainable.items()},
+        "per_sample_l2": dict.fromkeys(work.trainable, (n,)),
+        "jacobian": {k: (*outputs, *s) for k, s in work.trainable.items()},
+    }
+    t = sum(count(s) for s in work.trainable.values())
+    text = numbers = 0
+    for name in dict.fromkeys(work.quantities):
+        named = shapes.get(name, dict(work.trainable))
+        if name == "hessian":
+            named = {"*": (t, t)}
+        text += len(name) + 4 + _named_text(named, work.dtype, b64)
+        numbers += 0 if b64 else sum(count(s) for s in named.values())
+    return Answer(text, numbers)
+
+
+def check_hessian(trainable: Mapping[str, Shape], limits: Limits) -> None:
+    """TooLarge if a ``hessian`` would span more than ``limits.hessian_params``."""
+    t = sum(count(s) for s in trainable.values())
+    if t > limits.hessian_params:
+        raise TooLarge(
+            f"the hessian of {t} parameters would be {t}x{t}; the limit is "
+            f"{limits.hessian_params} parameters (--max-hessian-params): ask for "
+            '"diag_hessian", or "hvp" with a vector, instead',
+            loc=("quantities",),
+        )
 
 
 def check(
@@ -296,6 +370,7 @@ _HINTS = {
     "gradients": "use a model with fewer parameters",
     "copies and temporaries": "use a model with fewer parameters",
     "staged states": "send fewer items per request, or items for fewer sessions",
+    "quantities": "send a smaller batch, or ask for fewer quantities beyond the gradient",
 }
 
 
@@ -325,12 +400,16 @@ def work(
     b64: bool = False,
     include: Iterable[str] = ("loss", "grads", "params", "outputs"),
     explain: bool = False,
+    quantities: tuple[str, ...] = (),
 ) -> Work | None:
     """One forward, gradients or step of ``spec`` on ``batch``, by shapes; None when the
-    shapes are not known before decoding (decoding then says what is wrong)."""
+    shapes are not known before decoding (decoding then says what is wrong). TooLarge for a
+    ``hessian`` over ``limits.hessian_params``, before anything else."""
     params = param_shapes(spec)
     if params is None:
         return None
+    if "hessian" in quantities:
+        check_hessian({n: s for n, s in params.items() if n not in spec.frozen}, limits)
     expression = None
     if isinstance(spec, specs.ExpressionModel):
         try:
@@ -355,7 +434,7 @@ def work(
         target = target_elements * (8 if integral else itemsize(spec.dtype))
     state = optimizer_elements(optimizer, trainable) if optimizer is not None else 0
     copied = not fresh or isinstance(optimizer, specs.Adagrad)  # Adagrad's state is eager
-    return Work(
+    described = Work(
         kind,
         params,
         trainable,
@@ -370,6 +449,15 @@ def work(
         loss=name,
         answer=answer(kind, params, trainable, seen.outputs, spec.dtype, b64=b64, include=include),
     )
+    if not quantities:
+        return described
+    rows = max((s[0] for s in inputs.values() if len(s) >= 1), default=1)
+    row_wise = not isinstance(spec, specs.ExpressionModel) and not any(
+        isinstance(layer, specs.DropoutLayer) for layer in getattr(spec, "layers", ())
+    )
+    described = replace(described, quantities=quantities, samples=rows, row_wise=row_wise)
+    extra = quantities_answer(described, seen.outputs, b64)
+    return replace(described, answer=described.answer + extra)
 
 
 def _checked_first(
@@ -426,6 +514,7 @@ def stateless(kind: specs.Kind, request: specs.ForwardRequest, limits: Limits) -
         optimizer=getattr(request, "optimizer", None),
         b64=request.encoding == "b64",
         explain=getattr(request, "explain", False),
+        quantities=request.wanted if isinstance(request, specs.Quantities) else (),
     )
     return None if described is None else estimate(described, limits)
 
@@ -439,6 +528,7 @@ def session(
     b64: bool = False,
     include: Iterable[str] = ("loss", "grads", "params", "outputs"),
     explain: bool = False,
+    quantities: tuple[str, ...] = (),
 ) -> Estimate | None:
     """A forward, gradients or step on a session: its parameters and optimizer state are
     held already (and copied by a step), and a step's new state is serialized for the store
@@ -454,6 +544,7 @@ def session(
         b64=b64,
         include=include,
         explain=explain,
+        quantities=quantities,
     )
     if described is None:
         return None

@@ -33,6 +33,8 @@ class Limits:
     """Estimated peak memory of one request, all of it together (``engine.budget``)."""
     answer_bytes: int = 64 * 1024**2
     """Bytes of one JSON answer."""
+    hessian_params: int = 4096
+    """Trainable parameters a full ``hessian`` may span (it holds their square)."""
 
 
 DEFAULT_LIMITS = Limits()

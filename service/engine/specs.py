@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     WithJsonSchema,
     model_validator,
 )
@@ -268,12 +269,80 @@ class ForwardRequest(Spec):
     encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
 
 
-class GradientsRequest(ForwardRequest):
+class LossRequest(ForwardRequest):
+    """What a gradients and a step request share."""
+
     loss: LossName | LossSpec
     explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
 
 
-class StepRequest(GradientsRequest):
+QuantityName = Literal[
+    "per_sample_grads",
+    "per_sample_l2",
+    "sum_grad_squared",
+    "variance",
+    "diag_hessian",
+    "diag_ggn",
+    "hvp",
+    "hessian",
+    "jacobian",
+]
+
+
+_HVP: dict[str, JsonValue] = {"contains": {"const": "hvp"}}
+_VECTOR: dict[str, JsonValue] = {"type": "object"}
+
+
+class Quantities(Spec):
+    """Quantities beyond the gradient (docs/quantities.md), answered beside ``grads``."""
+
+    # hvp needs a vector, and a vector is only for hvp: said in the document as well.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"quantities": _HVP}, "required": ["quantities"]},
+                    "then": {"properties": {"vector": _VECTOR}, "required": ["vector"]},
+                },
+                {
+                    "if": {"properties": {"vector": _VECTOR}, "required": ["vector"]},
+                    "then": {"properties": {"quantities": _HVP}, "required": ["quantities"]},
+                },
+            ]
+        }
+    )
+
+    quantities: list[QuantityName] = Field(
+        default_factory=list,
+        max_length=9,
+        description=(
+            "answered under quantities: {name: {param: tensor}}; hessian under the key "
+            '"*" (see docs/quantities.md for each definition)'
+        ),
+    )
+    vector: dict[str, Tensor] | None = Field(
+        default=None, description="v of hvp (H·v): a tensor for every trainable parameter"
+    )
+
+    @model_validator(mode="after")
+    def _vector_for_hvp(self) -> Quantities:
+        if "hvp" in self.quantities and self.vector is None:
+            raise ValueError('"hvp" needs "vector": {parameter: tensor} (v of H·v)')
+        if self.vector is not None and "hvp" not in self.quantities:
+            raise ValueError('"vector" is used only by "hvp": add "hvp" to quantities')
+        return self
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The quantities asked for, each once, in the order asked."""
+        return tuple(dict.fromkeys(self.quantities))
+
+
+class GradientsRequest(LossRequest, Quantities):
+    pass
+
+
+class StepRequest(LossRequest):
     optimizer: OptimizerSpec
 
 
@@ -300,6 +369,11 @@ class SessionBatchRequest(Spec):
 
 class SessionGradientsRequest(SessionBatchRequest):
     explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
+
+
+class SessionQuantitiesRequest(SessionGradientsRequest, Quantities):
+    """``POST /v1/sessions/{id}/gradients``: a step's body, and quantities beyond the
+    gradient."""
 
 
 Included = Literal["loss", "params", "grads", "outputs"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from service.engine import budget, losses, models, optimizers, specs
+from service.engine import budget, losses, models, optimizers, quantities, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.specs import Kind
 from service.engine.tensors import decode, encode
@@ -31,6 +31,7 @@ class Result:
     grad_norm: torch.Tensor | None = None
     params: dict[str, torch.Tensor] | None = None
     trace: list[TraceNode] | None = None
+    quantities: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 @contextlib.contextmanager
@@ -207,8 +208,10 @@ def compute(
     explain: bool = False,
     seed: int = 0,
     limits: Limits = DEFAULT_LIMITS,
+    wanted: specs.Quantities | None = None,
 ) -> Result:
-    """One forward, gradients or step on a built model, dropout seeded with ``seed``."""
+    """One forward, gradients or step on a built model, dropout seeded with ``seed``; for
+    gradients also the quantities ``wanted`` names (``engine.quantities``)."""
     with seeded(model, seed):
         if kind == "forward":
             if y is not None:  # unused, but a tensor the request must still get right
@@ -220,7 +223,14 @@ def compute(
         assert loss is not None
         loss_spec = losses.normalise(loss)
         if kind == "gradients":
-            return gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+            if wanted is None or not wanted.wanted:
+                return gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+            vector = quantities.check(model, wanted.wanted, wanted.vector, limits)
+            result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+            target = losses.target(loss_spec, y, result.outputs, limits)
+            problem = quantities.Problem(model, loss_spec, inputs, target, result.outputs, seed)
+            result.quantities = quantities.compute(problem, wanted.wanted, vector)
+            return result
         assert optimizer is not None
         return step(
             model,
@@ -258,6 +268,7 @@ def run(
         explain=getattr(request, "explain", False),
         seed=request.model.seed,
         limits=limits,
+        wanted=request if isinstance(request, specs.Quantities) else None,
     )
     return encode_result(result, request.encoding == "b64")
 
@@ -280,6 +291,11 @@ def encode_result(result: Result, b64: bool, include: frozenset[str] = ALL) -> d
         body["outputs"] = encode(result.outputs, b64)
     if result.trace is not None:
         body["trace"] = [encode_node(node, b64) for node in result.trace]
+    if result.quantities is not None:
+        body["quantities"] = {
+            name: {p: encode(t, b64) for p, t in values.items()}
+            for name, values in result.quantities.items()
+        }
     return body
 
 

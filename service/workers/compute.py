@@ -73,6 +73,13 @@ class Prepared:
         request = self.job.request
         return isinstance(request, specs.SessionGradientsRequest) and request.explain
 
+    @property
+    def quantities(self) -> specs.Quantities | None:
+        """The quantities beyond the gradient it asks for, if any: such a job is computed
+        alone, never in a vmapped group."""
+        request = self.job.request
+        return request if isinstance(request, specs.Quantities) and request.wanted else None
+
     def entry(self) -> batching.Entry:
         optimizer = self.built.optimizer if self.job.kind == "step" else None
         return batching.Entry(self.built.model, optimizer, self.inputs, self.job.request.batch.y)
@@ -114,6 +121,8 @@ def computed(
 
 
 def _signature(prepared: Prepared) -> Hashable | None:
+    if prepared.quantities is not None:
+        return None
     spec = prepared.built.spec
     return batching.signature(prepared.job.kind, spec, prepared.entry(), prepared.explain)
 
@@ -132,4 +141,5 @@ def _compute_one(prepared: Prepared, limits: Limits) -> Result:
         explain=prepared.explain,
         seed=spec.model.seed + record.step,
         limits=limits,
+        wanted=prepared.quantities,
     )

@@ -191,6 +191,7 @@ class Sessions:
             b64=request.encoding == "b64",
             include=job.include,
             explain=isinstance(request, specs.SessionGradientsRequest) and request.explain,
+            quantities=request.wanted if isinstance(request, specs.Quantities) else (),
         )
         if estimate is not None:
             budget.check(estimate, self.limits)

@@ -176,10 +176,22 @@ def test_the_notebook_step_explained_then_a_live_curve(
     expect(page.locator("#curve")).to_have_attribute("data-points", "1")
     expect(page.locator("#params")).to_contain_text("1.1")
 
+    bars = page.locator("#samples-chart rect.bar")
+    expect(bars).to_have_count(1)  # one sample: one bar of its gradient's norm
+
     # A reload keeps the derivation (sessionStorage) and reads the curve back from history.
     page.reload()
     expect(derivation.locator("[data-param=w]")).to_contain_text("= −1 · 1 = −1")
     expect(page.locator("#curve")).to_have_attribute("data-points", "1")
+    expect(bars).to_have_count(1)
+
+    # A batch of three, explained: one bar per sample, the last pulling hardest.
+    page.locator("#step-x").fill("[1, 2, 3]")
+    page.locator("#step-y").fill("[3, 5, 7]")
+    page.get_by_role("button", name="Step", exact=True).click()
+    expect(bars).to_have_count(3)
+    expect(page.locator("#samples-chart rect.hardest")).to_have_attribute("data-sample", "2")
+    expect(page.locator("#curve")).to_have_attribute("data-points", "2")
 
     # Then it trains, driven from outside the page by a job;
     # with a smaller learning rate, so that the curve has a shape to see.

@@ -62,7 +62,7 @@ async def forward(
 
 @router.post(
     "/gradients",
-    response_model=schemas.GradientsResponse,
+    response_model=schemas.QuantitiesResponse,
     response_model_exclude_none=True,
     responses=PROBLEMS,
     operation_id="gradients",

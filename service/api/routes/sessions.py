@@ -393,7 +393,7 @@ async def step(
 
 @router.post(
     "/{session_id}/gradients",
-    response_model=schemas.GradientsResponse,
+    response_model=schemas.QuantitiesResponse,
     response_model_exclude_none=True,
     responses=COMMON,
     operation_id="sessionGradients",
@@ -404,7 +404,11 @@ async def step(
     ),
 )
 async def session_gradients(
-    session_id: SessionId, body: StepBody, call: SessionCallDep
+    session_id: SessionId,
+    body: Annotated[
+        specs.SessionQuantitiesRequest, Body(openapi_examples=schemas.SESSION_STEP_EXAMPLES)
+    ],
+    call: SessionCallDep,
 ) -> Response:
     return await call("gradients", session_id, body)
 

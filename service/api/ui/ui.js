@@ -608,6 +608,7 @@ function updateLines(name, before, after, grad, optimizer) {
 }
 
 function renderDerivation(saved) {
+  renderSamples(saved?.samples ?? null);
   const section = $('derivation');
   const body = $('derivation-body');
   if (!saved || !Array.isArray(saved.trace) || !saved.trace.length) {
@@ -666,6 +667,97 @@ function renderDerivation(saved) {
   }
   body.replaceChildren(el('div', { class: 'derivation' }, parts));
   section.hidden = false;
+}
+
+// ---------------------------------------------------------------- which sample pulls hardest
+
+const SVG = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  for (const child of children.flat()) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+// What the page keeps of a step's quantities: each sample's gradient norm, the square root of
+// per_sample_l2 summed over the parameters, and each parameter's signal-to-noise ratio,
+// |mean gₙ| / std gₙ elementwise, with mean gₙ = grads / N and the variance as answered.
+function sampleSummary(grads, quantities) {
+  const l2 = Object.values(quantities?.per_sample_l2 || {}).map(tensor).filter(Boolean);
+  if (!l2.length) return null;
+  const n = l2[0].data.length;
+  const norms = Array.from({ length: n }, (_, i) => Math.sqrt(l2.reduce((sum, t) => sum + t.data[i], 0)));
+  const snr = {};
+  for (const [name, v] of Object.entries(quantities.variance || {})) {
+    const variance = tensor(v);
+    const g = tensor(grads?.[name]);
+    if (!variance || !g) continue;
+    snr[name] = variance.data.map((s, i) => (s > 0 ? Math.abs(g.data[i] / n) / Math.sqrt(s) : null));
+  }
+  return { norms, snr };
+}
+
+function renderSamples(summary) {
+  const section = $('samples');
+  const chart = $('samples-chart');
+  if (!summary || !summary.norms.length) {
+    section.hidden = true;
+    chart.replaceChildren();
+    return;
+  }
+  const { norms, snr } = summary;
+  const width = 320;
+  const height = 120;
+  const gap = 4;
+  const top = Math.max(...norms) || 1;
+  const bar = Math.max(2, (width - gap * (norms.length + 1)) / norms.length);
+  const hardest = norms.indexOf(Math.max(...norms));
+  const bars = norms.map((norm, i) => {
+    const h = Math.max(1, (norm / top) * (height - 16));
+    return svg('rect', {
+      class: i === hardest ? 'bar hardest' : 'bar',
+      x: gap + i * (bar + gap),
+      y: height - h,
+      width: bar,
+      height: h,
+      'data-sample': i,
+    }, svg('title', {}, `sample ${i}: ‖gₙ‖ = ${fmt(norm)}`));
+  });
+  const picture = svg('svg', {
+    viewBox: `0 0 ${width} ${height}`,
+    role: 'img',
+    'data-samples': norms.length,
+    'aria-label': `Per-sample gradient norms of ${norms.length} samples; sample ${hardest} pulls hardest (${fmt(norms[hardest])})`,
+  }, bars);
+  const rows = Object.entries(snr).map(([name, values]) => el('tr', {},
+    el('th', { scope: 'row', class: 'mono' }, name),
+    el('td', { class: 'mono' }, fmtTensor(values.map((v) => (v === null ? '∞' : v))))));
+  chart.replaceChildren(
+    picture,
+    el('p', { class: 'hint' }, `Sample ${hardest} pulls hardest: ‖g${hardest}‖ = ${fmt(norms[hardest])}.`),
+    rows.length ? el('div', { class: 'scroll' }, el('table', {},
+      el('caption', { class: 'hint' }, 'Signal-to-noise of the gradient, |mean gₙ| / std gₙ, per element'),
+      el('thead', {}, el('tr', {}, ['parameter', 'signal / noise'].map((h) => el('th', { scope: 'col' }, h)))),
+      el('tbody', {}, rows))) : null,
+  );
+  section.hidden = false;
+}
+
+// The step's quantities, at the parameters the step starts from: a session's gradients
+// change nothing. A model they cannot be computed for simply shows none.
+async function stepQuantities(id, batch) {
+  try {
+    const answer = await api(`v1/sessions/${encodeURIComponent(id)}/gradients`, {
+      method: 'POST',
+      body: { batch, quantities: ['per_sample_l2', 'variance'] },
+    });
+    return sampleSummary(answer.grads, answer.quantities);
+  } catch {
+    return null;
+  }
 }
 
 // ---------------------------------------------------------------- the sessions list
@@ -1037,6 +1129,7 @@ $('step-form').addEventListener('submit', (event) => {
     try {
       const batch = { x: parseJson($('step-x').value, 'x'), y: parseJson($('step-y').value, 'y') };
       const explain = $('step-explain').checked;
+      const samples = explain ? await stepQuantities(w.id, batch) : null;
       const answer = await api(`v1/sessions/${encodeURIComponent(w.id)}/step`, {
         method: 'POST',
         body: { batch, explain },
@@ -1052,6 +1145,7 @@ $('step-form').addEventListener('submit', (event) => {
           trace: answer.trace,
           lossSpec: w.session?.loss,
           optimizer: w.session?.optimizer,
+          samples,
         };
         storage.set(EXPLAIN_ITEM(w.id), JSON.stringify(saved));
       }
