@@ -35,8 +35,10 @@ $(CHECKOV_STAMP): tests/deploy/checkov-constraints.txt
 run: $(SERVE_STAMP)
 	$(BIN)/gradsvc serve
 
+# Two processes, whole files apiece (a file's shared servers start once): the end-to-end and
+# fault tests spend much of their time waiting on servers, so two keep both cores busy.
 test: lint $(CHECKOV_STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench client
