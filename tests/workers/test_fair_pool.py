@@ -101,8 +101,8 @@ def test_an_overrunning_computation_recycles_its_worker_and_the_queue_behind_it_
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bob's computation runs past the timeout: it alone is answered 504, the worker is
-    recycled with Bob's key in the log (the count has no key label), and Alice's step, queued behind it,
-    runs on the restarted worker."""
+    recycled with Bob's key in the log (the count has no key label), and Alice's step,
+    queued behind it, runs on the restarted worker."""
 
     async def main(pool: WorkerPool) -> None:
         alice = await session(pool, "alice")
