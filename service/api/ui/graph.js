@@ -226,7 +226,7 @@ function edgeText(e) {
     const value = num(t.data[0], 3);
     return symbol ? `${symbol} = ${value}` : value;
   }
-  return symbol || compact(e.local, 1, 3);
+  return symbol || `[${num(t.data[0], 3)}, …]`; // the shape is the box's own
 }
 
 // d(w * x)/dw, dL/dŷ: names that are not one symbol in parentheses.
@@ -308,12 +308,13 @@ export function drawGraph(trace) {
       }, svg('title', {}, title));
       drawnEdges.push(path);
       if (words) {
-        // On the curve near its own box (a cubic Bézier at t = 0.7), pushed apart below.
-        const t = 0.7;
+        // Ending just before the arrow, on the curve (a cubic Bézier near t = 0.9), pushed
+        // apart below where labels crowd.
+        const t = 0.9;
         const u = 1 - t;
         const lx = u ** 3 * x0 + 3 * u * u * t * (x0 + bend) + 3 * u * t * t * (x1 - bend) + t ** 3 * x1;
         const ly = u ** 3 * y0 + 3 * u * u * t * y0 + 3 * u * t * t * y1 + t ** 3 * y1;
-        pending.push({ e, words, title, x: lx, y: ly - 4 });
+        pending.push({ e, words, title, x: Math.min(lx, x1 - 14), y: ly - 4 });
       }
     });
   }
@@ -336,7 +337,7 @@ export function drawGraph(trace) {
       class: 'edge-label',
       x: p.x,
       y: p.y,
-      'text-anchor': 'middle',
+      'text-anchor': 'end',
       'data-from': p.e.from.name,
       'data-to': p.e.to.name,
     }, truncate(p.words, 14))));
