@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
 
 from tests.conftest import SEED_STEP
 from tests.e2e.server import ROOT, Server
@@ -320,3 +320,120 @@ def test_the_page_ships_in_the_package() -> None:
     assert files
     missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
     assert not missing, f'add to [tool.setuptools.package-data] "service.api": {missing}'
+
+
+MLP_SESSION = {
+    "model": {
+        "type": "sequential",
+        "layers": [
+            {"type": "linear", "in_features": 3, "out_features": 4},
+            {"type": "tanh"},
+            {"type": "linear", "in_features": 4, "out_features": 1},
+        ],
+    },
+    "loss": "mse",
+    "optimizer": {"type": "sgd", "lr": 0.1},
+}
+
+# Each box's and each edge's place, read from the drawing as the browser laid it out.
+GEOMETRY = """svg => {
+  const box = (n) => {
+    const r = n.getBoundingClientRect();
+    return [r.left, r.top, r.right, r.bottom];
+  };
+  const nodes = {};
+  for (const g of svg.querySelectorAll('g.node')) {
+    nodes[g.dataset.node] = box(g.querySelector('rect'));
+  }
+  const edges = [...svg.querySelectorAll('path.edge')].map((p) => [p.dataset.from, p.dataset.to]);
+  return { nodes, edges };
+}"""
+
+
+def _explain_in_page(page: Page, x: str, y: str) -> list[dict[str, Any]]:
+    page.locator("#step-x").fill(x)
+    page.locator("#step-y").fill(y)
+    page.locator("#step-explain").check()
+    page.get_by_role("button", name="Step", exact=True).click()
+    expect(page.locator("#graph svg")).to_be_visible()
+    saved = page.evaluate(
+        "() => JSON.parse(sessionStorage.getItem('gradsvc.ui.explain.' + location.hash.slice(1)))"
+    )
+    trace: list[dict[str, Any]] = saved["trace"]
+    return trace
+
+
+def _assert_drawn(page: Page, trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """One box per node of the trace and per input it names only as an input, one edge per
+    input, each edge left to right, no two boxes overlapping; returns the geometry."""
+    graph = page.locator("#graph svg")
+    names = {n["node"] for n in trace} | {i for n in trace for i in n["inputs"]}
+    inputs = [(i, n["node"]) for n in trace for i in n["inputs"]]
+    expect(graph).to_have_attribute("role", "img")
+    expect(graph.locator("g.node")).to_have_count(len(names))
+    expect(graph.locator("g.node > title")).to_have_count(len(names))
+    expect(graph.locator("path.edge")).to_have_count(len(inputs))
+    assert "computation graph" in (graph.get_attribute("aria-label") or "")
+    drawn = graph.evaluate(GEOMETRY)
+    boxes = drawn["nodes"]
+    assert set(boxes) == names
+    assert sorted(map(tuple, drawn["edges"])) == sorted(inputs)
+    for source, target in inputs:
+        assert boxes[source][2] < boxes[target][0], (source, target)  # left of it, wholly
+    placed = list(boxes.items())
+    for i, (a, p) in enumerate(placed):
+        for b, q in placed[i + 1 :]:
+            apart = p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
+            assert apart, (a, b)
+    return drawn
+
+
+@pytest.mark.slow
+@in_chromium
+def test_the_notebook_step_drawn_as_a_graph(
+    servers: dict[str, Server], tab: Tab, tmp_path: Path
+) -> None:
+    server, page = servers["open"], tab.page
+    sid = create(server, "drawn")
+    page.goto(f"{server.url}/ui#{sid}")
+    expect(page.locator("#s-name")).to_have_text("drawn")
+    trace = _explain_in_page(page, "1", "3")
+    drawn = _assert_drawn(page, trace)
+    # x, w → w·x → ŷ → L: the notebook's derivation, with −1 flowing back from L.
+    graph = page.locator("#graph svg")
+
+    def node(name: str, line: str) -> Locator:  # the box's line: heading, op, value, grad
+        return graph.locator(f'g.node[data-node="{name}"] text.{line}')
+
+    def edge(a: str, b: str) -> Locator:
+        return graph.locator(f'text.edge-label[data-from="{a}"][data-to="{b}"]')
+
+    expect(node("w * x + 1", "value")).to_have_text("ŷ = 2")
+    expect(node("w * x + 1", "grad")).to_have_text("dL/dŷ = −1")
+    expect(node("loss", "value")).to_have_text("L = 0.5")
+    expect(node("w", "value")).to_have_text("value = 1")
+    expect(node("w", "grad")).to_have_text("dL/dw = −1")
+    expect(node("1", "op")).to_have_text("const")
+    expect(edge("w", "w * x")).to_have_text("x = 1")
+    expect(edge("w * x + 1", "loss")).to_have_text("−1")
+    boxes = drawn["nodes"]
+    assert boxes["x"][0] == boxes["w"][0] < boxes["w * x"][0] < boxes["w * x + 1"][0]
+    assert boxes["w * x + 1"][0] < boxes["loss"][0]
+    expect(page.locator("#derivation table")).to_be_visible()  # the table stays
+    page.locator("#graph").screenshot(path=str(tmp_path / "graph.png"))
+    wanted = os.environ.get("GRAPH_SCREENSHOT")
+    if wanted:
+        target = Path(wanted) if Path(wanted).is_absolute() else ROOT / wanted
+        page.locator("#graph").screenshot(path=str(target))
+    assert (tmp_path / "graph.png").stat().st_size > 5_000
+
+    # A sequential MLP's trace: layers and their parameters, each edge still left to right.
+    r = httpx.post(server.url + "/v1/sessions", json={**MLP_SESSION, "name": "mlp"}, timeout=30)
+    assert r.status_code == 201, r.text
+    page.goto(f"{server.url}/ui#{r.json()['id']}")
+    expect(page.locator("#s-name")).to_have_text("mlp")
+    trace = _explain_in_page(page, "[[1, 2, 3], [4, 5, 6]]", "[[1], [2]]")
+    boxes = _assert_drawn(page, trace)["nodes"]
+    assert boxes["0.weight"][0] < boxes["0"][0] < boxes["1"][0] < boxes["2"][0] < boxes["loss"][0]
+    expect(node("0.weight", "value")).to_contain_text("value = 4×3 [")
+    tab.assert_clean()

@@ -1,6 +1,6 @@
 """/ui: one page for watching backpropagation happen, served from the package.
 
-The page is static (``service/api/ui/``: HTML, one script, one stylesheet, an icon) and talks
+The page is static (``service/api/ui/``: HTML, two scripts, one stylesheet, an icon) and talks
 to the API from the browser with the caller's key. It is open, like /docs: it holds no data,
 and every call it makes carries the key typed into it. The Content-Security-Policy allows
 nothing but this origin, and no inline script or style, so a value that reaches the page
@@ -22,6 +22,7 @@ UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 # Only these names are served: no path from the request ever reaches the file system.
 ASSETS = {
     "ui.js": "text/javascript; charset=utf-8",
+    "graph.js": "text/javascript; charset=utf-8",
     "ui.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -2,6 +2,8 @@
 // No framework and no build step: fetch, a <canvas>, sessionStorage. Text reaches the page
 // only through textContent (never innerHTML), and the CSP allows no inline script or style.
 
+import { drawGraph } from './graph.js';
+
 const BASE = new URL('.', location.href); // the service's root, behind whatever prefix
 const POLL_MS = 750; // history, while the page is visible
 const SESSION_MS = 2000; // the session itself (step, params, job), at most this often
@@ -607,6 +609,22 @@ function updateLines(name, before, after, grad, optimizer) {
   return `${param}: ${fmtTensor(before)} → ${fmtTensor(after)}  (${o.type || 'optimizer'} step)`;
 }
 
+// The trace as a graph, scrolled sideways when it is wider than the panel, or fitted to it.
+function graphFigure(trace) {
+  const picture = drawGraph(trace);
+  if (!picture) return null;
+  const frame = el('div', { class: 'graph-frame', id: 'graph' });
+  frame.append(picture);
+  const fit = el('input', { type: 'checkbox', id: 'graph-fit' });
+  fit.addEventListener('change', () => frame.classList.toggle('fit', fit.checked));
+  return el('figure', { class: 'graph-figure' },
+    frame,
+    el('figcaption', { class: 'hint' },
+      'Left to right, the forward pass: each box a node with its value and dL/dnode, each edge an input labelled with its local derivative. ',
+      'Backward, dL/dnode is the sum over the edges out of a node of the next box\'s dL/dnode times the edge\'s label. ',
+      el('label', { class: 'inline', for: 'graph-fit' }, fit, 'fit to width')));
+}
+
 function renderDerivation(saved) {
   renderSamples(saved?.samples ?? null);
   const section = $('derivation');
@@ -651,6 +669,7 @@ function renderDerivation(saved) {
   const parts = [
     el('p', {}, `Step ${saved.step}`, batch ? ` on ${batch}` : '', `: loss ${fmt(saved.loss)}.`),
     el('h4', {}, 'Forward and backward'),
+    graphFigure(nodes),
     table,
   ];
   if (yhat) {
