@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Send
 
+from service.api import validation
 from service.errors import GradsvcError
 
 log = logging.getLogger("gradsvc")
@@ -114,13 +115,13 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     # No "input": it can be large, and it is the client's own data.
     errors = [
         {"loc": [_clip(p) for p in e["loc"]], "msg": _clip(e["msg"], 500), "type": e["type"]}
-        for e in raw[:50]
+        for e in validation.explain(raw[:50], exc.body)
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     detail = f"{where}: {first['msg']}" if where else str(first["msg"])
-    if len(raw) > 1:
-        detail += f" (and {len(raw) - 1} more)"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
     return problem(422, "validation-error", "Request validation failed", detail, errors=errors)
 
 
