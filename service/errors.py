@@ -15,6 +15,7 @@
     ├── Conflict                    (409 conflict)           the same key still in flight
     │   └── SessionBusy             (409 session-busy)       a training job holds the session
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
+    ├── InvalidHeader               (400 invalid-header)     a header outside its grammar
     ├── RequestTimeout              (408 request-timeout)    the body did not arrive in time
     ├── UnsupportedMediaType        (415 unsupported-media-type) a JSON route without JSON
     ├── TooManyRequests             (429 too-many-requests)  rate or in-flight limit; Retry-After
@@ -127,6 +128,14 @@ class PreconditionFailed(GradsvcError):
     status = 412
     type = "precondition-failed"
     title = "Precondition failed"
+
+
+class InvalidHeader(GradsvcError):
+    """A request header that does not follow its grammar, e.g. an If-Match without quotes."""
+
+    status = 400
+    type = "invalid-header"
+    title = "Invalid header"
 
 
 class TooManyRequests(GradsvcError):

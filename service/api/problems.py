@@ -109,7 +109,7 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         return problem(
             400,
             "malformed-json",
-            "Malformed JSON",
+            TITLES["malformed-json"],
             f"the body is not valid JSON: {ctx.get('error', 'parse error')}",
         )
     # No "input": it can be large, and it is the client's own data.
@@ -122,7 +122,7 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     detail = f"{where}: {first['msg']}" if where else str(first["msg"])
     if len(errors) > 1:
         detail += f" (and {len(errors) - 1} more)"
-    return problem(422, "validation-error", "Request validation failed", detail, errors=errors)
+    return problem(422, "validation-error", TITLES["validation-error"], detail, errors=errors)
 
 
 def _clip(part: Any, limit: int = 64) -> Any:
@@ -130,6 +130,37 @@ def _clip(part: Any, limit: int = 64) -> Any:
     if isinstance(part, str) and len(part) > limit:
         return part[: limit - 3] + "..."
     return part
+
+
+def _domain_titles() -> dict[str, str]:
+    titles: dict[str, str] = {}
+    classes: list[type[GradsvcError]] = [GradsvcError]
+    while classes:
+        cls = classes.pop()
+        titles.setdefault(cls.type, cls.title)
+        classes.extend(cls.__subclasses__())
+    return titles
+
+
+# One title per problem type, wherever it is answered from (a route, a middleware, Starlette's
+# own 404 and 405): the domain errors' titles, and those of the types only the edge answers.
+TITLES: dict[str, str] = {
+    **_domain_titles(),
+    "validation-error": "Request validation failed",
+    "malformed-json": "Malformed JSON",
+    "unauthorized": "Unauthorized",
+    "payload-too-large": "Payload too large",
+    "method-not-allowed": "Method not allowed",
+}
+
+
+def title(type_: str, status: int) -> str:
+    """The title of problem type ``type_``: registered, else the status's phrase in the
+    sentence case every registered title uses."""
+    if type_ in TITLES:
+        return TITLES[type_]
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return phrase[:1] + phrase[1:].lower()
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -149,8 +180,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     slug = phrase.lower().replace(" ", "-")
     if status == 400 and "parsing the body" in str(exc.detail):
         # FastAPI's word for a body that is not UTF-8 or nests too deep for the JSON parser.
-        slug, phrase, detail = "malformed-json", "Malformed JSON", "the body is not valid JSON"
-    return problem(status, slug, phrase, detail, headers=headers or None)
+        slug, detail = "malformed-json", "the body is not valid JSON"
+    return problem(status, slug, title(slug, status), detail, headers=headers or None)
 
 
 async def unhandled_error(request: Request, exc: Exception) -> Response:
