@@ -64,7 +64,7 @@ def explain(raw: Iterable[Error], body: Any) -> list[Error]:
     errors = [_located(e, body) for e in raw]
     kept = _best_members(errors)
     return [
-        {"loc": e["loc"], "msg": _message(e), "type": e["type"]} for e in errors if id(e) in kept
+        {"loc": e["loc"], "msg": _message(e), "type": _type(e)} for e in errors if id(e) in kept
     ]
 
 
@@ -114,6 +114,20 @@ def _telling(found: list[Error]) -> tuple[int, bool]:
     kind" (a literal's error names the choices, so it tells)."""
     deepest = max(len(e["loc"]) for e in found)
     return deepest, not all(e["type"] in KIND_ERRORS - {"literal_error"} for e in found)
+
+
+def _type(error: Error) -> str:
+    """pydantic's type, but a name outside the list is an ``unknown_name`` however pydantic
+    found it out (a union's tag or a literal), and a union's missing tag is ``missing``."""
+    kind = str(error["type"])
+    if kind == "union_tag_invalid" or (kind == "literal_error" and _named(error)):
+        return "unknown_name"
+    return "missing" if kind == "union_tag_not_found" else kind
+
+
+def _named(error: Error) -> bool:
+    expected = str((error.get("ctx") or {}).get("expected", ""))
+    return isinstance(error.get("input"), str) and bool(_quoted(expected))
 
 
 def _message(error: Error) -> str:

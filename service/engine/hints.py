@@ -85,7 +85,7 @@ def syntax(text: str, message: str) -> str:
             written = text[before.start[1] : after.end[1]]  # one line: parse() refuses others
             return (
                 f"not a valid expression: {_cut(written, 40)} needs an operator; "
-                f"to multiply, write {_cut(before.string, 20)} * {_cut(after.string, 20)}"
+                f"to multiply, write {_left(before)} * {_cut(after.string, 20)}"
             )
     if any(t.type == tokenize.OP and t.string == "=" for t in tokens):
         return (
@@ -93,6 +93,10 @@ def syntax(text: str, message: str) -> str:
             "write only its right-hand side, e.g. w * x + 1"
         )
     return f"not a valid expression: {message}"
+
+
+def _left(token: tokenize.TokenInfo) -> str:
+    return "(...)" if token.string == ")" else _cut(token.string, 20)
 
 
 def _tokens(text: str) -> list[tokenize.TokenInfo]:
