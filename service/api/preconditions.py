@@ -20,6 +20,7 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from pydantic import WithJsonSchema
 
 from service.errors import InvalidHeader
 
@@ -47,7 +48,7 @@ def parse_if_match(value: str | None) -> str | None:
     """
     if value is None:
         return None
-    text = value.strip(" \t")
+    text = value  # the server has taken the whitespace around it off already (RFC 9110 §5.5)
     if text == "*":
         return "*"
     items = [item for item in LIST_SEPARATOR.split(text) if item]
@@ -75,13 +76,15 @@ def _unquoted(text: str) -> str:
 async def _if_match(
     value: Annotated[
         str | None,
+        # A string or no header: never null, which a header cannot carry (a generator that
+        # reads "null" as allowed sends the text null, and that is no ETag).
+        WithJsonSchema({"type": "string", "pattern": PATTERN}),
         Header(
             alias="If-Match",
             description=(
                 'the ETag you read, in its quotes ("s_...:3"): 412 if the session moved since; '
                 "* for any version; a weak ETag (W/...) never matches"
             ),
-            json_schema_extra={"pattern": PATTERN},
         ),
     ] = None,
 ) -> str | None:
