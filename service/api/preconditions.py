@@ -24,9 +24,9 @@ from pydantic import WithJsonSchema
 
 from service.errors import InvalidHeader
 
-# etagc = %x21 / %x23-7E / obs-text: any visible character but the double quote.
-ENTITY_TAG = re.compile(r'(W/)?"[\x21\x23-\x7e\x80-\xff]*"')
-LIST_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
+# etagc = %x21 / %x23-7E / obs-text: any visible character but the double quote (a comma
+# too: the list is read tag by tag, never split on commas).
+LIST_ITEM = re.compile(r'[ \t]*((?:W/)?"[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|\Z)')
 # What the document declares (visible ASCII only: obs-text is accepted, not advertised).
 PATTERN = r'^(\*|(W/)?"[!#-~]*")$'
 LOC = ("header", "If-Match")
@@ -51,8 +51,8 @@ def parse_if_match(value: str | None) -> str | None:
     text = value  # the server has taken the whitespace around it off already (RFC 9110 §5.5)
     if text == "*":
         return "*"
-    items = [item for item in LIST_SEPARATOR.split(text) if item]
-    if not items or not all(ENTITY_TAG.fullmatch(item) for item in items):
+    items = _entity_tags(text)
+    if not items:
         raise InvalidHeader(_unquoted(text), loc=LOC)
     strong = [item for item in items if not item.startswith("W/")]
     if len(strong) > 1:
@@ -62,6 +62,18 @@ def parse_if_match(value: str | None) -> str | None:
             loc=LOC,
         )
     return strong[0] if strong else text
+
+
+def _entity_tags(text: str) -> list[str]:
+    """The entity-tags of a list, in order; none if any part of ``text`` is not one."""
+    tags, at = [], 0
+    while at < len(text):
+        item = LIST_ITEM.match(text, at)
+        if item is None:
+            return []
+        tags.append(item.group(1))
+        at = item.end()
+    return tags
 
 
 def _unquoted(text: str) -> str:

@@ -309,6 +309,8 @@ def test_if_match_compares_strongly(client: TestClient) -> None:
     patch = f"/v1/sessions/{sid}"
     weak = client.patch(patch, json={"name": "weak"}, headers={"If-Match": f"W/{etag}"})
     assert assert_problem(weak, 412)["type"] == "precondition-failed"
+    comma = client.patch(patch, json={"name": "comma"}, headers={"If-Match": 'W/"0U,>0"'})
+    assert assert_problem(comma, 412)["type"] == "precondition-failed"  # a comma is etagc
     several = client.patch(patch, json={"name": "two"}, headers={"If-Match": f'{etag}, "b:2"'})
     assert "several ETags" in assert_problem(several, 400)["detail"]
     listed = client.patch(patch, json={"name": "one"}, headers={"If-Match": f'W/"a:1", {etag}'})
