@@ -15,6 +15,7 @@
     ├── Conflict                    (409 conflict)           the same key still in flight
     │   └── SessionBusy             (409 session-busy)       a training job holds the session
     ├── PreconditionFailed          (412 precondition-failed) If-Match names an old version
+    ├── InvalidHeader               (400 invalid-header)     a header outside its grammar
     ├── RequestTimeout              (408 request-timeout)    the body did not arrive in time
     ├── UnsupportedMediaType        (415 unsupported-media-type) a JSON route without JSON
     ├── TooManyRequests             (429 too-many-requests)  rate or in-flight limit; Retry-After
@@ -171,6 +172,18 @@ class PreconditionFailed(GradsvcError):
     type = "precondition-failed"
     title = "Precondition failed"
     description = "If-Match names a version the session has moved on from; read the session again"
+
+
+class InvalidHeader(GradsvcError):
+    """A request header that does not follow its grammar, e.g. an If-Match without quotes."""
+
+    status = 400
+    type = "invalid-header"
+    title = "Invalid header"
+    description = (
+        "a header does not follow its grammar, e.g. an If-Match ETag without its double "
+        'quotes (If-Match: "3"); nothing was looked up or changed'
+    )
 
 
 class TooManyRequests(GradsvcError):

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.problems import send_problem
 from service.config import Settings
-from service.errors import GradsvcError
+from service.errors import GradsvcError, NotFound
 from service.store.ratelimit import Buckets
 
 ANONYMOUS = ""
@@ -148,7 +148,7 @@ async def _unauthorized(send: Send, token: str | None) -> None:
 
 async def _not_found(send: Send, path: str) -> None:
     # The body of any unknown route's 404 (problems.http_error): nothing says it exists.
-    await send_problem(send, 404, "not-found", "Not found", f"no resource at {path}")
+    await send_problem(send, 404, NotFound.type, NotFound.title, f"no resource at {path}")
 
 
 class AuthMiddleware:

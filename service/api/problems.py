@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Send
 
+from service.api import validation
 from service.errors import GradsvcError, problem_types
 
 log = logging.getLogger("gradsvc")
@@ -108,20 +109,20 @@ async def validation_error(request: Request, exc: Exception) -> Response:
         return problem(
             400,
             "malformed-json",
-            "Malformed JSON",
+            TITLES["malformed-json"],
             f"the body is not valid JSON: {ctx.get('error', 'parse error')}",
         )
     # No "input": it can be large, and it is the client's own data.
     errors = [
         {"loc": [_clip(p) for p in e["loc"]], "msg": _clip(e["msg"], 500), "type": e["type"]}
-        for e in raw[:50]
+        for e in validation.explain(raw[:50], exc.body)
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     detail = f"{where}: {first['msg']}" if where else str(first["msg"])
-    if len(raw) > 1:
-        detail += f" (and {len(raw) - 1} more)"
-    return problem(422, "validation-error", "Request validation failed", detail, errors=errors)
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    return problem(422, "validation-error", TITLES["validation-error"], detail, errors=errors)
 
 
 def _clip(part: Any, limit: int = 64) -> Any:
@@ -129,6 +130,20 @@ def _clip(part: Any, limit: int = 64) -> Any:
     if isinstance(part, str) and len(part) > limit:
         return part[: limit - 3] + "..."
     return part
+
+
+# One title per problem type, from the registry in ``service.errors`` (the document's list
+# of types is generated from the same registry).
+TITLES: dict[str, str] = {slug: known.title for slug, known in problem_types().items()}
+
+
+def title(type_: str, status: int) -> str:
+    """The title of problem type ``type_``: registered, else the status's phrase in the
+    sentence case every registered title uses."""
+    if type_ in TITLES:
+        return TITLES[type_]
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return phrase[:1] + phrase[1:].lower()
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -148,10 +163,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     slug = phrase.lower().replace(" ", "-")
     if status == 400 and "parsing the body" in str(exc.detail):
         # FastAPI's word for a body that is not UTF-8 or nests too deep for the JSON parser.
-        slug, phrase, detail = "malformed-json", "Malformed JSON", "the body is not valid JSON"
-    known = problem_types().get(slug)  # one title per type, whichever layer answers it
-    title = known.title if known is not None else phrase
-    return problem(status, slug, title, detail, headers=headers or None)
+        slug, detail = "malformed-json", "the body is not valid JSON"
+    return problem(status, slug, title(slug, status), detail, headers=headers or None)
 
 
 async def unhandled_error(request: Request, exc: Exception) -> Response:

@@ -6,6 +6,9 @@ allowlist: numbers, names, ``+ - * / ** @``, unary ``-``/``+``, and calls of the
 ``FUNCTIONS`` by bare name with one positional argument. No attributes, subscripts,
 keywords, comparisons, lambdas, comprehensions or names starting with ``_``. Constants
 become floats and must be finite. The tree is then bounded in depth and node count.
+
+A refusal says what to write instead (``x^2``: use ``**``; ``2w``: write ``2 * w``): see
+``engine.hints``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.engine import hints
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.errors import ExpressionError, short
 
@@ -103,13 +107,13 @@ def parse(text: str, limits: Limits = DEFAULT_LIMITS) -> Expression:
     if not text.strip():
         raise ExpressionError("the expression is empty")
     if not text.isascii() or any(not (c.isprintable() or c in " \t") for c in text):
-        raise ExpressionError("the expression may use printable ASCII characters only")
+        raise ExpressionError(hints.non_ascii(text))
     _check_brackets(text, limits.expression_depth)
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        raise ExpressionError(f"not a valid expression: {getattr(exc, 'msg', str(exc))}") from None
-    builder = _Builder(limits)
+        raise ExpressionError(hints.syntax(text, getattr(exc, "msg", str(exc)))) from None
+    builder = _Builder(limits, text)
     root = builder.build(tree.body, 1)
     return Expression(root=root, names=tuple(builder.names), size=builder.count)
 
@@ -126,8 +130,8 @@ def _check_brackets(text: str, max_depth: int) -> None:
 
 
 class _Builder:
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
+    def __init__(self, limits: Limits, source: str) -> None:
+        self.limits, self.source = limits, source
         self.names: list[str] = []
         self.count = 0
 
@@ -152,16 +156,12 @@ class _Builder:
             return self._name(node.id, text)
         if isinstance(node, ast.Constant):
             return self._constant(node.value, text)
-        raise ExpressionError(f"{_describe(node)} is not allowed in an expression")
+        raise ExpressionError(hints.construct(node, self.source, sorted(FUNCTIONS)))
 
     def _call(self, node: ast.Call, text: str, depth: int) -> Node:
-        if not isinstance(node.func, ast.Name):
-            raise ExpressionError("only the listed functions may be called, by their bare names")
+        if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
+            raise ExpressionError(hints.call(node, sorted(FUNCTIONS)))
         name = node.func.id
-        if name not in FUNCTIONS:
-            raise ExpressionError(
-                f"unknown function {short(name)}; allowed: {', '.join(sorted(FUNCTIONS))}"
-            )
         if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
             raise ExpressionError(f"{name}() takes exactly one positional argument")
         return Node(name, text, (self.build(node.args[0], depth + 1),))
@@ -185,10 +185,3 @@ class _Builder:
         if not math.isfinite(number):
             raise ExpressionError(f"constant {text[:40]} is too large")
         return Node("const", text, constant=number)
-
-
-def _describe(node: ast.AST) -> str:
-    kind = type(node).__name__
-    if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp):
-        kind = f"operator {type(node.op).__name__}"
-    return kind

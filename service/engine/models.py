@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from service.engine import specs
+from service.engine import hints, specs
 from service.engine.expression import Expression, Node, parse
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import DTYPES, decode, is_tensor_form
@@ -166,6 +166,8 @@ class Model:
                     parts.append(f"missing input(s) {', '.join(sorted(missing))}")
                 if unknown:
                     parts.append(f"unknown input(s) {', '.join(sorted(unknown))}")
+                if missing and isinstance(self.spec, specs.ExpressionModel):
+                    parts.append(hints.unsupplied(sorted(missing)))
                 raise ShapeError(
                     f"{'; '.join(parts)}; "
                     f"the model's inputs are {', '.join(self.inputs) or 'none'}",
@@ -181,11 +183,11 @@ class Model:
                 )
             )
         if len(self.inputs) != 1:
-            raise ShapeError(
-                f"the model has inputs {', '.join(self.inputs) or '(none)'}: give x as an object "
-                "{name: tensor}",
-                loc=("batch", "x"),
-            )
+            named = f"the model has inputs {', '.join(self.inputs) or '(none)'}"
+            if isinstance(self.spec, specs.ExpressionModel) and len(self.inputs) > 1:
+                others = [n for n in self.inputs if n != "x"]
+                named = f"{hints.unsupplied(others)}; {named}"
+            raise ShapeError(f"{named}: give x as an object {{name: tensor}}", loc=("batch", "x"))
         return self._placed(
             _check_batch({self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}, limits)
         )

@@ -7,6 +7,7 @@ by pydantic.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,6 +19,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 TENSOR_SCHEMA: dict[str, Any] = {
     "title": "Tensor",
@@ -54,6 +56,12 @@ LossName = Literal["squared", "mse", "l1", "huber", "smooth_l1", "bce_with_logit
 def _integral(value: Any) -> Any:
     """JSON Schema counts 1.0 as an integer; strict pydantic would not."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _clipped(value: Any) -> str:
+    """A value the client sent, as JSON and cut short, for a message that shows it back."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _tuple(value: Any) -> Any:
@@ -97,6 +105,19 @@ class ParamSpec(Spec):
     a: float = Field(default=0.0, description="uniform: lower bound; kaiming_uniform: slope")
     b: float = Field(default=1.0, description="uniform: upper bound")
     gain: float = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        # A bare value is the commonest first try: say how it is written.
+        if isinstance(data, int | float | list) and not isinstance(data, bool):
+            # No context: the template is not formatted, so the value shows as it is.
+            raise PydanticCustomError(
+                "param_form",
+                f'a parameter is an object: write {{"value": {_clipped(data)}}} for its initial '
+                'value, or {"shape": [...], "init": "zeros"}',
+            )
+        return data
 
     @model_validator(mode="after")
     def _value_or_init(self) -> ParamSpec:

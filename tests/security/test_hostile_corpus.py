@@ -693,9 +693,15 @@ CASES: list[Case] = [
     ),
     Case(
         "if-match-1mb",
-        post(S + "/step", BATCH, headers={"If-Match": "x" * MB}),
+        post(S + "/step", BATCH, headers={"If-Match": '"' + "x" * MB + '"'}),
         412,
         "precondition-failed",
+    ),
+    Case(
+        "if-match-1mb-unquoted",
+        post(S + "/step", BATCH, headers={"If-Match": "x" * MB}),
+        400,
+        "invalid-header",
     ),
     # --- NaN and Infinity -----------------------------------------------------------------
     Case(

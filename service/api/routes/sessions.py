@@ -9,13 +9,14 @@ import time
 from typing import Annotated, Any, Literal, cast
 
 import orjson
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
 from service.api import cursors, schemas
 from service.api.auth import PrincipalDep
 from service.api.cursors import ID_CHARS
 from service.api.deps import InFlightDep, PoolDep, StoreDep
 from service.api.idempotency import IdemDep, InFlight, bulk_item, item_key
+from service.api.preconditions import IfMatchDep, NoIfMatchDep
 from service.api.problems import problem_body, responses
 from service.api.responses import FastJSONRoute, respond
 from service.engine import specs
@@ -28,10 +29,6 @@ from service.workers.pool import WorkerPool
 log = logging.getLogger("gradsvc")
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=FastJSONRoute)
 SessionId = Annotated[str, Path(description="a session id, as returned by POST /v1/sessions")]
-IfMatch = Annotated[
-    str | None,
-    Header(alias="If-Match", description="the ETag you read: 412 if the session moved since"),
-]
 MAX_PAGE = 500
 
 
@@ -132,6 +129,7 @@ async def step_many(
     pool: PoolDep,
     inflight: InFlightDep,
     store: StoreDep,
+    _: NoIfMatchDep,
 ) -> Response:
     async with inflight.hold(idem):
         if idem is not None and (stored := await _stored_request(store, idem)) is not None:
@@ -317,7 +315,7 @@ async def patch(
     body: specs.SessionPatch,
     owner: PrincipalDep,
     pool: PoolDep,
-    if_match: IfMatch = None,
+    if_match: IfMatchDep,
 ) -> Response:
     return respond(await pool.patch(owner, checked(session_id), body, if_match))
 
@@ -386,7 +384,7 @@ StepBody = Annotated[
     ),
 )
 async def step(
-    session_id: SessionId, body: StepBody, call: SessionCallDep, if_match: IfMatch = None
+    session_id: SessionId, body: StepBody, call: SessionCallDep, if_match: IfMatchDep
 ) -> Response:
     return await call("step", session_id, body, if_match)
 
