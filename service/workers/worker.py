@@ -67,6 +67,8 @@ class WorkerConfig:
     """active training jobs per owner; 0: no limit"""
     max_stored_bytes_per_key: int = 0
     """bytes one owner may keep in the store; 0: no limit"""
+    handed_over: bool = False
+    """the server drains: claim no training job (a worker restarted during the drain)"""
 
 
 class TimedStore:
@@ -131,6 +133,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     )
     worker = Worker(sessions, config)
     runner = worker.runner
+    runner.handed_over = config.handed_over
 
     def report(info: Info) -> Info:
         """What happened here since the last answer or heartbeat, for the pool's metrics."""
