@@ -99,8 +99,12 @@ class TimedStore:
 
 def main(sock: socket.socket, config: WorkerConfig) -> None:
     """The process's entry point (spawned: a fresh interpreter, nothing inherited)."""
-    # Ctrl-C reaches the whole process group; the pool drains and stops its workers itself.
+    # Ctrl-C reaches the whole process group, and so may SIGTERM (systemd's default stop,
+    # ``timeout``, ``kill -- -pgid``): the pool drains and stops its workers itself (it
+    # closes their sockets; they die with it if it is killed), so a worker that went at the
+    # signal would cut what the drain lets finish and keep the leases it should hand over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     from service import logs
 
