@@ -51,8 +51,12 @@ class Drain:
         return self.since is not None
 
     def on_begin(self, hook: Callable[[], None]) -> None:
-        """Have ``hook`` called (on the event loop) when the drain begins."""
+        """Have ``hook`` called (on the event loop) when the drain begins, or now if it has:
+        a SIGTERM that comes while the app starts begins the drain before the app adds its
+        hooks."""
         self._hooks.append(hook)
+        if self.draining:
+            hook()
 
     def begin(self) -> None:
         """Start draining (again: nothing more). Call it on the event loop."""

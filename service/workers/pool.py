@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -241,7 +242,10 @@ class WorkerPool:
     async def hand_over(self) -> int:
         """The server drains: every worker lets its training jobs' leases go and claims no
         more (``Runner.hand_over``), after the requests queued before it. Returns how many
-        jobs were let go; a worker that cannot answer lets its own go as it stops."""
+        jobs were let go; a worker that cannot answer lets its own go as it stops. A worker
+        started again from now on (it died during the drain) claims none either."""
+        for handle in self.workers:
+            handle.config = dataclasses.replace(handle.config, handed_over=True)
 
         async def one(handle: WorkerHandle) -> int:
             try:

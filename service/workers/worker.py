@@ -67,6 +67,8 @@ class WorkerConfig:
     """active training jobs per owner; 0: no limit"""
     max_stored_bytes_per_key: int = 0
     """bytes one owner may keep in the store; 0: no limit"""
+    handed_over: bool = False
+    """the server drains: claim no training job (a worker restarted during the drain)"""
 
 
 class TimedStore:
@@ -97,8 +99,12 @@ class TimedStore:
 
 def main(sock: socket.socket, config: WorkerConfig) -> None:
     """The process's entry point (spawned: a fresh interpreter, nothing inherited)."""
-    # Ctrl-C reaches the whole process group; the pool drains and stops its workers itself.
+    # Ctrl-C reaches the whole process group, and so may SIGTERM (systemd's default stop,
+    # ``timeout``, ``kill -- -pgid``): the pool drains and stops its workers itself (it
+    # closes their sockets; they die with it if it is killed), so a worker that went at the
+    # signal would cut what the drain lets finish and keep the leases it should hand over.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     from service import logs
 
@@ -131,6 +137,7 @@ def main(sock: socket.socket, config: WorkerConfig) -> None:
     )
     worker = Worker(sessions, config)
     runner = worker.runner
+    runner.handed_over = config.handed_over
 
     def report(info: Info) -> Info:
         """What happened here since the last answer or heartbeat, for the pool's metrics."""

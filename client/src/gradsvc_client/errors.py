@@ -16,7 +16,8 @@
         └── ServerError                 5xx
             ├── UnavailableError        503       retried first; .retry_after
             ├── ComputeTimeoutError     504       over the compute time limit; nothing changed
-            └── OutOfMemoryError        507       the device ran out of memory
+            ├── OutOfMemoryError        507       the device ran out of memory
+            └── InsufficientStorageError 507      the store is full: not retried
 
 A caller's own mistake (a NaN to send, an unknown ``tensors=``) is a ``ValueError`` or
 ``TypeError`` raised before anything is sent, and a missing optional dependency an
@@ -40,6 +41,7 @@ __all__ = [
     "ClientError",
     "ComputeTimeoutError",
     "ConflictError",
+    "InsufficientStorageError",
     "InvalidInputError",
     "NetworkError",
     "NotFoundError",
@@ -161,6 +163,11 @@ class OutOfMemoryError(ServerError):
     """507: the device ran out of memory."""
 
 
+class InsufficientStorageError(ServerError):
+    """507 ``insufficient-storage``: the store (its disk, or Redis' maxmemory) is full; a
+    smaller request does not help, an operator freeing space (or deleting sessions) does."""
+
+
 _BY_STATUS: dict[int, type[ApiError]] = {
     400: InvalidInputError,
     401: AuthenticationError,
@@ -188,6 +195,8 @@ def error_class(status: int, problem_type: object) -> type[ApiError]:
     """
     if status == 429 and problem_type == "quota-exceeded":
         return QuotaExceededError
+    if status == 507 and problem_type == "insufficient-storage":
+        return InsufficientStorageError
     return _BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
 
 
