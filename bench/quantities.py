@@ -21,14 +21,18 @@ from service.engine import models, specs
 from service.engine.step import compute
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm: torch.func's first call builds its transforms
-    times = []
+def _medians_s(fns: tuple[Callable[[], object], ...], repeats: int) -> list[float]:
+    """Each function's median seconds, the functions run in turn: on a shared machine, load
+    that comes and goes then weighs on both sides of the ratio alike."""
+    for fn in fns:
+        fn()  # warm: torch.func's first call builds its transforms
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for fn, taken in zip(fns, times, strict=True):
+            began = time.perf_counter()
+            fn()
+            taken.append(time.perf_counter() - began)
+    return [statistics.median(taken) for taken in times]
 
 
 def row(repeats: int = 5) -> dict[str, float]:
@@ -46,8 +50,7 @@ def row(repeats: int = 5) -> dict[str, float]:
             "gradients", model, inputs, request.batch.y, loss=request.loss, wanted=request
         )
 
-    base = _median_s(gradients(plain), repeats)
-    per_sample = _median_s(gradients(wanted), repeats)
+    base, per_sample = _medians_s((gradients(plain), gradients(wanted)), repeats)
     return {"gradient_s": base, "per_sample_s": per_sample, "ratio": per_sample / base}
 
 
