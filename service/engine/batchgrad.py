@@ -83,31 +83,35 @@ def linear(
     finite: set[str] = set()
     for (prefix, a, _), delta in zip(taken, deltas, strict=True):
         weight, bias_name = f"{prefix}weight", f"{prefix}bias"
+        peak = _peak(delta)
         if weight in trainable:
             g = answer_tensor((delta.shape[0], delta.shape[1], a.shape[1]), delta)
             torch.mul(delta.unsqueeze(2), a.unsqueeze(1), out=g)
             found[weight] = g
-            if _finite_product(delta, a):
+            if _finite_product(peak, _peak(a)):
                 finite.add(weight)
         if bias_name in trainable:
             found[bias_name] = delta
-            if bool(torch.isfinite(_peak(delta))):
+            if bool(torch.isfinite(peak)):
                 finite.add(bias_name)
     return {name: found[name] for name in trainable}, frozenset(finite)
 
 
 def _peak(t: torch.Tensor) -> torch.Tensor:
-    """max |t|, NaN where t holds one."""
-    return t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+    """max |t| (NaN where t holds one), in one pass that copies nothing."""
+    if not t.numel():
+        return torch.zeros((), dtype=t.dtype, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.maximum(high, -low)
 
 
-def _finite_product(delta: torch.Tensor, a: torch.Tensor) -> bool:
+def _finite_product(peak_delta: torch.Tensor, peak_a: torch.Tensor) -> bool:
     """Whether every δᵢ·aⱼ is finite, from max|δ|·max|a| alone: rounding is monotone, so no
     product rounds past the largest one's rounding (a NaN or Infinity in δ or a makes the
     bound not finite too). Only where torch rounds the product once, in the dtype."""
-    if delta.dtype not in _PROVABLE or a.dtype != delta.dtype:
+    if peak_delta.dtype not in _PROVABLE or peak_a.dtype != peak_delta.dtype:
         return False
-    return bool(torch.isfinite(_peak(delta) * _peak(a)))
+    return bool(torch.isfinite(peak_delta * peak_a))
 
 
 def answer_tensor(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -125,9 +129,11 @@ def answer_tensor(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         The tensor; its memory is freed with it.
     """
     size = math.prod(shape) * like.element_size()
-    if like.device.type != "cpu" or size < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux's alone
+    if like.device.type != "cpu" or advice is None or size < max(HUGE_PAGES_FROM, 1):
         return torch.empty(shape, dtype=like.dtype, device=like.device)
+    # Private: a shared anonymous mapping is shmem, which takes huge pages by another switch.
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
+    memory.madvise(advice)
     # The tensor keeps the mapping alive, and the mapping is unmapped when the tensor goes.
     return torch.frombuffer(memory, dtype=like.dtype).view(shape)
