@@ -8,9 +8,11 @@ definitions (f-dangel/backpack), and its results are the reference of the tests.
 
 Everything is computed with ``torch.func`` on the model as a function of its trainable
 parameters (frozen ones are constants): per-sample gradients as ``vmap`` over ``grad`` of
-one sample's share where the model treats rows independently, else as the Jacobian of the
-vector of shares (``jacrev``, a backward per sample); curvature as Hessian-vector products
-(the ``vjp`` of ``grad``) pushed through in chunks of ``CHUNK`` basis vectors.
+one sample's share where the model treats rows independently (from one backward, in
+``engine.batchgrad``, where its trainable parameters are all linear layers'), else as the
+Jacobian of the vector of shares (``jacrev``, a backward per sample); curvature as
+Hessian-vector products (the ``vjp`` of ``grad``) pushed through in chunks of ``CHUNK``
+basis vectors.
 """
 
 from __future__ import annotations
