@@ -68,7 +68,16 @@ def row(repeats: int = 5) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's intra-op threads (default: torch's own choice); on a loaded machine each "
+        "parallel operation may wait a scheduler tick for its second thread",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     found = row(args.repeats)
     print(
         f"| per_sample_grads, MLP {ROWS} rows | {1000 * found['gradient_s']:.1f} ms | "
