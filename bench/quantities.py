@@ -21,19 +21,27 @@ from service.engine import models, specs
 from service.engine.step import compute
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm: torch.func's first call builds its transforms
-    times = []
+def _medians_s(fns: tuple[Callable[[], object], ...], repeats: int) -> list[tuple[float, float]]:
+    """Each function's median seconds, of the wall clock and of this process's CPU time (which
+    others' load inflates less), the functions run in turn: on a shared machine, load that
+    comes and goes then weighs on both sides of the ratio alike."""
+    for fn in fns:
+        fn()  # warm: torch.func's first call builds its transforms
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for fn, taken in zip(fns, times, strict=True):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            taken.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return [
+        (statistics.median(w for w, _ in taken), statistics.median(c for _, c in taken))
+        for taken in times
+    ]
 
 
 def row(repeats: int = 5) -> dict[str, float]:
-    """Median seconds of the plain gradient and of the gradient with per_sample_grads, and
-    their ratio."""
+    """Median seconds of the plain gradient and of the gradient with per_sample_grads, their
+    ratio, and the ratio of their CPU times."""
     x, y = _mlp_data()
     body = {"model": MLP_MODEL, "loss": "mse", "batch": {"x": b64(x), "y": b64(y)}}
     plain = specs.GradientsRequest.model_validate(body)
@@ -46,19 +54,35 @@ def row(repeats: int = 5) -> dict[str, float]:
             "gradients", model, inputs, request.batch.y, loss=request.loss, wanted=request
         )
 
-    base = _median_s(gradients(plain), repeats)
-    per_sample = _median_s(gradients(wanted), repeats)
-    return {"gradient_s": base, "per_sample_s": per_sample, "ratio": per_sample / base}
+    (base, base_cpu), (per_sample, per_sample_cpu) = _medians_s(
+        (gradients(plain), gradients(wanted)), repeats
+    )
+    return {
+        "gradient_s": base,
+        "per_sample_s": per_sample,
+        "ratio": per_sample / base,
+        "cpu_ratio": per_sample_cpu / base_cpu,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's intra-op threads (default: torch's own choice); on a loaded machine each "
+        "parallel operation may wait a scheduler tick for its second thread",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     found = row(args.repeats)
     print(
         f"| per_sample_grads, MLP {ROWS} rows | {1000 * found['gradient_s']:.1f} ms | "
         f"{1000 * found['per_sample_s']:.1f} ms | {found['ratio']:.2f}x | "
+        f"CPU time {found['cpu_ratio']:.2f}x | "
         f"torch threads {torch.get_num_threads()} |"
     )
 

@@ -8,9 +8,11 @@ definitions (f-dangel/backpack), and its results are the reference of the tests.
 
 Everything is computed with ``torch.func`` on the model as a function of its trainable
 parameters (frozen ones are constants): per-sample gradients as ``vmap`` over ``grad`` of
-one sample's share where the model treats rows independently, else as the Jacobian of the
-vector of shares (``jacrev``, a backward per sample); curvature as Hessian-vector products
-(the ``vjp`` of ``grad``) pushed through in chunks of ``CHUNK`` basis vectors.
+one sample's share where the model treats rows independently (from one backward, in
+``engine.batchgrad``, where its trainable parameters are all linear layers'), else as the
+Jacobian of the vector of shares (``jacrev``, a backward per sample); curvature as
+Hessian-vector products (the ``vjp`` of ``grad``) pushed through in chunks of ``CHUNK``
+basis vectors.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from service.engine import budget, losses, models, specs
+from service.engine import batchgrad, budget, losses, models, specs
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import decode
 from service.errors import GradsvcError, NonFinite, ShapeError, SpecError
@@ -142,13 +144,23 @@ def per_sample_grads(problem: Problem) -> Params:
 
     Σₙ gₙ is ``grads``. A model that treats rows independently (linear and sequential ones
     without dropout, softmax over the batch or layer norm over it) is run on each sample
-    alone under ``vmap``; any other model differentiates the vector of shares, one backward
-    per sample, so that even an expression that mixes rows gets the exact definition.
+    alone under ``vmap``, or, where every trainable parameter is a linear layer's, from one
+    backward as BackPACK does; any other model differentiates the vector of shares, one
+    backward per sample, so that even an expression that mixes rows gets the exact definition.
     """
+    return _per_sample(problem)[0]
+
+
+def _per_sample(problem: Problem) -> tuple[Params, frozenset[str]]:
+    """The per-sample gradients, and the parameters whose gradients are known finite already
+    (so that ``compute`` need not read their N×P numbers again to check)."""
     params = problem.params
     n = problem.samples
     share = problem.share()
     if n is not None and _row_wise(problem):
+        fast = batchgrad.linear(problem.model, problem.loss, problem._features(), problem.target)
+        if fast is not None:
+            return fast
         module, frozen = problem.model.module, problem.frozen
         # A sample without its batch dimension makes each weight's gradient one outer
         # product, which batches far faster than a matmul over a dimension of 1; only a
@@ -163,7 +175,7 @@ def per_sample_grads(problem: Problem) -> Params:
         result: Params = vmap(grad(one), in_dims=(None, 0, 0))(
             params, problem._features(), problem.target
         )
-        return result
+        return result, frozenset()
 
     def shares(p: Params) -> torch.Tensor:
         out = problem.forward(p)
@@ -175,7 +187,7 @@ def per_sample_grads(problem: Problem) -> Params:
         return rows
 
     jacobian: Params = jacrev(shares, chunk_size=CHUNK)(params)
-    return jacobian
+    return jacobian, frozenset()
 
 
 def per_sample_l2(per_sample: Params) -> Params:
@@ -405,7 +417,7 @@ def compute(problem: Problem, wanted: tuple[str, ...], vector: Params | None) ->
     if not problem.params:  # every parameter frozen, or none: nothing to differentiate
         return {n: {HESSIAN_KEY: _empty(problem, 2)} if n == "hessian" else {} for n in wanted}
     found: dict[str, Params] = {}
-    per_sample = per_sample_grads(problem) if PER_SAMPLE & set(wanted) else None
+    per_sample, finite = _per_sample(problem) if PER_SAMPLE & set(wanted) else (None, frozenset())
     for name in wanted:
         if name in found:
             continue
@@ -418,6 +430,8 @@ def compute(problem: Problem, wanted: tuple[str, ...], vector: Params | None) ->
             found[name] = _FROM_PROBLEM[name](problem)
     for name, tensors in found.items():
         for param, value in tensors.items():
+            if name == "per_sample_grads" and param in finite:
+                continue  # its factors were checked: reading N×P numbers again costs as much
             if value.dtype.is_floating_point and not _finite(value):
                 raise NonFinite(
                     f"{name} of {param} is not finite (NaN or Infinity): JSON cannot carry it. "
