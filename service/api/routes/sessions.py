@@ -249,6 +249,8 @@ def _item(
     if isinstance(answer, Answer):
         full = orjson.loads(answer.body)
         out = {"session": session_id, "status": answer.status, "step": full["step"]}
+        if "lr" in full:  # not in an answer stored under its key before steps carried lr
+            out["lr"] = full["lr"]
         out.update((k, v) for k, v in full.items() if _INCLUDED.get(k, k) in include)
         if answer.replayed:
             out["replayed"] = True
@@ -453,7 +455,7 @@ async def history(
     after = cursors.history_after(cursor)
     rows = await pool.history(owner, checked(session_id), limit + 1, after)
     items = [
-        {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
+        {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "at": iso(r.at)}
         for r in rows[:limit]
     ]
     more = len(rows) > limit
