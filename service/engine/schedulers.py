@@ -64,7 +64,10 @@ def build(spec: specs.SchedulerSpec | None, optimizer: torch.optim.Optimizer) ->
     try:
         return _CLASSES[spec.type](optimizer, **arguments)
     except _BROKEN as exc:
-        raise SpecError(_said(exc), loc=("scheduler",)) from None
+        said = _said(exc)
+        if "cycle_momentum" in said:
+            said += ': send "cycle_momentum": false, or use sgd, rmsprop, adam or adamw'
+        raise SpecError(said, loc=("scheduler",)) from None
 
 
 def lr(optimizer: torch.optim.Optimizer) -> float:
