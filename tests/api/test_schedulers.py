@@ -3,6 +3,7 @@ or removes a scheduler; a bad scheduler spec is a 422 that changes nothing."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -120,3 +121,17 @@ def test_a_finished_onecycle_refuses_the_next_step(client: TestClient) -> None:
     problem = assert_problem(client.post(f"/v1/sessions/{sid}/step", json=BATCH), 422)
     assert "2 steps are done" in problem["detail"]
     assert client.get(f"/v1/sessions/{sid}").json() == before
+
+
+def test_a_training_jobs_steps_step_the_scheduler(client: TestClient) -> None:
+    sid = create(client, scheduler=HALVING)["id"]
+    dataset = {"x": [1.0, 2.0, 3.0], "y": [3.0, 5.0, 7.0]}
+    train = {"dataset": dataset, "epochs": 1, "batch_size": 1, "shuffle": False}
+    job = client.post(f"/v1/sessions/{sid}/train", json=train).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{job['id']}").json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.05)
+    rows = client.get(f"/v1/sessions/{sid}/history").json()["items"]
+    assert [row["lr"] for row in rows] == [0.05, 0.025, 0.0125]
+    assert client.get(f"/v1/sessions/{sid}").json()["lr"] == 0.0125
