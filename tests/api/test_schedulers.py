@@ -3,12 +3,14 @@ or removes a scheduler; a bad scheduler spec is a 422 that changes nothing."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service.engine import state
 from tests.conftest import SEED_STEP, assert_problem
 
 SEED = {k: SEED_STEP[k] for k in ("model", "loss", "optimizer")}  # SGD, lr 0.1
@@ -135,3 +137,42 @@ def test_a_training_jobs_steps_step_the_scheduler(client: TestClient) -> None:
     rows = client.get(f"/v1/sessions/{sid}/history").json()["items"]
     assert [row["lr"] for row in rows] == [0.05, 0.025, 0.0125]
     assert client.get(f"/v1/sessions/{sid}").json()["lr"] == 0.0125
+
+
+RESTARTS = {"type": "cosine_warm_restarts", "T_0": 3}
+ONECYCLE = {"type": "onecycle", "max_lr": 0.2, "total_steps": 4}
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "saved", "said"),
+    [
+        (HALVING, {"last_epoch": -1, "step_count": 1, "lr": 0.1}, "last_epoch"),
+        (HALVING, {"last_epoch": 1, "step_count": 1, "lr": 0.1, "base_lrs": [9]}, "base_lrs"),
+        (HALVING, {"last_epoch": 1, "step_count": 1, "lr": "0.1"}, "lr"),
+        (HALVING, {"last_epoch": 1, "step_count": 1, "lr": 0.1, "T_i": 3, "T_cur": 0}, "T_i"),
+        (RESTARTS, {"last_epoch": 1, "step_count": 1, "lr": 0.1}, "T_i"),
+        (RESTARTS, {"last_epoch": 5, "step_count": 1, "lr": 0.1, "T_i": 3, "T_cur": 3}, "T_cur"),
+        (ONECYCLE, {"last_epoch": 5, "step_count": 1, "lr": 0.1, "momentum": 0.9}, "past"),
+        (ONECYCLE, {"last_epoch": 1, "step_count": 1, "lr": 0.1}, "momentum"),
+        (HALVING, "[1, 2]", "scheduler"),
+    ],
+)
+def test_a_checkpoint_whose_scheduler_state_lies_is_a_422(
+    client: TestClient, scheduler: dict[str, Any], saved: Any, said: str
+) -> None:
+    sid = create(client, scheduler=scheduler)["id"]
+    step(client, sid)
+    data = client.get(f"/v1/sessions/{sid}/checkpoint").content
+    lr = client.get(f"/v1/sessions/{sid}").json()["lr"]
+    text = saved if isinstance(saved, str) else json.dumps(saved)
+    forged = state.with_metadata(data, {state.SCHEDULER: text})
+    r = client.post(
+        "/v1/sessions/restore",
+        content=forged,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert said in assert_problem(r, 422)["detail"]
+    restored = client.post(
+        "/v1/sessions/restore", content=data, headers={"content-type": "application/octet-stream"}
+    )
+    assert restored.status_code == 201 and restored.json()["lr"] == lr  # the true one restores
