@@ -309,8 +309,9 @@ async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Resp
     operation_id="updateSession",
     summary="Rename, change optimizer hyper-parameters, or set parameter values",
     description=(
-        'Changes `name`, optimizer hyper-parameters (`{"optimizer": {"lr": 0.01}}`) or '
-        "parameter values, as one new version; the optimizer's state is kept. Honours "
+        'Changes `name`, optimizer hyper-parameters (`{"optimizer": {"lr": 0.01}}`), the '
+        "`scheduler` (a new one from its step 0; `null` removes it) or parameter values, as "
+        "one new version; the optimizer's state is kept. Honours "
         "`If-Match` (412 if the session moved on); 409 `session-busy` while a job holds it."
     ),
 )
