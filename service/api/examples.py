@@ -58,6 +58,8 @@ def _session(step: int, version: int, w: float, name: str = "notebook") -> dict[
         "model": SEED_MODEL,
         "loss": "squared",
         "optimizer": SEED_SGD,
+        "scheduler": None,
+        "lr": 0.1,
         "device": "cpu",
         "step": step,
         "version": version,
@@ -97,8 +99,8 @@ GRADIENTS = {"seed": FIRST, "explain": {**FIRST, "trace": TRACE}}
 FORWARD = {"seed": {"outputs": 2.0}, "batch": {"outputs": [2.0, 3.0, 4.0]}}
 SESSION_CREATED = {"seed": _session(0, 1, 1.0)}
 SESSION_STEP = {
-    "first": {"step": 1, **FIRST, "params": {"w": [1.1]}},
-    "second": {"step": 2, **SECOND, "params": {"w": [1.46]}},
+    "first": {"step": 1, "lr": 0.1, **FIRST, "params": {"w": [1.1]}},
+    "second": {"step": 2, "lr": 0.1, **SECOND, "params": {"w": [1.46]}},
 }
 SESSION_GRADIENTS = {"first": FIRST, "second": SECOND}
 SESSION_FORWARD = {"first": {"outputs": 2.0}}
@@ -124,11 +126,12 @@ SESSION_LIST = {
 HISTORY = {
     "two-steps": {
         "items": [
-            {"step": 1, "loss": 0.5, "grad_norm": 1.0, "at": CREATED},
+            {"step": 1, "loss": 0.5, "grad_norm": 1.0, "lr": 0.1, "at": CREATED},
             {
                 "step": 2,
                 "loss": 1.6199999999999997,
                 "grad_norm": 3.5999999999999996,
+                "lr": 0.1,
                 "at": UPDATED,
             },
         ],
@@ -143,6 +146,7 @@ SESSIONS_STEP = {
                 "session": "s_first",
                 "status": 200,
                 "step": 1,
+                "lr": 0.1,
                 "loss": 0.5,
                 "grad_norm": 1.0,
                 "params": {"w": [1.1]},
@@ -151,6 +155,7 @@ SESSIONS_STEP = {
                 "session": "s_second",
                 "status": 200,
                 "step": 1,
+                "lr": 0.1,
                 "loss": 2.0,
                 "grad_norm": 4.0,
                 "params": {"w": [1.4]},

@@ -126,6 +126,10 @@ class Session(BaseModel):
     model: dict[str, Any]
     loss: Any
     optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = Field(
+        default=None, description="its learning-rate scheduler, if any"
+    )
+    lr: float = Field(description="the learning rate its next step uses")
     device: str
     step: int = Field(description="optimizer steps applied so far")
     version: int = Field(description='moves on every change; the ETag is "<id>:<version>"')
@@ -156,14 +160,19 @@ class SessionList(BaseModel):
     next: str | None = Field(description="pass as ?cursor= for the next page; null at the end")
 
 
+LR_DESCRIPTION = "the learning rate the session's next step uses (torch's get_last_lr())"
+
+
 class SessionStepResponse(StepResponse):
     step: int = Field(description="the session's step after this one")
+    lr: float = Field(description=LR_DESCRIPTION)
 
 
 class HistoryItem(BaseModel):
     step: int
     loss: float
     grad_norm: float
+    lr: float | None = Field(default=None, description=LR_DESCRIPTION)
     at: str
 
 
@@ -209,6 +218,7 @@ class SessionsStepResult(BaseModel):
     session: str
     status: int = Field(description="200, or the status this item's own /step would have had")
     step: int | None = Field(default=None, description="the session's step after this one")
+    lr: float | None = Field(default=None, description=LR_DESCRIPTION)
     loss: float | None = None
     grads: dict[str, Tensor] | None = None
     grad_norm: float | None = None

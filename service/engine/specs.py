@@ -270,6 +270,83 @@ class Adagrad(OptimizerBase):
 OptimizerSpec = Annotated[SGD | Adam | AdamW | RMSprop | Adagrad, Field(discriminator="type")]
 
 
+# Schedulers: torch.optim.lr_scheduler's, with torch's argument names and defaults.
+Factor = Annotated[float, Field(ge=0)]
+
+
+class StepLRSpec(Spec):
+    type: Literal["step"]
+    step_size: PositiveInt
+    gamma: Factor = 0.1
+
+
+class MultiStepLRSpec(Spec):
+    type: Literal["multistep"]
+    milestones: list[Size] = Field(min_length=1, max_length=1000)
+    gamma: Factor = 0.1
+
+
+class ExponentialLRSpec(Spec):
+    type: Literal["exponential"]
+    gamma: Factor
+
+
+class CosineAnnealingLRSpec(Spec):
+    type: Literal["cosine"]
+    T_max: PositiveInt
+    eta_min: NonNegFloat = 0.0
+
+
+class LinearLRSpec(Spec):
+    type: Literal["linear"]
+    start_factor: Annotated[float, Field(gt=0, le=1)] = 1.0 / 3
+    end_factor: Annotated[float, Field(ge=0, le=1)] = 1.0
+    total_iters: PositiveInt = 5
+
+
+class OneCycleLRSpec(Spec):
+    type: Literal["onecycle"]
+    max_lr: Annotated[float, Field(gt=0)]
+    total_steps: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+    steps_per_epoch: PositiveInt | None = None
+    pct_start: Annotated[float, Field(ge=0, le=1)] = 0.3
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    cycle_momentum: bool = True
+    base_momentum: NonNegFloat = 0.85
+    max_momentum: NonNegFloat = 0.95
+    div_factor: Annotated[float, Field(gt=0)] = 25.0
+    final_div_factor: Annotated[float, Field(gt=0)] = 1e4
+    three_phase: bool = False
+
+    @model_validator(mode="after")
+    def _length(self) -> OneCycleLRSpec:
+        if self.total_steps is None and (self.epochs is None or self.steps_per_epoch is None):
+            raise ValueError("give total_steps, or epochs and steps_per_epoch")
+        if self.total_steps is None and (self.epochs or 0) * (self.steps_per_epoch or 0) >= 2**31:
+            raise ValueError("epochs * steps_per_epoch must be below 2**31")
+        return self
+
+
+class CosineAnnealingWarmRestartsSpec(Spec):
+    type: Literal["cosine_warm_restarts"]
+    T_0: PositiveInt
+    T_mult: PositiveInt = 1
+    eta_min: NonNegFloat = 0.0
+
+
+SchedulerSpec = Annotated[
+    StepLRSpec
+    | MultiStepLRSpec
+    | ExponentialLRSpec
+    | CosineAnnealingLRSpec
+    | LinearLRSpec
+    | OneCycleLRSpec
+    | CosineAnnealingWarmRestartsSpec,
+    Field(discriminator="type"),
+]
+
+
 class Batch(Spec):
     x: Tensor | dict[str, Tensor] = Field(
         description="the input tensor, or {name: tensor} for an expression with several inputs"
@@ -376,6 +453,9 @@ class SessionSpec(Spec):
     model: ModelSpec
     loss: LossName | LossSpec
     optimizer: OptimizerSpec
+    scheduler: SchedulerSpec | None = Field(
+        default=None, description="torch.optim.lr_scheduler's, stepped after every step"
+    )
     device: Device = Field(default="auto", description="auto, cpu, cuda or cuda:N")
 
 
@@ -488,3 +568,6 @@ class SessionPatch(Spec):
         default=None, description='hyper-parameters to change, e.g. {"lr": 0.01}; not the type'
     )
     params: dict[str, Tensor] | None = Field(default=None, description="new parameter values")
+    scheduler: SchedulerSpec | None = Field(
+        default=None, description="a new scheduler, from its step 0 (null: none)"
+    )

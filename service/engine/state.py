@@ -15,16 +15,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from service.engine import optimizers
+from service.engine import optimizers, schedulers
 from service.engine.models import Model
 from service.errors import InvalidInput
 
 PARAM = "param."
 OPT = "opt."
+SCHEDULER = "scheduler"
+"""The metadata key of the scheduler's state (``schedulers.Saved`` as JSON), if any."""
 MAX_METADATA = 1_000_000
 
 
-def dump(model: Model, optimizer: torch.optim.Optimizer, metadata: dict[str, str]) -> bytes:
+def dump(
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict[str, str],
+    scheduler: schedulers.Scheduler | None = None,
+) -> bytes:
+    """The state's bytes: parameters and optimizer state as tensors, the rest as metadata."""
     tensors: dict[str, torch.Tensor] = {
         PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
     }
@@ -36,6 +44,8 @@ def dump(model: Model, optimizer: torch.optim.Optimizer, metadata: dict[str, str
                 tensors[name] = value.detach().contiguous()
             else:
                 extra[name] = value
+    if scheduler is not None:
+        metadata = {**metadata, SCHEDULER: schedulers.save(scheduler, optimizer)}
     return _save(tensors, {**metadata, "optimizer_extra": json.dumps(extra)})
 
 
@@ -91,7 +101,8 @@ def read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def restore(model: Model, optimizer: torch.optim.Optimizer, data: bytes) -> dict[str, str]:
-    """Load parameters and optimizer state into freshly built ``model`` and ``optimizer``."""
+    """Load parameters and optimizer state into freshly built ``model`` and ``optimizer``;
+    the file's metadata, where the scheduler's state is (``SCHEDULER``)."""
     tensors, metadata = read(data)
     params = model.named_parameters()
     expected = {PARAM + n for n in params}

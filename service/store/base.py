@@ -53,6 +53,9 @@ class HistoryRow:
     loss: float
     grad_norm: float
     at: float
+    lr: float | None = None
+    """The lr the session's next step uses, as the step's answer says (None: a row written
+    before steps recorded it)."""
 
 
 @dataclass(frozen=True)

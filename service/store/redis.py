@@ -33,6 +33,7 @@ connection that Redis dropped (a restart) is retried once, on a new one.
 
 from __future__ import annotations
 
+import math
 import secrets
 import struct
 import time
@@ -60,8 +61,10 @@ from service.store.ratelimit import RedisBuckets
 from service.store.trouble import redis_trouble, translated
 from service.store.usage import REDIS_KEYS, REDIS_PURGE, idem_bytes, redis_lua, session_bytes
 
-_ROW = struct.Struct(">qddd")
-"""A history row as a sorted-set member: step, loss, grad_norm, at; floats exactly."""
+_ROW = struct.Struct(">qdddd")
+"""A history row as a sorted-set member: step, loss, grad_norm, at, lr (NaN for none);
+floats exactly. A member of ``_OLD_ROW``'s size was written before rows kept lr."""
+_OLD_ROW = struct.Struct(">qddd")
 _STAMP = struct.Struct(">Q")
 _SIGN_BIT, _ALL_BITS = 1 << 63, (1 << 64) - 1
 
@@ -335,7 +338,8 @@ class RedisStore:
         if history is None:
             args += ["0", 0, b""]
         else:
-            member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at)
+            lr = math.nan if history.lr is None else history.lr
+            member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at, lr)
             args += ["1", history.step, member]
         # The caller stops waiting at socket_timeout; refusing a second before that leaves room
         # for the replicas' and the Redis server's clocks to differ by up to a second.
@@ -369,7 +373,7 @@ class RedisStore:
             found_owner, members = cast(tuple[bytes | None, list[bytes]], pipe.execute())
         if found_owner is None or found_owner.decode() != owner:
             return []
-        return [HistoryRow(*_ROW.unpack(m)) for m in members]
+        return [_history_row(m) for m in members]
 
     def idempotency(self, owner: str, key: str, now: float) -> IdempotencyRecord | None:
         raw = cast(dict[bytes, bytes], self._redis.hgetall(self._idem_key(owner, key)))
@@ -499,6 +503,13 @@ def _session_fields(r: SessionRecord) -> list[str | bytes | int]:
     if r.hold is not None:
         fields += ["hold", r.hold]
     return fields
+
+
+def _history_row(member: bytes) -> HistoryRow:
+    if len(member) == _OLD_ROW.size:
+        return HistoryRow(*_OLD_ROW.unpack(member))
+    step, loss, grad_norm, at, lr = _ROW.unpack(member)
+    return HistoryRow(step, loss, grad_norm, at, None if math.isnan(lr) else lr)
 
 
 def _index_member(created_at: float, session_id: str) -> bytes:

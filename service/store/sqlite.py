@@ -47,7 +47,7 @@ CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, created_at, id)
 CREATE TABLE IF NOT EXISTS history (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     step INTEGER NOT NULL, loss REAL NOT NULL, grad_norm REAL NOT NULL, at REAL NOT NULL,
-    PRIMARY KEY (session_id, step)
+    lr REAL, PRIMARY KEY (session_id, step)
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
@@ -101,6 +101,9 @@ class SqliteStore:
             # A file from before jobs. Every worker opens the file at once: one adds it.
             with contextlib.suppress(sqlite3.OperationalError):
                 db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")
+        if "lr" not in {row[1] for row in db.execute("PRAGMA table_info(history)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # a file from before lr
+                db.execute("ALTER TABLE history ADD COLUMN lr REAL")
         if not usage.sqlite_ready(db):
             with self._write() as db:
                 usage.sqlite_prepare(db)
@@ -263,8 +266,9 @@ class SqliteStore:
         )
         if (history := item.history) is not None:
             db.execute(
-                "INSERT INTO history VALUES (?, ?, ?, ?, ?)",
-                (record.id, history.step, history.loss, history.grad_norm, history.at),
+                "INSERT INTO history (session_id, step, loss, grad_norm, at, lr) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, history.step, history.loss, history.grad_norm, history.at, history.lr),
             )
         self._put_idem(db, item.idem, idem_grows)
         return Commit.OK
@@ -288,7 +292,7 @@ class SqliteStore:
         rows = (
             self._conn()
             .execute(
-                "SELECT h.step, h.loss, h.grad_norm, h.at FROM history h JOIN sessions s "
+                "SELECT h.step, h.loss, h.grad_norm, h.at, h.lr FROM history h JOIN sessions s "
                 "ON s.id = h.session_id WHERE s.id = ? AND s.owner = ? AND h.step > ? "
                 "ORDER BY h.step LIMIT ?",
                 (session_id, owner, after_step, limit),

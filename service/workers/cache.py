@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.engine import models, specs
+from service.engine import models, schedulers, specs
 
 SessionKey = tuple[str, str]
 """(owner, session id)"""
@@ -29,6 +29,7 @@ class Built:
     spec: specs.SessionSpec
     model: models.Model
     optimizer: torch.optim.Optimizer
+    scheduler: schedulers.Scheduler | None = None
 
 
 class BuiltCache:

@@ -41,12 +41,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from service.engine import state
+from service.engine import schedulers, state
 from service.engine.step import Result, encode_result
 from service.errors import (
     ComputeTimeout,
     GradsvcError,
     InsufficientStorage,
+    InvalidInput,
     NotFound,
     PreconditionFailed,
     TooLarge,
@@ -222,7 +223,7 @@ class Pass:
             else:
                 try:
                     self._stage(chain, prepared, result)
-                except TooLarge as exc:  # its answer: the step stays uncommitted
+                except InvalidInput as exc:  # its answer too large, its next lr broken
                     self._fail(chain, prepared.index, exc, touched=True)
 
     def _prepare(self, chain: Chain, i: int) -> Prepared | Answer:
@@ -246,6 +247,8 @@ class Pass:
         elif built is None:
             built = sessions.load(record)
         sessions.budget(job, built.spec)
+        if job.kind == "step":
+            schedulers.check_can_step(built.scheduler)
         inputs = built.model.decode_inputs(job.request.batch.x, sessions.limits)
         return Prepared(i, job, record, built, inputs)
 
@@ -278,18 +281,20 @@ class Pass:
 
     def _stage(self, chain: Chain, prepared: Prepared, result: Result) -> None:
         job, record, built = prepared.job, prepared.record, prepared.built
+        lr = schedulers.step(built.scheduler, built.optimizer)  # after every optimizer step
         now = time.time()
         new = replace(
             record,
-            state=state.dump(built.model, built.optimizer, {}),
+            state=state.dump(built.model, built.optimizer, {}, built.scheduler),
             step=record.step + 1,
             updated_at=now,
         )
         committed = replace(new, version=record.version + 1)
         assert result.loss is not None and result.grad_norm is not None
-        history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now)
+        history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now, lr)
         body = {
             "step": new.step,
+            "lr": lr,
             **encode_result(result, job.request.encoding == "b64", job.include),
         }
         answer = self.sessions.answer(200, body, committed, hint=STEP_HINT)

@@ -18,7 +18,7 @@ import orjson
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from service.engine import budget, models, optimizers, specs, state
+from service.engine import budget, models, optimizers, schedulers, specs, state
 from service.engine.limits import Limits
 from service.engine.tensors import decode, encode
 from service.errors import (
@@ -102,8 +102,10 @@ class Sessions:
         return specs.SessionSpec.model_validate_json(record.spec)
 
     def _build(
-        self, spec: specs.SessionSpec, data: bytes | None = None
-    ) -> tuple[models.Model, torch.optim.Optimizer]:
+        self, spec: specs.SessionSpec, data: bytes | None = None, *, scheduled: bool = True
+    ) -> tuple[models.Model, torch.optim.Optimizer, schedulers.Scheduler | None]:
+        """The session built, from ``data`` if given; with ``scheduled`` false the
+        scheduler starts at its step 0 rather than where ``data`` left it (a new one)."""
         if (
             spec.device.startswith("cuda")
             and spec.device.partition(":")[2]
@@ -112,9 +114,13 @@ class Sessions:
             raise Unavailable(f"this session lives on {spec.device}, which this server lacks")
         model = models.build(spec.model, self.limits, spec.device)
         optimizer = optimizers.build(spec.optimizer, model.trainable().values())
-        if data is not None:
-            state.restore(model, optimizer, data)
-        return model, optimizer
+        metadata = state.restore(model, optimizer, data) if data is not None else {}
+        # After the optimizer state: torch builds a scheduler on an optimizer as it stands,
+        # and what it writes into the group (lr, OneCycleLR's momentum) is then loaded over.
+        scheduler = schedulers.build(spec.scheduler, optimizer)
+        if scheduler is not None and scheduled and state.SCHEDULER in metadata:
+            schedulers.load(scheduler, optimizer, metadata[state.SCHEDULER])
+        return model, optimizer, scheduler
 
     def fetch(self, owner: str, session_id: str) -> SessionRecord:
         """The owner's session, or NotFound (another owner's is not found either)."""
@@ -145,7 +151,7 @@ class Sessions:
 
     def view(self, record: SessionRecord, b64: bool = False) -> dict[str, Any]:
         spec = json.loads(record.spec)
-        tensors, _ = state.read(record.state)
+        tensors, metadata = state.read(record.state)
         params = {
             name[len(state.PARAM) :]: encode(t, b64)
             for name, t in tensors.items()
@@ -155,6 +161,8 @@ class Sessions:
             "id": record.id,
             "name": record.name,
             **spec,
+            "scheduler": spec.get("scheduler"),
+            "lr": _lr(record, metadata),
             "step": record.step,
             "version": record.version,
             "job": record.hold,
@@ -208,8 +216,8 @@ class Sessions:
         if (estimate := budget.created(spec, self.limits)) is not None:  # before building anything
             budget.check(estimate, self.limits, "this session")
             budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
-        model, optimizer = self._build(spec)
-        data = state.dump(model, optimizer, {})
+        model, optimizer, scheduler = self._build(spec)
+        data = state.dump(model, optimizer, {}, scheduler)
         return self._insert(owner, session_id, spec, request.name, 0, data, idem)
 
     def restore(self, owner: str, session_id: str, data: bytes, idem: Idem | None) -> Answer:
@@ -229,8 +237,8 @@ class Sessions:
         if (estimate := budget.restored(spec, data, self.limits)) is not None:
             budget.check(estimate, self.limits, "restoring this checkpoint")
             budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
-        model, optimizer = self._build(spec, data)
-        dumped = state.dump(model, optimizer, {})
+        model, optimizer, scheduler = self._build(spec, data)
+        dumped = state.dump(model, optimizer, {}, scheduler)
         return self._insert(owner, session_id, spec, meta.name, meta.step, dumped, idem)
 
     def _device(self, requested: str) -> str:
@@ -363,8 +371,8 @@ class Sessions:
         """The session built anew from ``record``'s bytes (committed, or staged by a chain
         whose model a failed step may have changed), bypassing the cache."""
         spec = self._spec(record)
-        model, optimizer = self._build(spec, record.state)
-        return Built(record.version, spec, model, optimizer)
+        model, optimizer, scheduler = self._build(spec, record.state)
+        return Built(record.version, spec, model, optimizer, scheduler)
 
     def delete(self, owner: str, session_id: str) -> None:
         for _ in range(MAX_ATTEMPTS):
@@ -396,18 +404,23 @@ class Sessions:
                     f"the session is at {etag(record)}, not {short(if_match)}: read it again"
                 )
             spec = self._spec(record)
+            replaced = "scheduler" in patch.model_fields_set
             if patch.optimizer is not None:
+                if not replaced and spec.scheduler is not None:
+                    _check_unscheduled(spec, patch.optimizer)
                 spec = spec.model_copy(
                     update={"optimizer": _patched_optimizer(spec, patch.optimizer)}
                 )
-            model, optimizer = self._build(spec, record.state)
+            if replaced:
+                spec = spec.model_copy(update={"scheduler": patch.scheduler})
+            model, optimizer, scheduler = self._build(spec, record.state, scheduled=not replaced)
             if patch.params is not None:
                 _set_params(model, patch.params, self.limits)
             new = replace(
                 record,
                 name=patch.name if "name" in patch.model_fields_set else record.name,
                 spec=spec.model_dump_json(exclude_defaults=True),
-                state=state.dump(model, optimizer, {}),
+                state=state.dump(model, optimizer, {}, scheduler),
                 updated_at=time.time(),
             )
             committed = replace(new, version=record.version + 1)
@@ -443,6 +456,30 @@ class CheckpointMeta(specs.Spec):
 
 
 _CHECKPOINT_META = TypeAdapter(CheckpointMeta)
+
+
+def _lr(record: SessionRecord, metadata: dict[str, str]) -> float:
+    """The lr the session's next step uses: its scheduler's, else its optimizer's."""
+    if state.SCHEDULER in metadata:
+        return schedulers.Saved.model_validate_json(metadata[state.SCHEDULER]).lr
+    return float(specs.SessionSpec.model_validate_json(record.spec).optimizer.lr)
+
+
+def _check_unscheduled(spec: specs.SessionSpec, changes: dict[str, Any]) -> None:
+    """SpecError if ``changes`` sets a hyper-parameter the session's scheduler writes: the
+    scheduler would go on from values it did not make (send a new scheduler with them)."""
+    assert spec.scheduler is not None
+    written = {"lr"}
+    if spec.scheduler.type == "onecycle" and spec.scheduler.cycle_momentum:
+        written |= {"momentum", "betas"}
+    clash = sorted(written & set(changes))
+    if clash:
+        raise SpecError(
+            f"the session's {spec.scheduler.type} scheduler sets {', '.join(clash)} at every "
+            'step: send "scheduler" in the same PATCH (the new one starts at its step 0 from '
+            'these values), or "scheduler": null to drop it',
+            loc=("optimizer", clash[0]),
+        )
 
 
 def _patched_optimizer(spec: specs.SessionSpec, changes: dict[str, Any]) -> Any:

@@ -59,6 +59,7 @@ def test_include_trims_the_answers_and_problems_are_per_item(client: TestClient)
         "session": good,
         "status": 200,
         "step": 1,
+        "lr": 0.1,
         "loss": 0.5,
         "grad_norm": 1.0,
     }

@@ -83,7 +83,9 @@ def content(response: httpx.Response) -> bytes:
 def history_page(response: httpx.Response) -> Page[HistoryItem]:
     data = body(response)
     items = [
-        HistoryItem(int(h["step"]), float(h["loss"]), float(h["grad_norm"]), _time(h["at"]))
+        HistoryItem(
+            int(h["step"]), float(h["loss"]), float(h["grad_norm"]), _time(h["at"]), h.get("lr")
+        )
         for h in data["items"]
     ]
     return Page(items, data.get("next"))
@@ -163,6 +165,7 @@ class Answers(Generic[T]):
             trace=self.trace(data.get("trace")),
             params=self.tensors(data["params"]),
             step=data.get("step"),
+            lr=data.get("lr"),
             replayed=_replayed(response),
             etag=response.headers.get("etag"),
         )
@@ -185,6 +188,8 @@ class Answers(Generic[T]):
             device=data["device"],
             created_at=_time(data["created_at"]),
             updated_at=_time(data["updated_at"]),
+            scheduler=data.get("scheduler"),
+            lr=data.get("lr"),
             raw=data,
             client=self.client,
         )
@@ -217,6 +222,7 @@ class Answers(Generic[T]):
                     session=item["session"],
                     status=int(item["status"]),
                     step=item.get("step"),
+                    lr=item.get("lr"),
                     loss=item.get("loss"),
                     grad_norm=item.get("grad_norm"),
                     grads=self.tensors(item["grads"]) if "grads" in item else None,

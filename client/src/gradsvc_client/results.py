@@ -94,10 +94,13 @@ class StepResult(Gradients[T]):
         step: The session's step after it (None for a stateless step).
         replayed: True when the service answered from the call's Idempotency-Key.
         etag: The session's new ETag, for ``if_match`` (None for a stateless step).
+        lr: The learning rate the session's next step uses, after its scheduler stepped
+            (torch's ``get_last_lr()``; None for a stateless step).
     """
 
     params: dict[str, T] = field(default_factory=dict)
     step: int | None = None
+    lr: float | None = None
     replayed: bool = False
     etag: str | None = None
 
@@ -119,6 +122,8 @@ class Session(Generic[T]):
         device: The device it lives on.
         created_at: When it was made.
         updated_at: When it last changed.
+        scheduler: The learning-rate scheduler's spec, if it has one.
+        lr: The learning rate its next step uses.
         raw: The body as sent, for fields this client does not know yet.
     """
 
@@ -134,6 +139,8 @@ class Session(Generic[T]):
     device: str
     created_at: datetime
     updated_at: datetime
+    scheduler: dict[str, Any] | None = None
+    lr: float | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     client: Any = field(default=None, repr=False, compare=False)
     """The client that fetched it (``refresh`` asks that one)."""
@@ -201,12 +208,14 @@ class HistoryItem:
         loss: Its loss.
         grad_norm: Its gradients' total 2-norm.
         at: When it was committed.
+        lr: The learning rate the step after it uses (None from a service before lr).
     """
 
     step: int
     loss: float
     grad_norm: float
     at: datetime
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +243,7 @@ class StepManyItem(Generic[T]):
         session: The session's id.
         status: 200, or the status this item's own ``/step`` would have had.
         step: The session's step after it.
+        lr: The learning rate the session's next step uses.
         loss: With ``"loss"`` in ``include`` (the default).
         grad_norm: The gradients' total 2-norm.
         grads: With ``"grads"`` in ``include``.
@@ -246,6 +256,7 @@ class StepManyItem(Generic[T]):
     session: str
     status: int
     step: int | None = None
+    lr: float | None = None
     loss: float | None = None
     grad_norm: float | None = None
     grads: dict[str, T] | None = None

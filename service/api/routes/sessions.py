@@ -247,6 +247,8 @@ def _item(
     if isinstance(answer, Answer):
         full = orjson.loads(answer.body)
         out = {"session": session_id, "status": answer.status, "step": full["step"]}
+        if "lr" in full:  # not in an answer stored under its key before steps carried lr
+            out["lr"] = full["lr"]
         out.update((k, v) for k, v in full.items() if _INCLUDED.get(k, k) in include)
         if answer.replayed:
             out["replayed"] = True
@@ -305,8 +307,9 @@ async def get(session_id: SessionId, owner: PrincipalDep, pool: PoolDep) -> Resp
     operation_id="updateSession",
     summary="Rename, change optimizer hyper-parameters, or set parameter values",
     description=(
-        'Changes `name`, optimizer hyper-parameters (`{"optimizer": {"lr": 0.01}}`) or '
-        "parameter values, as one new version; the optimizer's state is kept. Honours "
+        'Changes `name`, optimizer hyper-parameters (`{"optimizer": {"lr": 0.01}}`), the '
+        "`scheduler` (a new one from its step 0; `null` removes it) or parameter values, as "
+        "one new version; the optimizer's state is kept. Honours "
         "`If-Match` (412 if the session moved on); 409 `session-busy` while a job holds it."
     ),
 )
@@ -451,7 +454,7 @@ async def history(
     after = cursors.history_after(cursor)
     rows = await pool.history(owner, checked(session_id), limit + 1, after)
     items = [
-        {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "at": iso(r.at)}
+        {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "at": iso(r.at)}
         for r in rows[:limit]
     ]
     more = len(rows) > limit

@@ -1,0 +1,59 @@
+"""History rows keep lr, and stores written before rows had it still read: a SQLite file
+with the old history table gains the column, a Redis row of the old size reads lr None."""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import redis
+
+from service.store import Commit, HistoryRow, SessionRecord
+from service.store.redis import RedisStore
+from service.store.sqlite import SqliteStore
+
+OLD_HISTORY = """CREATE TABLE history (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    step INTEGER NOT NULL, loss REAL NOT NULL, grad_norm REAL NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (session_id, step)
+)"""
+
+
+def record() -> SessionRecord:
+    now = time.time()
+    return SessionRecord("s_1", "o", None, "{}", b"state", 0, 1, now, now)
+
+
+def test_an_old_sqlite_file_gains_lr(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_HISTORY)
+    store = SqliteStore(str(path))
+    try:
+        assert store.create(record(), None, 0) is Commit.OK
+        row = HistoryRow(1, 0.5, 1.0, time.time(), 0.05)
+        assert store.commit(replace(record(), step=1), 1, row) is Commit.OK
+        assert store.history("o", "s_1", 10) == [row]
+    finally:
+        store.close()
+
+
+def test_an_old_redis_row_reads_without_lr(redis_url: str) -> None:
+    prefix = f"gradsvc-test:{uuid.uuid4().hex}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert store.create(record(), None, 0) is Commit.OK
+        new = HistoryRow(2, 0.25, 0.5, time.time(), 0.025)
+        assert store.commit(replace(record(), step=2), 1, new) is Commit.OK
+        old = HistoryRow(1, 0.5, 1.0, time.time())
+        client.zadd(f"{prefix}h:s_1", {struct.pack(">qddd", 1, 0.5, 1.0, old.at): 1})
+        assert store.history("o", "s_1", 10) == [old, new]
+        client.delete(*client.scan_iter(match=f"{prefix}*"))
+    finally:
+        client.close()
+        store.close()
