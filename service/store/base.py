@@ -140,6 +140,10 @@ class JobRecord:
     error: str | None = None
     """JSON: the problem a failed job ended with"""
     attempts: int = 0
+    """the runs it has had: each claim counts, a hand-over's included"""
+    failures: int = 0
+    """the runs that stopped on a fault of the service's (a store outage, a lost worker); a
+    hand-over on a drain is not one, so rolling restarts never use a job's allowance up"""
     lease_holder: str | None = None
     lease_expires: float = 0.0
     cancel: bool = False
@@ -188,9 +192,11 @@ class JobStore(Protocol):
         now: float,
         lease_seconds: float,
         progress: Progress | None = None,
+        failures: int | None = None,
     ) -> JobRecord | None:
-        """Extend the lease (and record progress); None if ``worker`` no longer holds it. The
-        job comes back without its dataset, as from ``get_job``."""
+        """Extend the lease (and record progress, and the job's count of ``failures`` when
+        given); None if ``worker`` no longer holds it. The job comes back without its
+        dataset, as from ``get_job``."""
         ...
 
     def finish_job(

@@ -39,7 +39,7 @@ _NAMES = [f.name for f in fields(JobRecord)]
 _LIGHT = [n for n in _NAMES if n != "dataset"]
 """What a read that does not run the job fetches: everything but the dataset."""
 _FLOATS = {"created_at", "updated_at", "lease_expires"}
-_INTS = {"start_step", "epoch", "batch", "steps_done", "step", "attempts"}
+_INTS = {"start_step", "epoch", "batch", "steps_done", "step", "attempts", "failures"}
 _OPTIONAL = {"loss": float, "error": str, "lease_holder": str, "expires_at": float}
 
 # KEYS: session, job, jq, ja, the usage keys[, idem]. ARGV: idem ttl, idem created_at, owner,
@@ -182,7 +182,7 @@ def decode(flat: list[bytes] | dict[bytes, bytes]) -> JobRecord | None:
         elif name in _FLOATS:
             values[name] = float(value)
         elif name in _INTS:
-            values[name] = int(value)
+            values[name] = int(value) if value else 0  # a job from before ``failures``
         elif name == "cancel":
             values[name] = value == b"1"
         elif name in _OPTIONAL:
@@ -240,11 +240,19 @@ class RedisJobs:
         return decode(cast(list[bytes], flat)) if flat else None
 
     def renew(
-        self, job_id: str, worker: str, now: float, lease: float, progress: Progress | None
+        self,
+        job_id: str,
+        worker: str,
+        now: float,
+        lease: float,
+        progress: Progress | None,
+        failures: int | None = None,
     ) -> JobRecord | None:
         args: list[str | bytes | int] = [job_id, worker, repr(now), repr(now + lease)]
         if progress is not None:
             args += encode(vars(progress))
+        if failures is not None:  # only the lease's holder writes it: no lost update
+            args += encode({"failures": failures})
         values = self._renew(keys=[self._key(job_id), f"{self.prefix}jr"], args=args)
         return _light(cast(list[bytes | None], values)) if values else None
 

@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL, status TEXT NOT NULL, epoch INTEGER NOT NULL,
     batch INTEGER NOT NULL, steps_done INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL,
     error TEXT, attempts INTEGER NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
-    cancel INTEGER NOT NULL, expires_at REAL
+    cancel INTEGER NOT NULL, expires_at REAL, failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (status, lease_expires);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);
@@ -125,11 +125,15 @@ def renew(
     now: float,
     lease: float,
     progress: Progress | None,
+    failures: int | None = None,
 ) -> JobRecord | None:
     sets, args = "lease_expires = ?, updated_at = ?", [now + lease, now]
     if progress is not None:
         sets += ", " + _PROGRESS
         args += list(vars(progress).values())
+    if failures is not None:
+        sets += ", failures = ?"
+        args.append(failures)
     cursor = db.execute(
         f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'running' AND lease_holder = ?",
         (*args, job_id, worker),

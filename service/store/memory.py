@@ -229,6 +229,7 @@ class MemoryStore:
         now: float,
         lease_seconds: float,
         progress: Progress | None = None,
+        failures: int | None = None,
     ) -> JobRecord | None:
         with self._lock:
             job = self._leased(job_id, worker)
@@ -236,6 +237,8 @@ class MemoryStore:
                 return None
             fields = vars(progress) if progress is not None else {}
             job = replace(job, lease_expires=now + lease_seconds, updated_at=now, **fields)
+            if failures is not None:
+                job = replace(job, failures=failures)
             self._jobs[job_id] = job
             return replace(job, dataset=b"")
 

@@ -424,8 +424,9 @@ class RedisStore:
         now: float,
         lease_seconds: float,
         progress: Progress | None = None,
+        failures: int | None = None,
     ) -> JobRecord | None:
-        return self._jobs.renew(job_id, worker, now, lease_seconds, progress)
+        return self._jobs.renew(job_id, worker, now, lease_seconds, progress, failures)
 
     def finish_job(
         self,

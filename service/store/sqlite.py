@@ -104,6 +104,9 @@ class SqliteStore:
         if "lr" not in {row[1] for row in db.execute("PRAGMA table_info(history)")}:
             with contextlib.suppress(sqlite3.OperationalError):  # a file from before lr
                 db.execute("ALTER TABLE history ADD COLUMN lr REAL")
+        if "failures" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # a file from before failures
+                db.execute("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
         if not usage.sqlite_ready(db):
             with self._write() as db:
                 usage.sqlite_prepare(db)
@@ -357,9 +360,10 @@ class SqliteStore:
         now: float,
         lease_seconds: float,
         progress: Progress | None = None,
+        failures: int | None = None,
     ) -> JobRecord | None:
         with self._write() as db:
-            return jobs_sqlite.renew(db, job_id, worker, now, lease_seconds, progress)
+            return jobs_sqlite.renew(db, job_id, worker, now, lease_seconds, progress, failures)
 
     def finish_job(
         self,

@@ -44,9 +44,10 @@ CLAIM_SECONDS = 0.5
 """How often a worker asks the store for a runnable job."""
 MAX_RUNS = 4
 """Jobs one worker runs at once, a mini-batch each in turn."""
-MAX_JOB_ATTEMPTS = 5
-"""Runs a job gets when its steps fail inside the service (a store outage, a lost worker)
-before it is failed: the client's own errors (a non-finite loss) fail it at once."""
+MAX_JOB_FAILURES = 5
+"""Runs of a job that may stop on a fault of the service's (a store outage, a lost worker)
+before the job is failed: the client's own errors (a non-finite loss) fail it at once, and a
+drain's hand-over is no fault (``JobRecord.failures`` counts these; ``attempts`` every run)."""
 log = logging.getLogger("gradsvc.worker")
 
 
@@ -149,8 +150,8 @@ class Runner:
                 self._next_claim = 0.0  # there may be more
                 outcome = guarded(self._resume, job)
                 if isinstance(outcome, GradsvcError):
-                    if outcome.status >= 500 and job.attempts < MAX_JOB_ATTEMPTS:
-                        self._let_go(job)  # this worker cannot run it now; another may
+                    if outcome.status >= 500 and job.failures + 1 < MAX_JOB_FAILURES:
+                        self._let_go(job, failed=True)  # this worker cannot run it; another may
                     else:
                         self._finish(job, _reported(job), "failed", outcome)
 
@@ -215,10 +216,10 @@ class Runner:
             del self.runs[run.job.id]
             return
         if isinstance(result, GradsvcError):
-            if result.status >= 500 and run.job.attempts < MAX_JOB_ATTEMPTS:
+            if result.status >= 500 and run.job.failures + 1 < MAX_JOB_FAILURES:
                 # Ours, not the job's: let the lease lapse; a worker resumes it from the step.
                 log.warning("job %s stopped here: %s", run.job.id, result.detail)
-                guarded(self._let_go, run.job, run.progress())
+                guarded(self._let_go, run.job, run.progress(), failed=True)
                 return
             self._finish(run.job, run.progress(), "failed", result)
             return
@@ -267,11 +268,17 @@ class Runner:
         ):
             self.finished.append(status)
 
-    def _let_go(self, job: JobRecord, progress: Progress | None = None) -> None:
+    def _let_go(
+        self, job: JobRecord, progress: Progress | None = None, *, failed: bool = False
+    ) -> None:
         """End this worker's lease now (a lease that already lapsed): any worker may claim
-        the job at once."""
+        the job at once. ``failed``: the run stopped on a fault of the service's, which
+        counts towards ``MAX_JOB_FAILURES``; a clean stop or a hand-over does not."""
         self.runs.pop(job.id, None)
-        self.sessions.store.renew_lease(job.id, self.worker, time.time(), -1.0, progress)
+        failures = job.failures + 1 if failed else None
+        self.sessions.store.renew_lease(
+            job.id, self.worker, time.time(), -1.0, progress, failures=failures
+        )
 
     def release(self) -> None:
         """On a clean stop, let the leases go: another worker takes over at once."""

@@ -518,6 +518,24 @@ def test_a_claim_is_exclusive_and_a_lapsed_lease_is_reclaimed(
     assert s0 is not None and s0.hold is None
 
 
+def test_a_runs_failures_are_counted_apart_from_its_attempts(store: SessionStore) -> None:
+    """A drain's hand-over is a run (``attempts``) but no failure: only a let-go that says
+    so counts towards the job's allowance, and a claim keeps the count."""
+    now = time.time()
+    assert store.create(session()) is Commit.OK
+    assert store.create_job(job()) is Commit.OK
+    for n in range(1, 4):  # three hand-overs: each a run, none a failure
+        claimed = store.claim_job(f"w{n}", now, 10)
+        assert claimed is not None and (claimed.attempts, claimed.failures) == (n, 0)
+        assert store.renew_lease("j1", f"w{n}", now, -1.0, progress(n)) is not None
+    claimed = store.claim_job("w4", now, 10)
+    assert claimed is not None and (claimed.attempts, claimed.failures) == (4, 0)
+    failed = store.renew_lease("j1", "w4", now, -1.0, progress(4), failures=1)
+    assert failed is not None and failed.failures == 1
+    again = store.claim_job("w5", now, 10)
+    assert again is not None and (again.attempts, again.failures, again.steps_done) == (5, 1, 4)
+
+
 def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: SessionStore) -> None:
     now = time.time()
     for n in range(2):

@@ -1,5 +1,6 @@
 """History rows keep lr, and stores written before rows had it still read: a SQLite file
-with the old history table gains the column, a Redis row of the old size reads lr None."""
+with the old history table gains the column, a Redis row of the old size reads lr None; and
+a SQLite file from before jobs counted their failures gains that column."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ from pathlib import Path
 
 import redis
 
-from service.store import Commit, HistoryRow, SessionRecord
+from service.store import Commit, HistoryRow, JobRecord, SessionRecord
 from service.store.redis import RedisStore
 from service.store.sqlite import SqliteStore
 
+OLD_JOBS = """CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, session TEXT NOT NULL, spec TEXT NOT NULL,
+    dataset BLOB NOT NULL, start_step INTEGER NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, status TEXT NOT NULL, epoch INTEGER NOT NULL,
+    batch INTEGER NOT NULL, steps_done INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL,
+    error TEXT, attempts INTEGER NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
+    cancel INTEGER NOT NULL, expires_at REAL
+);"""
 OLD_HISTORY = """CREATE TABLE history (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     step INTEGER NOT NULL, loss REAL NOT NULL, grad_norm REAL NOT NULL, at REAL NOT NULL,
@@ -56,4 +65,19 @@ def test_an_old_redis_row_reads_without_lr(redis_url: str) -> None:
         client.delete(*client.scan_iter(match=f"{prefix}*"))
     finally:
         client.close()
+        store.close()
+
+
+def test_an_old_sqlite_jobs_table_gains_failures(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_JOBS)
+    store = SqliteStore(str(path))
+    try:
+        assert store.create(record(), None, 0) is Commit.OK
+        job = JobRecord("j_1", "o", "s_1", "{}", b"data", 0, time.time(), time.time())
+        assert store.create_job(job) is Commit.OK
+        claimed = store.claim_job("w", time.time(), 10)
+        assert claimed is not None and (claimed.attempts, claimed.failures) == (1, 0)
+    finally:
         store.close()
