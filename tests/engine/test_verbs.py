@@ -5,6 +5,7 @@ about it is refused; ``grad_outputs`` gives torch's ``backward(grad_outputs)``."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -13,7 +14,8 @@ import torch
 
 from service.engine import models, specs, state, step
 from service.engine.limits import DEFAULT_LIMITS
-from service.errors import GradsvcError, InvalidInput, NothingAccumulated
+from service.errors import GradsvcError, InvalidInput, NothingAccumulated, SessionBusy
+from service.store import open_store
 from service.store.memory import MemoryStore
 from service.workers.jobs import Answer, RunJob
 from service.workers.sessions import Sessions
@@ -198,3 +200,33 @@ def test_grad_outputs_give_torchs_backward() -> None:
     torch.testing.assert_close(result.grads["bias"], b.grad, rtol=1e-12, atol=1e-12)
     with pytest.raises(GradsvcError, match="shape"):
         step.from_outputs(model, {model.inputs[0]: x}, g[:1])
+
+
+def test_a_job_holding_the_session_makes_both_verbs_session_busy() -> None:
+    store = MemoryStore()
+    sessions = Sessions(store, DEFAULT_LIMITS, 0)
+    create(sessions, "s_a", OPTIMIZERS["sgd"])
+    accumulate(sessions, "s_a", *batch(0))
+    record = store._sessions["s_a"]
+    store._sessions["s_a"] = replace(record, hold="j_train")  # as a training job takes it
+    for call in (lambda: accumulate(sessions, "s_a", *batch(1)), lambda: apply(sessions, "s_a")):
+        with pytest.raises(SessionBusy, match="j_train"):
+            call()
+    assert store.get(OWNER, "s_a") == replace(record, hold="j_train")  # nothing changed
+
+
+def test_the_accumulator_is_in_the_sqlite_file_for_a_worker_started_anew(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'gradsvc.db'}"
+    first = Sessions(open_store(url), DEFAULT_LIMITS, 0)
+    create(first, "s_a", OPTIMIZERS["adam"])
+    create(first, "s_b", OPTIMIZERS["adam"])
+    for i in range(2):
+        accumulate(first, "s_a", *batch(i))
+        accumulate(first, "s_b", *batch(i))
+    want = apply(first, "s_b", 0.5)
+    first.store.close()
+    again = Sessions(open_store(url), DEFAULT_LIMITS, 0)  # nothing cached: all from the file
+    try:
+        assert apply(again, "s_a", 0.5)["params"] == want["params"]
+    finally:
+        again.store.close()
