@@ -115,7 +115,8 @@ def accumulating(sessions: Sessions, request: specs.SessionAccumulateRequest) ->
         if request.grad_outputs is not None:
             raise InvalidInput(GRAD_OUTPUTS_LATER, loc=("grad_outputs",))
         spec, model, limits = built.spec, built.model, sessions.limits
-        estimate = budget.session("gradients", spec, request.batch, limits, b64=b64)
+        # Budgeted as a step: the gradients, and a new state (the accumulator's too) written.
+        estimate = budget.session("step", spec, request.batch, limits, b64=b64)
         if estimate is not None:
             budget.check(estimate, limits)
         inputs = model.decode_inputs(request.batch.x, limits)
