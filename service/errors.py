@@ -167,6 +167,15 @@ class SessionBusy(Conflict):
         )
 
 
+class NothingAccumulated(Conflict):
+    type = "nothing-accumulated"
+    title = "Nothing accumulated"
+    description = (
+        "apply was called with no gradients accumulated since the last apply; send batches "
+        "to POST /v1/sessions/{id}/accumulate first"
+    )
+
+
 class PreconditionFailed(GradsvcError):
     status = 412
     type = "precondition-failed"

@@ -103,6 +103,10 @@ SESSION_STEP = {
     "second": {"step": 2, "lr": 0.1, **SECOND, "params": {"w": [1.46]}},
 }
 SESSION_GRADIENTS = {"first": FIRST, "second": SECOND}
+SESSION_ACCUMULATE = {"first": {**FIRST, "accumulated": 1}}
+# After the first sample alone accumulated, on a new notebook session: the first step.
+_APPLIED = {k: v for k, v in FIRST.items() if k != "outputs"}
+SESSION_APPLY = {"sum": {"step": 1, "lr": 0.1, "applied": 1, **_APPLIED, "params": {"w": [1.1]}}}
 SESSION_FORWARD = {"first": {"outputs": 2.0}}
 SESSION = {"after-two-steps": _session(2, 3, 1.46)}
 # The checkpoint of that session, restored: a new session (its own id and version 1).
@@ -201,6 +205,8 @@ ANSWERS: dict[str, dict[str, Any]] = {
     "stepSession": SESSION_STEP,
     "sessionGradients": SESSION_GRADIENTS,
     "sessionForward": SESSION_FORWARD,
+    "accumulateSession": SESSION_ACCUMULATE,
+    "applySession": SESSION_APPLY,
     "getHistory": HISTORY,
     "stepSessions": SESSIONS_STEP,
     "trainSession": JOB_STARTED,

@@ -168,6 +168,32 @@ class SessionStepResponse(StepResponse):
     lr: float = Field(description=LR_DESCRIPTION)
 
 
+class AccumulateResponse(ForwardResponse):
+    loss: float
+    grads: dict[str, Tensor] = Field(description="this batch's dL/dθ (not the accumulated sum)")
+    grad_norm: float = Field(description="the 2-norm of this batch's gradients")
+    accumulated: int = Field(description="batches accumulated since the last apply")
+
+
+class ApplyResponse(BaseModel):
+    step: int = Field(description="the session's step after this one")
+    lr: float = Field(description=LR_DESCRIPTION)
+    applied: int = Field(description="the accumulated batches this step used")
+    loss: float = Field(description="the mean of the accumulated batches' losses")
+    grads: dict[str, Tensor] = Field(description="scale times the accumulated sum: the step's")
+    grad_norm: float = Field(description="their total 2-norm (before any clipping)")
+    params: dict[str, Tensor] = Field(description="every parameter after the update")
+
+
+SESSION_ACCUMULATE_EXAMPLES = {
+    "first": _example("The notebook's first sample (1, 3)", {"batch": {"x": 1, "y": 3}}),
+}
+SESSION_APPLY_EXAMPLES = {
+    "sum": _example("The accumulated sum as it is", {}),
+    "mean": _example("The mean of two accumulated batches", {"scale": 0.5}),
+}
+
+
 class HistoryItem(BaseModel):
     step: int
     loss: float

@@ -468,6 +468,33 @@ class SessionBatchRequest(Spec):
     encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
 
 
+class SessionAccumulateRequest(SessionBatchRequest):
+    """``POST /v1/sessions/{id}/accumulate``: a batch whose gradients join the session's
+    accumulator."""
+
+    grad_outputs: Tensor | None = Field(
+        default=None,
+        description="dL/doutputs computed by the client, instead of batch.y (custom losses)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SessionAccumulateRequest:
+        if self.grad_outputs is not None and self.batch.y is not None:
+            raise ValueError("send batch.y (the session's loss) or grad_outputs, not both")
+        return self
+
+
+class SessionApplyRequest(Spec):
+    """``POST /v1/sessions/{id}/apply``: one optimizer step with the accumulated gradients."""
+
+    scale: float = Field(
+        default=1.0,
+        allow_inf_nan=False,
+        description="the sum of the accumulated gradients is multiplied by it (1/k: their mean)",
+    )
+    encoding: Encoding = Field(default="list", description=ENCODING_DESCRIPTION)
+
+
 class SessionGradientsRequest(SessionBatchRequest):
     explain: bool = Field(default=False, description="add the trace: every node, value, dL/dnode")
 

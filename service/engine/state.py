@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,22 @@ OPT = "opt."
 SCHEDULER = "scheduler"
 """The metadata key of the scheduler's state (``schedulers.Saved`` as JSON), if any."""
 MAX_METADATA = 1_000_000
+ACC = "accumulator."
+ACCUMULATOR = "accumulator"
+"""The metadata key of the accumulator's counts (JSON), beside its ``ACC`` tensors."""
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """Gradients summed since the last apply: one tensor per trainable parameter, the
+    batches summed, and the sum and number of their losses (a batch sent with
+    ``grad_outputs`` has none). Never changed in place: an accumulate makes a new one, so
+    a cached one always stands for its committed version."""
+
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+    loss_sum: float = 0.0
+    losses: int = 0
 
 
 def dump(
@@ -31,8 +48,10 @@ def dump(
     optimizer: torch.optim.Optimizer,
     metadata: dict[str, str],
     scheduler: schedulers.Scheduler | None = None,
+    accumulator: Accumulator | None = None,
 ) -> bytes:
-    """The state's bytes: parameters and optimizer state as tensors, the rest as metadata."""
+    """The state's bytes: parameters and optimizer state as tensors, the rest as metadata;
+    a non-empty ``accumulator`` as ``ACC`` tensors and its counts under ``ACCUMULATOR``."""
     tensors: dict[str, torch.Tensor] = {
         PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
     }
@@ -46,6 +65,11 @@ def dump(
                 extra[name] = value
     if scheduler is not None:
         metadata = {**metadata, SCHEDULER: schedulers.save(scheduler, optimizer)}
+    if accumulator is not None and accumulator.count > 0:
+        for name, g in accumulator.grads.items():
+            tensors[ACC + name] = g.detach().contiguous()
+        counts = {"count": accumulator.count, "loss_sum": accumulator.loss_sum}
+        metadata = {**metadata, ACCUMULATOR: json.dumps({**counts, "losses": accumulator.losses})}
     return _save(tensors, {**metadata, "optimizer_extra": json.dumps(extra)})
 
 
@@ -221,6 +245,69 @@ def _count(value: Any) -> float | None:
         except OverflowError:  # an integer past a float's range
             return math.inf
     return None
+
+
+def accumulator(model: Model, data: bytes) -> Accumulator | None:
+    """The accumulator in a state file, checked against ``model`` as its parameters are
+    (a tensor per trainable parameter, of its shape and dtype, finite; counts that add up),
+    or None when it holds none. InvalidInput for one that lies."""
+    tensors, metadata = read(data)
+    present = {k[len(ACC) :]: t for k, t in tensors.items() if k.startswith(ACC)}
+    if ACCUMULATOR not in metadata:
+        if present:
+            raise InvalidInput(
+                f"the file holds accumulator tensors but no {ACCUMULATOR!r} metadata",
+                loc=(ACCUMULATOR,),
+            )
+        return None
+    try:
+        counts = json.loads(metadata[ACCUMULATOR])
+    except (ValueError, RecursionError):
+        raise InvalidInput(
+            "the file's accumulator metadata is not JSON", loc=(ACCUMULATOR,)
+        ) from None
+    if not isinstance(counts, dict) or set(counts) != {"count", "loss_sum", "losses"}:
+        raise InvalidInput(
+            'the file\'s accumulator metadata must be {"count", "loss_sum", "losses"}',
+            loc=(ACCUMULATOR,),
+        )
+    count, loss_sum, losses = counts["count"], counts["loss_sum"], counts["losses"]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (count, losses))
+    if not (whole and 0 <= losses <= count < 2**62):
+        raise InvalidInput(
+            "the file's accumulator counts must be whole numbers with 0 <= losses <= count",
+            loc=(ACCUMULATOR,),
+        )
+    number = isinstance(loss_sum, int | float) and not isinstance(loss_sum, bool)
+    if not (number and math.isfinite(loss_sum)):
+        raise InvalidInput(
+            "the file's accumulator loss_sum must be a finite number", loc=(ACCUMULATOR,)
+        )
+    trainable = model.trainable()
+    if count == 0:
+        if present:
+            raise InvalidInput(
+                "the file's accumulator is empty but holds tensors", loc=(ACCUMULATOR,)
+            )
+        return None
+    if set(present) != set(trainable):
+        raise InvalidInput(
+            f"the file's accumulator ({', '.join(sorted(present)) or 'none'}) does not name the "
+            f"model's trainable parameters ({', '.join(sorted(trainable))})",
+            loc=(ACCUMULATOR,),
+        )
+    for name, p in trainable.items():
+        value = present[name]
+        if value.shape != p.shape or value.dtype != p.dtype:
+            raise InvalidInput(
+                f"{ACC}{name}: the file holds {value.dtype} {list(value.shape)}, the parameter "
+                f"is {p.dtype} {list(p.shape)}",
+                loc=(ACC + name,),
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise InvalidInput(f"{ACC}{name} holds values that are not finite", loc=(ACC + name,))
+    grads = {n: present[n].to(p.device) for n, p in trainable.items()}
+    return Accumulator(grads, count, float(loss_sum), losses)
 
 
 def with_metadata(data: bytes, extra: dict[str, str]) -> bytes:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from service.engine import budget, losses, models, optimizers, quantities, specs
+from service.engine import budget, losses, models, optimizers, quantities, specs, state
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.specs import Kind
 from service.engine.tensors import decode, encode
@@ -120,6 +121,16 @@ def step(
     """``gradients``, then one optimizer update. On a non-finite result the parameters and the
     optimizer state are left as they were."""
     result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+    result.params = update(model, optimizer, clip_grad_norm)
+    return result
+
+
+def update(
+    model: models.Model, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None
+) -> dict[str, torch.Tensor]:
+    """One optimizer update from the gradients in the parameters' ``.grad`` (clipped first
+    to ``clip_grad_norm``); the parameters after it. On a non-finite result the parameters
+    and the optimizer state are left as they were (NonFinite)."""
     params = model.trainable()
     if clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(params.values()), clip_grad_norm)
@@ -145,8 +156,90 @@ def step(
                 p.copy_(before[n])
         optimizer.load_state_dict(saved)
         raise
-    result.params = {n: v.clone() for n, v in after.items()}
-    return result
+    return {n: v.clone() for n, v in after.items()}
+
+
+def from_outputs(model: models.Model, inputs: models.Inputs, grad_outputs: torch.Tensor) -> Result:
+    """Forward, then backward from ``grad_outputs`` (dL/doutputs, computed by the client):
+    the gradients torch's ``outputs.backward(grad_outputs)`` gives, and no loss."""
+    model.module.train()
+    trainable = model.trainable()
+    for p in trainable.values():
+        p.grad = None
+    with torch.enable_grad():
+        outputs = model.forward(inputs)
+        if grad_outputs.shape != outputs.shape:
+            raise ShapeError(
+                f"grad_outputs has shape {list(grad_outputs.shape)}; the outputs have "
+                f"{list(outputs.shape)}, and it must be theirs (dL/doutputs)",
+                loc=("grad_outputs",),
+            )
+        if outputs.requires_grad:
+            torch.autograd.backward(outputs, grad_outputs.to(outputs.dtype))
+    grads = {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in trainable.items()
+    }
+    _check_finite("outputs", outputs)
+    for name, g in grads.items():
+        _check_finite(f"the gradient of {name}", g)
+    norm = _total_norm(list(grads.values()), outputs.dtype)
+    return Result(outputs=outputs.detach(), grads=grads, grad_norm=norm)
+
+
+def accumulated(before: state.Accumulator | None, result: Result) -> state.Accumulator:
+    """``before`` with ``result``'s gradients (and loss, if it has one) added. The first
+    batch's gradients are taken as they are, not added to zeros: an apply of one batch is
+    then exactly a step. NonFinite if a sum overflows."""
+    assert result.grads is not None
+    before = before or state.Accumulator()
+    if before.count == 0:
+        grads = {n: g.clone() for n, g in result.grads.items()}
+    else:
+        grads = {n: before.grads[n] + g for n, g in result.grads.items()}
+    for name, g in grads.items():
+        if not bool(torch.isfinite(g).all()):
+            raise NonFinite(
+                f"the accumulated gradient of {name} is not finite (NaN or Infinity): the sum "
+                "overflowed. Apply more often, or scale the inputs or targets down"
+            )
+    loss_sum, losses = before.loss_sum, before.losses
+    if result.loss is not None:
+        loss_sum, losses = loss_sum + result.loss.item(), losses + 1
+        if not math.isfinite(loss_sum):
+            raise NonFinite("the accumulated loss is not finite: apply more often")
+    return state.Accumulator(grads, before.count + 1, loss_sum, losses)
+
+
+def apply(
+    model: models.Model,
+    optimizer: torch.optim.Optimizer,
+    accumulator: state.Accumulator,
+    scale: float = 1.0,
+    clip_grad_norm: float | None = None,
+) -> Result:
+    """One optimizer update with ``scale`` times the accumulated gradients (clipped after
+    scaling): the result's ``grads`` are those scaled sums, ``grad_norm`` their norm before
+    clipping, ``loss`` the mean of the accumulated losses (None if none), ``params`` after.
+    NonFinite (nothing changed) if the scaled sum or the update is not finite."""
+    trainable = model.trainable()
+    grads = {
+        n: accumulator.grads[n].clone() if scale == 1 else accumulator.grads[n] * scale
+        for n in trainable
+    }
+    for name, g in grads.items():
+        if not bool(torch.isfinite(g).all()):
+            raise NonFinite(f"scale times the accumulated gradient of {name} is not finite")
+    for n, p in trainable.items():
+        p.grad = grads[n].clone()
+    dtype = next(iter(trainable.values())).dtype if trainable else torch.float32
+    norm = _total_norm(list(grads.values()), dtype)
+    params = update(model, optimizer, clip_grad_norm)
+    loss = None
+    if accumulator.losses:
+        loss = torch.tensor(accumulator.loss_sum / accumulator.losses, dtype=torch.float64)
+    outputs = torch.zeros(0)
+    return Result(outputs=outputs, loss=loss, grads=grads, grad_norm=norm, params=params)
 
 
 def check_update(
@@ -162,8 +255,8 @@ def check_update(
                 f"the updated {name} is not finite (NaN or Infinity): JSON cannot carry it. "
                 "The update overflowed: a smaller learning rate (lr) usually fixes it"
             )
-    for name, state in slots.items():
-        for key, value in state.items():
+    for name, slot in slots.items():
+        for key, value in slot.items():
             if key == optimizers.COUNT or not isinstance(value, torch.Tensor):
                 continue
             if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):

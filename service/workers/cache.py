@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.engine import models, schedulers, specs
+from service.engine import models, schedulers, specs, state
 
 SessionKey = tuple[str, str]
 """(owner, session id)"""
@@ -30,6 +30,8 @@ class Built:
     model: models.Model
     optimizer: torch.optim.Optimizer
     scheduler: schedulers.Scheduler | None = None
+    accumulator: state.Accumulator | None = None
+    """gradients accumulated since the last apply, at this version (``state.Accumulator``)"""
 
 
 class BuiltCache:

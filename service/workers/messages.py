@@ -110,6 +110,28 @@ class Run(Message[Answer]):
 
 
 @dataclass(frozen=True)
+class Accumulate(Message[Answer]):
+    """A batch's gradients into the session's accumulator; run alone, never batched."""
+
+    owner: str
+    session_id: str
+    body: specs.SessionAccumulateRequest
+    idem: Idem | None
+    if_match: str | None
+
+
+@dataclass(frozen=True)
+class Apply(Message[Answer]):
+    """One optimizer step with the session's accumulated gradients; run alone."""
+
+    owner: str
+    session_id: str
+    body: specs.SessionApplyRequest
+    idem: Idem | None
+    if_match: str | None
+
+
+@dataclass(frozen=True)
 class RunMany(Message[list[Answer | GradsvcError]]):
     """Steps on sessions that share one worker, sent as one (``POST /v1/sessions/step``);
     each is answered on its own, in order."""
@@ -148,6 +170,8 @@ Request = (
     | History
     | Checkpoint
     | Run
+    | Accumulate
+    | Apply
     | RunMany
     | Train
     | Ping

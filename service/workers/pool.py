@@ -158,6 +158,27 @@ class WorkerPool:
     async def run(self, job: RunJob) -> Answer:
         return await self._call(job.owner, m.Run(job), job.session_id)
 
+    async def accumulate(
+        self,
+        owner: str,
+        session_id: str,
+        body: specs.SessionAccumulateRequest,
+        idem: Idem | None,
+        if_match: str | None,
+    ) -> Answer:
+        message = m.Accumulate(owner, session_id, body, idem, if_match)
+        return await self._call(owner, message, session_id)
+
+    async def apply(
+        self,
+        owner: str,
+        session_id: str,
+        body: specs.SessionApplyRequest,
+        idem: Idem | None,
+        if_match: str | None,
+    ) -> Answer:
+        return await self._call(owner, m.Apply(owner, session_id, body, idem, if_match), session_id)
+
     async def step_many(self, jobs: Sequence[RunJob]) -> list[Answer | GradsvcError]:
         """Many sessions' steps, answered in the order given: one ``RunMany`` to each worker
         that owns some of the sessions, all sent at once. A worker that fails (a full queue,

@@ -285,7 +285,7 @@ class Pass:
         now = time.time()
         new = replace(
             record,
-            state=state.dump(built.model, built.optimizer, {}, built.scheduler),
+            state=state.dump(built.model, built.optimizer, {}, built.scheduler, built.accumulator),
             step=record.step + 1,
             updated_at=now,
         )

@@ -38,7 +38,7 @@ from service.store import (
     SessionRecord,
     SessionStore,
 )
-from service.workers import devices, quotas, rounds
+from service.workers import devices, quotas, rounds, verbs
 from service.workers.cache import Built, BuiltCache, SessionKey
 from service.workers.idempotent import replay
 from service.workers.jobs import Answer, Idem, RunJob, etag, iso
@@ -103,9 +103,12 @@ class Sessions:
 
     def _build(
         self, spec: specs.SessionSpec, data: bytes | None = None, *, scheduled: bool = True
-    ) -> tuple[models.Model, torch.optim.Optimizer, schedulers.Scheduler | None]:
-        """The session built, from ``data`` if given; with ``scheduled`` false the
-        scheduler starts at its step 0 rather than where ``data`` left it (a new one)."""
+    ) -> tuple[
+        models.Model, torch.optim.Optimizer, schedulers.Scheduler | None, state.Accumulator | None
+    ]:
+        """The session built, from ``data`` if given, with its accumulator; with
+        ``scheduled`` false the scheduler starts at its step 0 rather than where ``data``
+        left it (a new one)."""
         if (
             spec.device.startswith("cuda")
             and spec.device.partition(":")[2]
@@ -120,7 +123,8 @@ class Sessions:
         scheduler = schedulers.build(spec.scheduler, optimizer)
         if scheduler is not None and scheduled and state.SCHEDULER in metadata:
             schedulers.load(scheduler, optimizer, metadata[state.SCHEDULER])
-        return model, optimizer, scheduler
+        accumulator = state.accumulator(model, data) if data is not None else None
+        return model, optimizer, scheduler, accumulator
 
     def fetch(self, owner: str, session_id: str) -> SessionRecord:
         """The owner's session, or NotFound (another owner's is not found either)."""
@@ -216,7 +220,7 @@ class Sessions:
         if (estimate := budget.created(spec, self.limits)) is not None:  # before building anything
             budget.check(estimate, self.limits, "this session")
             budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
-        model, optimizer, scheduler = self._build(spec)
+        model, optimizer, scheduler, _ = self._build(spec)
         data = state.dump(model, optimizer, {}, scheduler)
         return self._insert(owner, session_id, spec, request.name, 0, data, idem)
 
@@ -237,8 +241,8 @@ class Sessions:
         if (estimate := budget.restored(spec, data, self.limits)) is not None:
             budget.check(estimate, self.limits, "restoring this checkpoint")
             budget.check_answer(estimate.answer, self.limits, CREATE_HINT, at_most=True)
-        model, optimizer, scheduler = self._build(spec, data)
-        dumped = state.dump(model, optimizer, {}, scheduler)
+        model, optimizer, scheduler, accumulator = self._build(spec, data)
+        dumped = state.dump(model, optimizer, {}, scheduler, accumulator)
         return self._insert(owner, session_id, spec, meta.name, meta.step, dumped, idem)
 
     def _device(self, requested: str) -> str:
@@ -348,6 +352,32 @@ class Sessions:
             budget.check_answer(whole.answer, self.limits, BULK_HINT, at_most=True)
         return rounds.run_many(self, jobs, watcher, read=read)
 
+    def accumulate(
+        self,
+        owner: str,
+        session_id: str,
+        request: specs.SessionAccumulateRequest,
+        idem: Idem | None,
+        if_match: str | None,
+        deadline: float = float("inf"),
+    ) -> Answer:
+        """POST /v1/sessions/{id}/accumulate (``verbs``)."""
+        verb = verbs.accumulating(self, request)
+        return verbs.run(self, owner, session_id, verb, idem, if_match, deadline)
+
+    def apply(
+        self,
+        owner: str,
+        session_id: str,
+        request: specs.SessionApplyRequest,
+        idem: Idem | None,
+        if_match: str | None,
+        deadline: float = float("inf"),
+    ) -> Answer:
+        """POST /v1/sessions/{id}/apply (``verbs``)."""
+        verb = verbs.applying(request)
+        return verbs.run(self, owner, session_id, verb, idem, if_match, deadline)
+
     # -- the cache of built sessions --------------------------------------------------------
 
     def load(self, record: SessionRecord) -> Built:
@@ -371,8 +401,8 @@ class Sessions:
         """The session built anew from ``record``'s bytes (committed, or staged by a chain
         whose model a failed step may have changed), bypassing the cache."""
         spec = self._spec(record)
-        model, optimizer, scheduler = self._build(spec, record.state)
-        return Built(record.version, spec, model, optimizer, scheduler)
+        model, optimizer, scheduler, accumulator = self._build(spec, record.state)
+        return Built(record.version, spec, model, optimizer, scheduler, accumulator)
 
     def delete(self, owner: str, session_id: str) -> None:
         for _ in range(MAX_ATTEMPTS):
@@ -413,14 +443,16 @@ class Sessions:
                 )
             if replaced:
                 spec = spec.model_copy(update={"scheduler": patch.scheduler})
-            model, optimizer, scheduler = self._build(spec, record.state, scheduled=not replaced)
+            model, optimizer, scheduler, accumulator = self._build(
+                spec, record.state, scheduled=not replaced
+            )
             if patch.params is not None:
                 _set_params(model, patch.params, self.limits)
             new = replace(
                 record,
                 name=patch.name if "name" in patch.model_fields_set else record.name,
                 spec=spec.model_dump_json(exclude_defaults=True),
-                state=state.dump(model, optimizer, {}, scheduler),
+                state=state.dump(model, optimizer, {}, scheduler, accumulator),
                 updated_at=time.time(),
             )
             committed = replace(new, version=record.version + 1)

@@ -41,7 +41,7 @@ HEARTBEAT_SECONDS = 2.0
 """How often a worker tells its pool what it did that answered no request (a training job's
 steps) and what it holds now (jobs running, device memory): ``Reply`` 0 with no value. It
 also does as soon as it takes up or ends a training job."""
-WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train)
+WRITES = (m.Create, m.Restore, m.Patch, m.Delete, m.Train, m.Accumulate, m.Apply)
 """Operations that may change the store as they run: a lost worker's pool never runs them
 again, as it cannot know they did not. (An answer kept under an Idempotency-Key is no
 change: running its request again replays it.)"""
@@ -373,6 +373,12 @@ class Worker:
                 return sessions.checkpoint(owner, session_id)
             case m.Run(job):
                 return sessions.run(job)
+            case m.Accumulate(owner, session_id, body, idem, if_match):
+                deadline = bulk.job.deadline
+                return sessions.accumulate(owner, session_id, body, idem, if_match, deadline)
+            case m.Apply(owner, session_id, body, idem, if_match):
+                deadline = bulk.job.deadline
+                return sessions.apply(owner, session_id, body, idem, if_match, deadline)
             case m.RunMany(jobs):  # many sessions' steps in one request: POST /v1/sessions/step
                 jobs = tuple(replace(job, deadline=bulk.job.deadline) for job in jobs)
                 return sessions.step_many(jobs, bulk)

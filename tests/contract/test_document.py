@@ -40,6 +40,8 @@ OPERATION_IDS = {
     ("delete", "/v1/sessions/{session_id}"): "deleteSession",
     ("post", "/v1/sessions/{session_id}/step"): "stepSession",
     ("post", "/v1/sessions/{session_id}/gradients"): "sessionGradients",
+    ("post", "/v1/sessions/{session_id}/accumulate"): "accumulateSession",
+    ("post", "/v1/sessions/{session_id}/apply"): "applySession",
     ("post", "/v1/sessions/{session_id}/forward"): "sessionForward",
     ("get", "/v1/sessions/{session_id}/history"): "getHistory",
     ("get", "/v1/sessions/{session_id}/checkpoint"): "getCheckpoint",

@@ -104,6 +104,8 @@ def test_another_keys_session_does_not_exist(keyed: TestClient) -> None:
         ("POST", f"/v1/sessions/{sid}/step", batch),
         ("POST", f"/v1/sessions/{sid}/gradients", batch),
         ("POST", f"/v1/sessions/{sid}/forward", {"batch": {"x": 1}}),
+        ("POST", f"/v1/sessions/{sid}/accumulate", batch),
+        ("POST", f"/v1/sessions/{sid}/apply", {}),
         ("GET", f"/v1/sessions/{sid}/history", None),
         ("GET", f"/v1/sessions/{sid}/checkpoint", None),
         ("POST", f"/v1/sessions/{sid}/train", TRAIN),

@@ -36,6 +36,8 @@ from gradsvc_client.errors import (
     UnavailableError,
 )
 from gradsvc_client.results import (
+    Accumulated,
+    Applied,
     BatchItem,
     Gradients,
     Health,
@@ -109,10 +111,12 @@ __all__ = [
     "GRU",
     "LSTM",
     "SGD",
+    "Accumulated",
     "Adagrad",
     "Adam",
     "AdamW",
     "ApiError",
+    "Applied",
     "AsyncClient",
     "AuthenticationError",
     "AvgPool1d",

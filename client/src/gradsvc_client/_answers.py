@@ -14,6 +14,8 @@ import httpx
 
 from gradsvc_client.errors import error_from_problem
 from gradsvc_client.results import (
+    Accumulated,
+    Applied,
     Gradients,
     Health,
     HistoryItem,
@@ -166,6 +168,32 @@ class Answers(Generic[T]):
             params=self.tensors(data["params"]),
             step=data.get("step"),
             lr=data.get("lr"),
+            replayed=_replayed(response),
+            etag=response.headers.get("etag"),
+        )
+
+    def accumulated(self, response: httpx.Response) -> Accumulated[T]:
+        data = body(response)
+        return Accumulated(
+            loss=float(data["loss"]),
+            grads=self.tensors(data["grads"]),
+            grad_norm=float(data["grad_norm"]),
+            outputs=self.decode(data["outputs"]),
+            accumulated=int(data["accumulated"]),
+            replayed=_replayed(response),
+            etag=response.headers.get("etag"),
+        )
+
+    def applied(self, response: httpx.Response) -> Applied[T]:
+        data = body(response)
+        return Applied(
+            step=int(data["step"]),
+            lr=float(data["lr"]),
+            applied=int(data["applied"]),
+            loss=float(data["loss"]),
+            grads=self.tensors(data["grads"]),
+            grad_norm=float(data["grad_norm"]),
+            params=self.tensors(data["params"]),
             replayed=_replayed(response),
             etag=response.headers.get("etag"),
         )

@@ -26,6 +26,8 @@ from gradsvc_client import _answers
 from gradsvc_client._answers import Answers, Page
 from gradsvc_client.errors import NetworkError, QuotaExceededError, error_from_response
 from gradsvc_client.results import (
+    Accumulated,
+    Applied,
     BatchItem,
     Gradients,
     Health,
@@ -286,6 +288,37 @@ class Core(Generic[T]):
     ) -> Call[StepResult[T]]:
         path, body = self._session_batch(session, x, y, explain)
         call = self._post(path + "/step", body, self.answers.step, idempotency_key)
+        call.headers.update(self._if_match(if_match))
+        return call
+
+    def accumulate(
+        self,
+        session: SessionRef,
+        x: Any,
+        y: Any,
+        if_match: str | Session[Any] | None,
+        idempotency_key: str | None,
+    ) -> Call[Accumulated[T]]:
+        path, body = self._session_batch(session, x, y, False)
+        call = self._post(path + "/accumulate", body, self.answers.accumulated, idempotency_key)
+        call.headers.update(self._if_match(if_match))
+        return call
+
+    def apply(
+        self,
+        session: SessionRef,
+        scale: float | None,
+        if_match: str | Session[Any] | None,
+        idempotency_key: str | None,
+    ) -> Call[Applied[T]]:
+        sid = _sid(session)
+        body: dict[str, Any] = {
+            "encoding": self._encoding(_Encoder(self.threshold), self.answers.sizes.get(sid, 0))
+        }
+        if scale is not None:
+            body["scale"] = scale
+        path = f"/v1/sessions/{_seg(sid)}/apply"
+        call = self._post(path, body, self.answers.applied, idempotency_key)
         call.headers.update(self._if_match(if_match))
         return call
 

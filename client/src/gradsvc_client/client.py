@@ -15,6 +15,8 @@ from gradsvc_client._core import DEFAULT_URL, Call, Core, Encoding, SessionRef, 
 from gradsvc_client.errors import ClientError
 from gradsvc_client.events import EventStream
 from gradsvc_client.results import (
+    Accumulated,
+    Applied,
     BatchItem,
     Gradients,
     Health,
@@ -426,6 +428,65 @@ class Client(Generic[T]):
         """
         call = self._core.session_step(session, x, y, explain, if_match, idempotency_key)
         return self._send(call)
+
+    def accumulate(
+        self,
+        session: SessionRef,
+        x: BatchInput,
+        y: TensorLike,
+        *,
+        if_match: str | Session[Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Accumulated[T]:
+        """``POST /v1/sessions/{id}/accumulate``: this batch's gradients added to the
+        session's accumulator, exactly once however often it is retried; the parameters
+        and step do not move until ``apply``.
+
+        Args:
+            session: A session id or ``Session``.
+            x: The inputs.
+            y: The targets.
+            if_match: An ETag or ``Session``: 412 if the session has moved on.
+            idempotency_key: This call's key (a fresh one by default).
+
+        Returns:
+            The ``Accumulated``: this batch's gradients and how many batches are held.
+
+        Raises:
+            PreconditionFailedError: ``if_match`` is stale.
+            ApiError: The service's other problems (``non-finite``: nothing changed).
+            NetworkError: No answer after every retry.
+        """
+        return self._send(self._core.accumulate(session, x, y, if_match, idempotency_key))
+
+    def apply(
+        self,
+        session: SessionRef,
+        *,
+        scale: float | None = None,
+        if_match: str | Session[Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied[T]:
+        """``POST /v1/sessions/{id}/apply``: one optimizer step with ``scale`` times the
+        sum of the accumulated gradients (1/k: their mean over k batches); the accumulator
+        is then empty. Exactly once however often it is retried.
+
+        Args:
+            session: A session id or ``Session``.
+            scale: The sum's factor (the service's default is 1).
+            if_match: An ETag or ``Session``: 412 if the session has moved on.
+            idempotency_key: This call's key (a fresh one by default).
+
+        Returns:
+            The ``Applied``: the step, the gradients it used, the parameters after it.
+
+        Raises:
+            ConflictError: ``nothing-accumulated``: accumulate first.
+            PreconditionFailedError: ``if_match`` is stale.
+            ApiError: The service's other problems (``non-finite``: nothing changed).
+            NetworkError: No answer after every retry.
+        """
+        return self._send(self._core.apply(session, scale, if_match, idempotency_key))
 
     def session_gradients(
         self, session: SessionRef, x: BatchInput, y: TensorLike, *, explain: bool = False

@@ -106,6 +106,48 @@ class StepResult(Gradients[T]):
 
 
 @dataclass(frozen=True)
+class Accumulated(Gradients[T]):
+    """An accumulate's answer: this batch's gradients, now in the session's accumulator.
+
+    Attributes:
+        accumulated: Batches accumulated since the last apply, this one included.
+        replayed: True when the service answered from the call's Idempotency-Key.
+        etag: The session's new ETag, for ``if_match``.
+    """
+
+    accumulated: int = 0
+    replayed: bool = False
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Applied(Generic[T]):
+    """An apply's answer: one optimizer step with the accumulated gradients.
+
+    Attributes:
+        step: The session's step after it.
+        lr: The learning rate the session's next step uses.
+        applied: How many accumulated batches the step used.
+        loss: The mean of their losses.
+        grads: ``scale`` times their summed gradients: what the step used.
+        grad_norm: Those gradients' total 2-norm, before any clipping.
+        params: Every parameter after the update.
+        replayed: True when the service answered from the call's Idempotency-Key.
+        etag: The session's new ETag, for ``if_match``.
+    """
+
+    step: int
+    lr: float
+    applied: int
+    loss: float
+    grads: dict[str, T]
+    grad_norm: float
+    params: dict[str, T]
+    replayed: bool = False
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
 class Session(Generic[T]):
     """A session as the service had it when this was fetched; ``refresh()`` fetches it again.
 

@@ -392,6 +392,72 @@ async def step(
     return await call("step", session_id, body, if_match)
 
 
+AccumulateBody = Annotated[
+    specs.SessionAccumulateRequest, Body(openapi_examples=schemas.SESSION_ACCUMULATE_EXAMPLES)
+]
+ApplyBody = Annotated[
+    specs.SessionApplyRequest, Body(openapi_examples=schemas.SESSION_APPLY_EXAMPLES)
+]
+
+
+@router.post(
+    "/{session_id}/accumulate",
+    response_model=schemas.AccumulateResponse,
+    response_model_exclude_none=True,
+    responses=COMMON,
+    operation_id="accumulateSession",
+    summary="Add a batch's gradients to the session's accumulator, committed",
+    description=(
+        "Forward, loss and backward; the gradients join the session's accumulator (kept with "
+        "its state, in its checkpoint), committed as a new version before the answer. The "
+        "parameters, optimizer and step do not move and no history row is written: `apply` "
+        "steps. Answers this batch's `loss`, `grads`, `outputs` and `accumulated`. Exactly "
+        "once with an `Idempotency-Key`; `If-Match` makes it conditional (412)."
+    ),
+)
+async def accumulate(
+    session_id: SessionId,
+    body: AccumulateBody,
+    owner: PrincipalDep,
+    idem: IdemDep,
+    pool: PoolDep,
+    inflight: InFlightDep,
+    if_match: IfMatchDep,
+) -> Response:
+    async with inflight.hold(idem):
+        answer = await pool.accumulate(owner, checked(session_id), body, idem, if_match)
+    return respond(answer)
+
+
+@router.post(
+    "/{session_id}/apply",
+    response_model=schemas.ApplyResponse,
+    response_model_exclude_none=True,
+    responses=COMMON,
+    operation_id="applySession",
+    summary="One optimizer step with the accumulated gradients, committed",
+    description=(
+        "One optimizer step with `scale` (default 1; 1/k gives the mean of k batches) times "
+        "the sum of the gradients accumulated since the last apply, clipped after scaling; "
+        "the accumulator is then empty. `step` + 1 and one history row (loss: the mean of "
+        "the accumulated losses); the scheduler steps. 409 `nothing-accumulated` when "
+        "nothing is. A `/step` is exactly an accumulate and an apply of one batch."
+    ),
+)
+async def apply(
+    session_id: SessionId,
+    body: ApplyBody,
+    owner: PrincipalDep,
+    idem: IdemDep,
+    pool: PoolDep,
+    inflight: InFlightDep,
+    if_match: IfMatchDep,
+) -> Response:
+    async with inflight.hold(idem):
+        answer = await pool.apply(owner, checked(session_id), body, idem, if_match)
+    return respond(answer)
+
+
 @router.post(
     "/{session_id}/gradients",
     response_model=schemas.QuantitiesResponse,
