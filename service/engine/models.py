@@ -265,7 +265,8 @@ class Model:
         return self.module(x, tracer)  # type: ignore[no-any-return]
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.in_features is not None
+        if self.in_features is None:  # no linear layer first: x is taken as it is
+            return x
         if self.in_features == 1 and (x.ndim == 0 or x.shape[-1] != 1):
             x = x.unsqueeze(-1)
         if x.shape[-1] != self.in_features:

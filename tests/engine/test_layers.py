@@ -335,3 +335,67 @@ def test_the_estimate_bounds_the_measured_peak(
     assert isinstance(estimate, budget.Estimate)
     assert estimate.tensors >= measured
     assert estimate.answer >= answer
+
+
+def test_per_sample_gradients_of_shaped_models_equal_one_sample_at_a_time() -> None:
+    gru = {"type": "gru", "input_size": 2, "hidden_size": 3}
+    for layers, x in (
+        (
+            [{**CONV, "in_channels": 1, "kernel_size": 2}, {"type": "flatten"}],
+            torch.randn(3, 1, 3, 3),
+        ),
+        (
+            [{"type": "embedding", "num_embeddings": 5, "embedding_dim": 2}, gru, {"type": "last"}],
+            torch.randint(0, 5, (3, 4)),
+        ),
+    ):
+        spec = {"type": "sequential", "dtype": "float64", "layers": layers}
+        model = models.build(MODEL.validate_python(spec))
+        y = torch.randn(model.forward(model.decode_inputs(x)).shape, dtype=torch.float64)
+        wanted = specs.Quantities(quantities=["per_sample_grads"])
+        result = step.compute(
+            "gradients", model, model.decode_inputs(x), y, loss="mse", wanted=wanted
+        )
+        assert result.quantities is not None
+        for n in range(3):
+            model.module.zero_grad()
+            out = model.module(model.decode_inputs(x[n : n + 1])["x"])
+            (F.mse_loss(out, y[n : n + 1], reduction="sum") / y.numel()).backward()
+            for name, param in model.named_parameters().items():
+                got = result.quantities["per_sample_grads"][name][n]
+                torch.testing.assert_close(got, param.grad, atol=1e-10, rtol=0)
+
+
+def test_the_clients_layer_builders_are_accepted_as_they_send_them() -> None:
+    from gradsvc_client import specs as client
+
+    sent = [
+        client.Conv1d(
+            2,
+            4,
+            3,
+            stride=1,
+            padding="same",
+            dilation=1,
+            groups=2,
+            bias=False,
+            padding_mode="circular",
+        ),
+        client.Conv2d(4, 2, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 1), groups=1),
+        client.MaxPool1d(2, stride=1, padding=1, dilation=1, ceil_mode=True),
+        client.MaxPool2d((2, 2), stride=(2, 1), padding=0, dilation=1, ceil_mode=False),
+        client.AvgPool1d(2, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        client.AvgPool2d(2, stride=None, padding=(1, 0), ceil_mode=False, count_include_pad=True),
+        client.Flatten(start_dim=1, end_dim=-1),
+        client.Embedding(10, 4, padding_idx=0),
+        client.LSTM(4, 8, num_layers=2, bias=True, dropout=0.1, bidirectional=True),
+        client.GRU(16, 3, num_layers=1, bias=False, dropout=0.0, bidirectional=False),
+        client.Last(),
+        client.BatchNorm1d(3, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True),
+    ]
+    for builder in sent:
+        layer = builder.to_json()
+        parsed = MODEL.validate_python({"type": "sequential", "layers": [layer]})
+        assert parsed.layers[0].model_dump(exclude_unset=True) == layer
+        if layer["type"] not in ("embedding", "batch_norm1d"):
+            models.build(parsed)  # torch takes every argument as the client sends it
