@@ -453,7 +453,7 @@ def work(
         return described
     rows = max((s[0] for s in inputs.values() if len(s) >= 1), default=1)
     row_wise = not isinstance(spec, specs.ExpressionModel) and not any(
-        isinstance(layer, specs.DropoutLayer | layers.SHAPED)
+        isinstance(layer, (specs.DropoutLayer, *layers.SHAPED))
         for layer in getattr(spec, "layers", ())
     )
     described = replace(described, quantities=quantities, samples=rows, row_wise=row_wise)

@@ -399,3 +399,22 @@ def test_the_clients_layer_builders_are_accepted_as_they_send_them() -> None:
         assert parsed.layers[0].model_dump(exclude_unset=True) == layer
         if layer["type"] not in ("embedding", "batch_norm1d"):
             models.build(parsed)  # torch takes every argument as the client sends it
+
+
+def test_shaped_models_run_alone_not_in_vmapped_groups() -> None:
+    from service.engine import batching
+
+    for layers in ([CONV], [{"type": "lstm", "input_size": 3, "hidden_size": 2}]):
+        spec = specs.SessionSpec.model_validate(
+            {
+                "model": {"type": "sequential", "layers": layers},
+                "loss": "mse",
+                "optimizer": {"type": "sgd"},
+            }
+        )
+        model = models.build(spec.model)
+        inputs = model.decode_inputs(
+            torch.zeros(2, 3, 4, 4).tolist() if layers == [CONV] else torch.zeros(2, 3, 3).tolist()
+        )
+        entry = batching.Entry(model, None, inputs, None)
+        assert batching.signature("forward", spec, entry, explain=False) is None
