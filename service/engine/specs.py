@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     JsonValue,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -253,6 +254,17 @@ class RecurrentLayer(Spec):
     )
     dropout: Annotated[float, Field(ge=0, le=1)] = 0.0
     bidirectional: bool = False
+
+    @field_validator("batch_first", mode="before")
+    @classmethod
+    def _batch_first(cls, value: Any) -> Any:
+        if value is False:
+            raise PydanticCustomError(
+                "batch_first",
+                "batch_first is always true here: send x as [N, T, input_size] (batch first) "
+                "and leave batch_first out",
+            )
+        return value
 
 
 class LastLayer(Spec):

@@ -284,7 +284,7 @@ def test_bad_layers_and_batches_are_clear_422s(
 
 def test_batch_first_is_always_true() -> None:
     layer = {"type": "lstm", "input_size": 1, "hidden_size": 1, "batch_first": False}
-    with pytest.raises(ValidationError, match="True"):
+    with pytest.raises(ValidationError, match="batch_first is always true here"):
         MODEL.validate_python({"type": "sequential", "layers": [layer]})
 
 
