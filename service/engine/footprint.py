@@ -202,8 +202,9 @@ def _shaped(
     every layer is taken to keep its input and its output for backward (a convolution its
     input for the weight's gradient; a pool its input and the indices of its maxima), and a
     recurrent layer its gates at every time step."""
+    dtype = torch.int64 if layers.embedding_first(spec) else getattr(torch, spec.dtype)
     try:
-        shapes = layers.propagate(spec, x, torch.float32, limits)
+        shapes = layers.propagate(spec, x, dtype, limits)
     except GradsvcError:
         return Computed()  # the real run refuses it before computing anything
     shape, grad = x, False

@@ -418,3 +418,22 @@ def test_shaped_models_run_alone_not_in_vmapped_groups() -> None:
         )
         entry = batching.Entry(model, None, inputs, None)
         assert batching.signature("forward", spec, entry, explain=False) is None
+
+
+def test_the_estimate_of_an_embedding_model_counts_its_layers() -> None:
+    layers = [
+        {"type": "embedding", "num_embeddings": 50, "embedding_dim": 16},
+        {"type": "gru", "input_size": 16, "hidden_size": 32},
+        {"type": "last"},
+    ]
+    rows = [[i % 50 for i in range(30)]] * 16
+    body = {
+        "model": {"type": "sequential", "dtype": "float64", "layers": layers},
+        "loss": "mse",
+        "batch": {
+            "x": {"dtype": "int64", "shape": [16, 30], "data": sum(rows, [])},
+            "y": _wire((16, 32)),
+        },
+    }
+    measured, _, estimate = stateless("gradients", body)
+    assert estimate.tensors >= measured
