@@ -165,8 +165,19 @@ def check(layer: Any, limits: Limits, loc: tuple[str | int, ...]) -> None:
     ]
     if max(widths, default=0) > limits.layer_width:
         raise SpecError(f"{layer.type} is wider than the limit {limits.layer_width}", loc=loc)
+    if isinstance(layer, specs.MaxPoolLayer | specs.AvgPoolLayer):
+        kernel, padding = _each(layer.kernel_size, layer), _each(layer.padding, layer)
+        if any(2 * p > k for k, p in zip(kernel, padding, strict=False)):
+            raise SpecError(
+                f"{layer.type}'s padding is at most half its kernel_size (torch's rule)",
+                loc=(*loc, "padding"),
+            )
     if isinstance(layer, specs.RecurrentLayer) and layer.num_layers > limits.layers:
         raise SpecError(f"num_layers is over the limit {limits.layers}", loc=(*loc, "num_layers"))
+
+
+def _each(value: int | list[int], layer: Any) -> list[int]:
+    return [value] * _dims(layer) if isinstance(value, int) else list(value)
 
 
 def reset(module: nn.Module, generator: torch.Generator) -> None:
@@ -228,9 +239,12 @@ def propagate(
     for i, (layer, module) in enumerate(zip(spec.layers, meta, strict=True)):
         try:
             value = module(value)
-        except (RuntimeError, ValueError, IndexError, ShapeError):
+        except (RuntimeError, ValueError, IndexError, ShapeError) as exc:
+            # torch's reason too: a pool's padding over half its window is the layer's fault
+            reason = str(exc).split("\n", 1)[0][:160]
             raise ShapeError(
-                f"layer {i} ({layer.type}) takes {expects(layer)}; it receives {list(value.shape)}",
+                f"layer {i} ({layer.type}) takes {expects(layer)}; it receives "
+                f"{list(value.shape)} (torch: {reason})",
                 loc=("batch", "x"),
             ) from None
         if value.numel() > limits.activation_elements:

@@ -250,6 +250,7 @@ CONV = {"type": "conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3}
         ([{**CONV, "padding": "same", "stride": 2}], None, SpecError, "padding='same'"),
         ([{**CONV, "kernel_size": [3]}], None, SpecError, "an int or 2 of them"),
         ([{"type": "batch_norm2d", "num_features": 3}], None, SpecError, "not available yet"),
+        ([{"type": "max_pool1d", "kernel_size": 2, "padding": 2}], None, SpecError, "at most half"),
         (
             [{"type": "relu"}, {"type": "embedding", "num_embeddings": 4, "embedding_dim": 2}],
             None,
