@@ -86,7 +86,7 @@ def _layout(model: models.Model) -> _Layout | None:
     if known is not _UNKNOWN:
         return cast(_Layout | None, known)
     layout = None
-    if not model.has_dropout and model.dtype in _EXACT:
+    if model.batchable and model.dtype in _EXACT:
         named = model.named_parameters()
         layout = _Layout(
             key=(

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from service.engine import specs
+from service.engine import layers, specs
 from service.engine.footprint import (
     Computed,
     ModelSpec,
@@ -453,7 +453,8 @@ def work(
         return described
     rows = max((s[0] for s in inputs.values() if len(s) >= 1), default=1)
     row_wise = not isinstance(spec, specs.ExpressionModel) and not any(
-        isinstance(layer, specs.DropoutLayer) for layer in getattr(spec, "layers", ())
+        isinstance(layer, (specs.DropoutLayer, *layers.SHAPED))
+        for layer in getattr(spec, "layers", ())
     )
     described = replace(described, quantities=quantities, samples=rows, row_wise=row_wise)
     extra = quantities_answer(described, seen.outputs, b64)

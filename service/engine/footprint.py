@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine import specs
+from service.engine import layers, specs
 from service.engine.expression import Expression, Node, parse
 from service.engine.limits import Limits
 from service.errors import GradsvcError
@@ -134,6 +134,11 @@ def param_shapes(spec: ModelSpec) -> dict[str, Shape] | None:
         return shapes
     if isinstance(spec, specs.LinearModel):
         return _linear_params(spec, "")
+    if layers.is_shaped(spec):
+        try:
+            return layers.parameter_shapes(spec)
+        except GradsvcError:  # building it says what is wrong
+            return None
     shapes = {}
     for i, layer in enumerate(spec.layers):
         if isinstance(layer, specs.LinearLayer):
@@ -179,7 +184,57 @@ def computed(
         return Computed()
     if isinstance(spec, specs.LinearModel):
         return _layers([spec], x, trainable, limits, train, flat=True)
+    if layers.is_shaped(spec):
+        return _shaped(spec, x, trainable, limits, train)
     return _layers(list(spec.layers), x, trainable, limits, train)
+
+
+SHAPED_SAVES = {"lstm": 16, "gru": 12}
+"""Per time step, row and hidden unit of one layer and direction, the elements an LSTM's
+(GRU's) derivative keeps on the CPU: each step's gates (4, 3), their activations, the cell
+and hidden states and the products between them, as torch's unfused cell saves them."""
+
+
+def _shaped(
+    spec: specs.SequentialModel, x: Shape, trainable: set[str], limits: Limits, train: bool
+) -> Computed:
+    """A model with shaped layers, its shapes propagated on the meta device; an upper bound:
+    every layer is taken to keep its input and its output for backward (a convolution its
+    input for the weight's gradient; a pool its input and the indices of its maxima), and a
+    recurrent layer its gates at every time step."""
+    dtype = torch.int64 if layers.embedding_first(spec) else getattr(torch, spec.dtype)
+    try:
+        shapes = layers.propagate(spec, x, dtype, limits)
+    except GradsvcError:
+        return Computed()  # the real run refuses it before computing anything
+    shape, grad = x, False
+    kept = saved = backward = live = masks = 0
+    for i, (layer, out) in enumerate(zip(spec.layers, shapes, strict=True)):
+        before = count(shape) if i else 0
+        numel = count(out)
+        grad = grad or any(n.startswith(f"{i}.") for n in trainable)
+        extra = 0
+        if isinstance(layer, specs.RecurrentLayer):
+            steps = count(shape[:-1])  # rows × time steps
+            directions = 2 if layer.bidirectional else 1
+            extra = (
+                SHAPED_SAVES[layer.type] * steps * layer.hidden_size * directions * layer.num_layers
+            )
+        elif isinstance(layer, specs.EmbeddingLayer):
+            extra = 4 * count(shape)  # the int64 indices, as wide as 4 float16 elements
+        elif isinstance(layer, specs.MaxPoolLayer):
+            extra = 2 * numel  # int64 indices, counted in elements as wide as float32
+        if isinstance(layer, specs.DropoutLayer) and train:
+            masks += numel
+        if grad:
+            saved += before + numel + extra
+            backward = max(backward, 3 * max(numel, before) + extra)
+        kept = max(kept, saved + before + numel + extra)
+        live = max(live, before + numel + extra)
+        shape = out
+    return Computed(
+        kept=kept, saved=saved, backward=backward, live=live, masks=masks, outputs=shape
+    )
 
 
 class _Stop(Exception):

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from service.engine import hints, specs
+from service.engine import hints, layers, specs
 from service.engine.expression import Expression, Node, parse
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import DTYPES, decode, is_tensor_form
@@ -128,6 +128,10 @@ _LAYER_OPS: dict[type[nn.Module], str] = {
     nn.Softmax: "softmax",
     nn.LayerNorm: "layer_norm",
     nn.Dropout: "dropout",
+    nn.MaxPool1d: "max_pool1d",
+    nn.MaxPool2d: "max_pool2d",
+    nn.AvgPool1d: "avg_pool1d",
+    nn.AvgPool2d: "avg_pool2d",
 }
 
 
@@ -144,10 +148,24 @@ class Model:
     """The most features any layer computes per row."""
     limits: Limits = DEFAULT_LIMITS
     device: torch.device = torch.device("cpu")
+    shaped: bool = False
+    """Whether it has convolutions, pools, recurrent layers...: its shapes are propagated."""
+    embedding: specs.EmbeddingLayer | None = None
+    """The first layer when it is an embedding: x is then int64 indices."""
 
     @property
     def has_dropout(self) -> bool:
-        return any(isinstance(m, nn.Dropout) for m in self.module.modules())
+        return any(
+            isinstance(m, nn.Dropout) or (isinstance(m, nn.RNNBase) and m.dropout > 0)
+            for m in self.module.modules()
+        )
+
+    @property
+    def batchable(self) -> bool:
+        """Whether sessions of this model may share one vmapped call: not with dropout (each
+        session draws its own masks), nor with shaped layers (kept out until vmap over them is
+        shown exact here)."""
+        return not self.has_dropout and not self.shaped
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.module.named_parameters())
@@ -188,9 +206,18 @@ class Model:
                 others = [n for n in self.inputs if n != "x"]
                 named = f"{hints.unsupplied(others)}; {named}"
             raise ShapeError(f"{named}: give x as an object {{name: tensor}}", loc=("batch", "x"))
-        return self._placed(
-            _check_batch({self.inputs[0]: _decode_at(x, self.dtype, limits, "batch", "x")}, limits)
-        )
+        dtype = self.dtype if self.embedding is None else torch.int64
+        try:
+            decoded = _decode_at(x, dtype, limits, "batch", "x")
+        except TensorError as exc:
+            if self.embedding is None:
+                raise
+            raise TensorError(
+                f"{exc.detail}; the model's first layer is an embedding: x holds int64 indices "
+                f"in [0, {self.embedding.num_embeddings})",
+                loc=exc.loc,
+            ) from None
+        return self._placed(_check_batch({self.inputs[0]: decoded}, limits))
 
     def _placed(self, inputs: Inputs) -> Inputs:
         if self.device.type == "cpu":
@@ -225,6 +252,12 @@ class Model:
                 tracer.refit(out)
             return out
         x = inputs["x"]
+        if self.shaped:
+            assert isinstance(self.spec, specs.SequentialModel)
+            if self.embedding is not None:
+                layers.check_indices(x, self.embedding)
+            layers.propagate(self.spec, tuple(x.shape), x.dtype, self.limits)
+            return self.module(x, tracer)  # type: ignore[no-any-return]
         if self.in_features is not None:
             x = self._features(x)
         rows = x.numel() // max(1, x.shape[-1]) if x.ndim else 1
@@ -232,7 +265,8 @@ class Model:
         return self.module(x, tracer)  # type: ignore[no-any-return]
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.in_features is not None
+        if self.in_features is None:  # no linear layer first: x is taken as it is
+            return x
         if self.in_features == 1 and (x.ndim == 0 or x.shape[-1] != 1):
             x = x.unsqueeze(-1)
         if x.shape[-1] != self.in_features:
@@ -346,10 +380,21 @@ def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
     if len(spec.layers) > limits.layers:
         raise SpecError(f"{len(spec.layers)} layers; the limit is {limits.layers}", loc=("layers",))
     dtype = DTYPES[spec.dtype]
+    layers.check_embedding(spec)
     total, width, modules = 0, None, []
     in_features = None
+    opaque = False  # a shaped layer came before: the first linear's width is not x's
     for i, layer in enumerate(spec.layers):
         loc = ("layers", i)
+        if isinstance(layer, layers.SHAPED):
+            layers.check(layer, limits, loc)
+            meta = layers.make(layer, dtype, loc, "meta")
+            total += sum(p.numel() for p in meta.parameters())
+            _check_model_size(total, limits)  # before allocating it
+            width = _shaped_width(layer, width, loc)
+            opaque = True
+            modules.append(meta.to_empty(device="cpu"))
+            continue
         if isinstance(layer, specs.LinearLayer):
             _check_width(layer.in_features, layer.out_features, limits, loc)
             if width is not None and layer.in_features != width:
@@ -357,9 +402,8 @@ def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
                     f"layer {i} takes {layer.in_features} features but receives {width}",
                     loc=(*loc, "in_features"),
                 )
-            in_features = (
-                layer.in_features if in_features is None and width is None else in_features
-            )
+            if in_features is None and width is None and not opaque:
+                in_features = layer.in_features
             width = layer.out_features
             total += _linear_size(layer)
         elif isinstance(layer, specs.LayerNormLayer):
@@ -378,16 +422,40 @@ def _build_sequential(spec: specs.SequentialModel, limits: Limits) -> Model:
                 )
             total += 2 * math.prod(shape)
         _check_model_size(total, limits)
-        modules.append(_layer_module(layer, dtype))
+        modules.append(layer_module(layer, dtype, loc))
     module = TracedSequential(*modules)
     generator = torch.Generator().manual_seed(spec.seed)
     for child in module.children():
         _reset(child, generator)
+        layers.reset(child, generator)
     _apply_params(module, spec.params, dtype, generator, limits)
     widths = [w for layer in spec.layers for w in _widths(layer)]
     return Model(
-        spec, module, dtype, ("x",), in_features=in_features, widest=max(widths, default=1)
+        spec,
+        module,
+        dtype,
+        ("x",),
+        in_features=in_features,
+        widest=max(widths, default=1),
+        shaped=layers.is_shaped(spec),
+        embedding=layers.embedding_first(spec),
     )
+
+
+def _shaped_width(layer: Any, width: int | None, loc: tuple[str | int, ...]) -> int | None:
+    """The features per time step after a shaped layer (None: not known from the specs)."""
+    if isinstance(layer, specs.RecurrentLayer):
+        if width is not None and layer.input_size != width:
+            raise SpecError(
+                f"layer {loc[-1]} takes {layer.input_size} features but receives {width}",
+                loc=(*loc, "input_size"),
+            )
+        return layer.hidden_size * (2 if layer.bidirectional else 1)
+    if isinstance(layer, specs.EmbeddingLayer):
+        return layer.embedding_dim
+    if isinstance(layer, specs.LastLayer):
+        return width
+    return None
 
 
 def _uninitialised(cls: type[L], spec: specs.LinearLayer, dtype: torch.dtype) -> L:
@@ -396,8 +464,20 @@ def _uninitialised(cls: type[L], spec: specs.LinearLayer, dtype: torch.dtype) ->
     return layer.to_empty(device="cpu")
 
 
-def _layer_module(layer: Any, dtype: torch.dtype) -> nn.Module:
+def layer_module(
+    layer: Any, dtype: torch.dtype, loc: tuple[str | int, ...] = (), device: str = "cpu"
+) -> nn.Module:
+    """A layer's torch module, on ``device`` ("meta": shapes only), its values not yet drawn.
+
+    Raises:
+        SpecError: torch refuses the layer's arguments (at ``loc``).
+    """
+    if isinstance(layer, layers.SHAPED):
+        module = layers.make(layer, dtype, loc, "meta")
+        return module if device == "meta" else module.to_empty(device=device)
     match layer:
+        case specs.LinearLayer() if device == "meta":
+            return nn.Linear(layer.in_features, layer.out_features, layer.bias, "meta", dtype)
         case specs.LinearLayer():
             return _uninitialised(nn.Linear, layer, dtype)
         case specs.Activation(type="relu"):
@@ -417,6 +497,7 @@ def _layer_module(layer: Any, dtype: torch.dtype) -> nn.Module:
                 elementwise_affine=layer.elementwise_affine,
                 bias=layer.bias,
                 dtype=dtype,
+                device=device,
             )
         case specs.DropoutLayer():
             return nn.Dropout(layer.p)

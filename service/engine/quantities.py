@@ -315,9 +315,10 @@ def _empty(problem: Problem, ndim: int) -> torch.Tensor:
 def _row_wise(problem: Problem) -> bool:
     """Whether sample n's outputs depend on row n of the batch alone, so that each sample
     can be run by itself: no dropout (its mask is drawn for the whole batch), no softmax or
-    layer norm across the batch's dimension, and not an expression (which may mix rows)."""
+    layer norm across the batch's dimension, and not an expression (which may mix rows);
+    nor shaped layers (flatten and last count dimensions from the batch's)."""
     model = problem.model
-    if isinstance(model.module, models.ExpressionModule) or model.has_dropout:
+    if isinstance(model.module, models.ExpressionModule) or model.has_dropout or model.shaped:
         return False
     ndim = problem._features().ndim
     for layer in model.module.modules():

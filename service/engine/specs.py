@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     JsonValue,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -178,8 +179,113 @@ class DropoutLayer(Spec):
     p: Beta = 0.5
 
 
+# Convolutions, pools, embeddings and recurrent layers: torch.nn's arguments and defaults.
+# A size is an int or one per spatial dimension (engine.models checks how many).
+Sizes = PositiveInt | Annotated[list[PositiveInt], Field(min_length=1, max_length=2)]
+Pads = Size | Annotated[list[Size], Field(min_length=1, max_length=2)]
+
+
+class ConvLayer(Spec):
+    type: Literal["conv1d", "conv2d"]
+    in_channels: PositiveInt
+    out_channels: PositiveInt
+    kernel_size: Sizes
+    stride: Sizes = 1
+    padding: Pads | Literal["valid", "same"] = 0
+    dilation: Sizes = 1
+    groups: PositiveInt = 1
+    bias: bool = True
+    padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
+
+
+class MaxPoolLayer(Spec):
+    type: Literal["max_pool1d", "max_pool2d"]
+    kernel_size: Sizes
+    stride: Sizes | None = Field(default=None, description="kernel_size when absent")
+    padding: Pads = 0
+    dilation: Sizes = 1
+    ceil_mode: bool = False
+
+
+class AvgPoolLayer(Spec):
+    type: Literal["avg_pool1d", "avg_pool2d"]
+    kernel_size: Sizes
+    stride: Sizes | None = Field(default=None, description="kernel_size when absent")
+    padding: Pads = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+Dim = Annotated[int, Field(ge=-8, le=8), Integral]
+
+
+class FlattenLayer(Spec):
+    type: Literal["flatten"]
+    start_dim: Dim = 1
+    end_dim: Dim = -1
+
+
+class EmbeddingLayer(Spec):
+    type: Literal["embedding"]
+    num_embeddings: PositiveInt
+    embedding_dim: PositiveInt
+    padding_idx: Annotated[int, Field(ge=-(2**31), lt=2**31), Integral] | None = None
+
+
+class BatchNormLayer(Spec):
+    """Accepted in form, refused when built: running statistics need session buffers."""
+
+    type: Literal["batch_norm1d", "batch_norm2d"]
+    num_features: PositiveInt
+    eps: Annotated[float, Field(gt=0)] = 1e-5
+    momentum: Annotated[float, Field(ge=0, le=1)] | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+
+
+class RecurrentLayer(Spec):
+    type: Literal["lstm", "gru"]
+    input_size: PositiveInt
+    hidden_size: PositiveInt
+    num_layers: PositiveInt = 1
+    bias: bool = True
+    batch_first: Literal[True] = Field(
+        default=True, description="always true: inputs are [N, T, input_size]"
+    )
+    dropout: Annotated[float, Field(ge=0, le=1)] = 0.0
+    bidirectional: bool = False
+
+    @field_validator("batch_first", mode="before")
+    @classmethod
+    def _batch_first(cls, value: Any) -> Any:
+        if value is False:
+            raise PydanticCustomError(
+                "batch_first",
+                "batch_first is always true here: send x as [N, T, input_size] (batch first) "
+                "and leave batch_first out",
+            )
+        return value
+
+
+class LastLayer(Spec):
+    type: Literal["last"]
+
+
 Layer = Annotated[
-    LinearLayer | Activation | GeluLayer | SoftmaxLayer | LayerNormLayer | DropoutLayer,
+    LinearLayer
+    | Activation
+    | GeluLayer
+    | SoftmaxLayer
+    | LayerNormLayer
+    | DropoutLayer
+    | ConvLayer
+    | MaxPoolLayer
+    | AvgPoolLayer
+    | FlattenLayer
+    | EmbeddingLayer
+    | BatchNormLayer
+    | RecurrentLayer
+    | LastLayer,
     Field(discriminator="type"),
 ]
 
