@@ -189,7 +189,7 @@ def computed(
     return _layers(list(spec.layers), x, trainable, limits, train)
 
 
-SHAPED_SAVES = {"lstm": 16, "gru": 12}
+SHAPED_SAVES = {"lstm": 16, "gru": 7}
 """Per time step, row and hidden unit of one layer and direction, the elements an LSTM's
 (GRU's) derivative keeps on the CPU: each step's gates (4, 3), their activations, the cell
 and hidden states and the products between them, as torch's unfused cell saves them."""
@@ -198,10 +198,12 @@ and hidden states and the products between them, as torch's unfused cell saves t
 def _shaped(
     spec: specs.SequentialModel, x: Shape, trainable: set[str], limits: Limits, train: bool
 ) -> Computed:
-    """A model with shaped layers, its shapes propagated on the meta device; an upper bound:
-    every layer is taken to keep its input and its output for backward (a convolution its
-    input for the weight's gradient; a pool its input and the indices of its maxima), and a
-    recurrent layer its gates at every time step."""
+    """A model with shaped layers, its shapes propagated on the meta device, counted as
+    ``_layers`` counts: a tensor that one layer outputs and the next takes in is kept once,
+    by whichever derivative saves it (a learning convolution, recurrent or linear layer its
+    input; an activation its result; the loss the outputs), besides what a layer keeps of
+    its own (a recurrent layer its gates at every time step, a max pool the indices of its
+    maxima, an embedding its int64 indices)."""
     dtype = torch.int64 if layers.embedding_first(spec) else getattr(torch, spec.dtype)
     try:
         shapes = layers.propagate(spec, x, dtype, limits)
@@ -210,31 +212,47 @@ def _shaped(
     shape, grad = x, False
     kept = saved = backward = live = masks = 0
     for i, (layer, out) in enumerate(zip(spec.layers, shapes, strict=True)):
-        before = count(shape) if i else 0
+        before = count(shape) if i else 0  # x itself is the batch's
         numel = count(out)
-        grad = grad or any(n.startswith(f"{i}.") for n in trainable)
-        extra = 0
-        if isinstance(layer, specs.RecurrentLayer):
-            steps = count(shape[:-1])  # rows × time steps
-            directions = 2 if layer.bidirectional else 1
-            extra = (
-                SHAPED_SAVES[layer.type] * steps * layer.hidden_size * directions * layer.num_layers
-            )
-        elif isinstance(layer, specs.EmbeddingLayer):
-            extra = 4 * count(shape)  # the int64 indices, as wide as 4 float16 elements
-        elif isinstance(layer, specs.MaxPoolLayer):
-            extra = 2 * numel  # int64 indices, counted in elements as wide as float32
+        learns = any(n.startswith(f"{i}.") for n in trainable)
+        if i and learns and isinstance(layer, _SAVES_INPUT_TO_LEARN):
+            saved += before
+        grad = grad or learns
+        extra = _own_saves(layer, shape, numel) if grad else 0
+        saved += extra
         if isinstance(layer, specs.DropoutLayer) and train:
             masks += numel
+        last = i == len(spec.layers) - 1
+        kept = max(kept, saved + before + numel)
+        if grad and (layer.type in _SAVES_RESULT or last):
+            saved += numel
         if grad:
-            saved += before + numel + extra
-            backward = max(backward, 3 * max(numel, before) + extra)
-        kept = max(kept, saved + before + numel + extra)
+            buffers = BACKWARD_BUFFERS.get(layer.type, BACKWARD_BUFFERS[""])
+            backward = max(backward, buffers * max(numel, before) + extra)
         live = max(live, before + numel + extra)
         shape = out
     return Computed(
         kept=kept, saved=saved, backward=backward, live=live, masks=masks, outputs=shape
     )
+
+
+_SAVES_INPUT_TO_LEARN = (specs.ConvLayer, specs.RecurrentLayer, specs.LinearLayer)
+"""Layers whose weight's gradient is made from their input, which their derivative keeps."""
+
+
+def _own_saves(layer: Any, shape: Shape, numel: int) -> int:
+    """Elements a layer's derivative keeps besides its input and output."""
+    if isinstance(layer, specs.RecurrentLayer):
+        steps = count(shape[:-1])  # rows × time steps
+        directions = 2 if layer.bidirectional else 1
+        return SHAPED_SAVES[layer.type] * steps * layer.hidden_size * directions * layer.num_layers
+    if isinstance(layer, specs.EmbeddingLayer):
+        return 4 * count(shape)  # the int64 indices, as wide as 4 float16 elements
+    if isinstance(layer, specs.MaxPoolLayer):
+        return 2 * numel  # int64 indices, counted in elements as wide as float32
+    if isinstance(layer, specs.ConvLayer):
+        return count(shape)  # its input made contiguous (the batch's own, as the first layer)
+    return 0
 
 
 class _Stop(Exception):

@@ -334,7 +334,7 @@ def test_the_estimate_bounds_the_measured_peak(
     }
     measured, answer, estimate = stateless("step", body)
     assert isinstance(estimate, budget.Estimate)
-    assert estimate.tensors >= measured
+    assert measured <= estimate.tensors <= 2 * measured  # an upper bound, within 2x
     assert estimate.answer >= answer
 
 
