@@ -247,7 +247,10 @@ class RecurrentLayer(Spec):
     type: Literal["lstm", "gru"]
     input_size: PositiveInt
     hidden_size: PositiveInt
-    num_layers: PositiveInt = 1
+    # A ceiling past any --max-layers an operator would set: the model's shape is worked
+    # out (on the meta device) before the configured limit is checked, and torch makes one
+    # module per stacked layer, so two billion of them would hang that work.
+    num_layers: Annotated[int, Field(ge=1, le=1024)] = 1
     bias: bool = True
     batch_first: Literal[True] = Field(
         default=True, description="always true: inputs are [N, T, input_size]"

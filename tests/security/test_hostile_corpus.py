@@ -555,6 +555,24 @@ CASES: list[Case] = [
     ),
     # --- models of 10^10 parameters, by shape alone ------------------------------------------
     Case("sequential-1e10-parameters", post(STEP, sequential(*HUGE_LAYERS)), 422, SPEC),
+    # Two billion stacked LSTM layers: torch would make a module for each before any limit.
+    Case(
+        "lstm-2e9-stacked-layers",
+        post(
+            FORWARD,
+            {
+                "model": {
+                    "type": "sequential",
+                    "layers": [
+                        {"type": "lstm", "input_size": 1, "hidden_size": 1, "num_layers": 2**31 - 2}
+                    ],
+                },
+                "batch": {"x": [[[1.0]]]},
+            },
+        ),
+        422,
+        V,
+    ),
     Case(
         "expression-param-1e10-by-shape",
         post(STEP, edit(seed(), "model/params/w", {"shape": [100_000, 100_000], "init": "normal"})),
