@@ -86,6 +86,15 @@ class Sessions:
         steps, self.steps = self.steps, 0
         return steps
 
+    def refuse(self, outcome: Commit, owner: str, session_id: str) -> None:
+        """Raise what a refused read-modify-write commit means to its caller: the session is
+        gone, or the key's stored bytes are over its quota. A CONFLICT or BUSY returns: the
+        caller reads the session again (a hold is then refused by ``check_free``)."""
+        if outcome is Commit.GONE:
+            raise NotFound(f"no session {session_id}")
+        if outcome is Commit.QUOTA:
+            raise quotas.stored_bytes(self.store, owner)
+
     @staticmethod
     def check_free(record: SessionRecord, holder: str | None = None) -> None:
         """SessionBusy unless the session's hold is ``holder``'s (or both are none). The hold
@@ -461,10 +470,7 @@ class Sessions:
             outcome = self.store.commit(new, record.version)
             if outcome is Commit.OK:
                 return answer
-            if outcome is Commit.GONE:
-                raise NotFound(f"no session {session_id}")
-            if outcome is Commit.QUOTA:
-                raise quotas.stored_bytes(self.store, owner)
+            self.refuse(outcome, owner, session_id)
             # CONFLICT or BUSY: read again (a hold is then refused by check_free)
         raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 

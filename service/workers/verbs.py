@@ -24,13 +24,11 @@ from service.engine.tensors import decode
 from service.errors import (
     GradsvcError,
     InvalidInput,
-    NotFound,
     NothingAccumulated,
     PreconditionFailed,
     short,
 )
 from service.store import Commit, HistoryRow, SessionRecord
-from service.workers import quotas
 from service.workers.cache import Built
 from service.workers.jobs import Answer, Idem, etag
 from service.workers.rounds import STEP_HINT, timed_out
@@ -93,10 +91,7 @@ def run(
             if done.history is not None:
                 sessions.steps += 1
             return answer
-        if outcome is Commit.GONE:
-            raise NotFound(f"no session {session_id}")
-        if outcome is Commit.QUOTA:
-            raise quotas.stored_bytes(sessions.store, owner)
+        sessions.refuse(outcome, owner, session_id)
         # CONFLICT (moved on, or the key was answered meanwhile) or BUSY: read again
     raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
 
