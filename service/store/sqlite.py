@@ -11,7 +11,6 @@ another process's lock, then the call is a ``StoreUnavailable``; a full disk is 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import threading
@@ -66,6 +65,42 @@ MIN_FREE_BYTES = 64 * 1024
 _COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at, hold"
 
 
+_MIGRATIONS = (
+    # (table, column, what adds it): files from before jobs, lr and job failures.
+    ("sessions", "hold", "ALTER TABLE sessions ADD COLUMN hold TEXT"),
+    ("history", "lr", "ALTER TABLE history ADD COLUMN lr REAL"),
+    ("jobs", "failures", "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _make_schema(db: sqlite3.Connection) -> None:
+    """Create the tables and add the columns an older file lacks, inside the caller's write
+    transaction (``executescript`` would commit it, so statement by statement)."""
+    for statement in (SCHEMA + jobs_sqlite.SCHEMA).split(";"):
+        if statement.strip():
+            db.execute(statement)
+    for table, column, alter in _MIGRATIONS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(alter)
+
+
+def _use_wal(db: sqlite3.Connection, patience: float) -> None:
+    """Switch the file to WAL. On a fresh file the switch needs it to itself, and SQLite
+    answers "locked" at once rather than calling the busy handler while another connection
+    opening the same file holds it, so wait here, as a writer would."""
+    deadline = time.monotonic() + patience
+    delay = 0.001
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 @translated(sqlite_trouble)
 class SqliteStore:
     def __init__(
@@ -95,30 +130,19 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        db = self._conn()
-        db.executescript(SCHEMA + jobs_sqlite.SCHEMA)
-        if "hold" not in {row[1] for row in db.execute("PRAGMA table_info(sessions)")}:
-            # A file from before jobs. Every worker opens the file at once: one adds it.
-            with contextlib.suppress(sqlite3.OperationalError):
-                db.execute("ALTER TABLE sessions ADD COLUMN hold TEXT")
-        if "lr" not in {row[1] for row in db.execute("PRAGMA table_info(history)")}:
-            with contextlib.suppress(sqlite3.OperationalError):  # a file from before lr
-                db.execute("ALTER TABLE history ADD COLUMN lr REAL")
-        if "failures" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
-            with contextlib.suppress(sqlite3.OperationalError):  # a file from before failures
-                db.execute("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
-        if not usage.sqlite_ready(db):
-            with self._write() as db:
-                usage.sqlite_prepare(db)
+        with self._write() as db:
+            # Every worker opens the file at once: one at a time makes or migrates it.
+            _make_schema(db)
+            usage.sqlite_prepare(db)
 
     def _conn(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            _use_wal(db, self.busy_timeout_ms / 1000)
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
             self._cap(db)
             self._local.db = db
             with self._all_lock:
