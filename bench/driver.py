@@ -55,7 +55,7 @@ async def load(
     for each in urls:
         check_loopback(each)
     turn = itertools.cycle(urls)
-    stats = Stats()
+    stats = Stats(driver="async httpx")
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(trust_env=False, timeout=timeout, limits=limits) as client:
 

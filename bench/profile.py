@@ -15,6 +15,7 @@ import collections
 import cProfile
 import io
 import pstats
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from bench.servers import children, gradsvc_with_store, process_cpu_seconds, run
 from bench.stores import opened
 
 TOP = 25
+_LINE = re.compile(r":\d+\)$")
 
 
 def top_frames(collapsed: str, top: int = TOP) -> str:
@@ -41,7 +43,8 @@ def top_frames(collapsed: str, top: int = TOP) -> str:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = stack.split(";")
+        # Per function, not per line: a function's samples spread over its lines otherwise.
+        frames = [_LINE.sub(")", frame) for frame in stack.split(";")]
         samples += int(count)
         own[frames[-1]] += int(count)
         for frame in set(frames):

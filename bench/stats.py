@@ -30,7 +30,7 @@ class Stats:
     """Successful untimed (warm-up) requests: they change state on a stateful row too."""
     api_cpu: float = math.nan
     """CPU seconds of the server's own process, without its worker processes."""
-    driver: str = "async httpx"
+    driver: str = "none (in-process)"
     """The load generator that drove the row (wrk, or the async httpx fallback and why)."""
     counted: int | None = None
     """Successful requests, where the driver counts them itself (wrk) instead of timing each."""

@@ -92,6 +92,8 @@ def load(
     stats.counted = int(figures["ok"])
     stats.elapsed = int(figures["duration_us"]) / 1e6
     stats.quantiles_ms = {0.5: int(figures["p50_us"]) / 1e3, 0.99: int(figures["p99_us"]) / 1e3}
+    if stats.counted == 0:  # slow requests still in flight when the row's time ran out
+        stats.error(f"no request completed within {seconds:g} s: lengthen BENCH_SECONDS")
     failed = int(figures["errors"]) + int(figures["socket_errors"])
     if failed:
         first = re.search(r"^BENCH first=(.*)$", done.stdout, re.M)
