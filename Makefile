@@ -11,7 +11,7 @@ STAMP := $(VENV)/.dev-stamp
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 
-.PHONY: run test lint format openapi bench clean
+.PHONY: run test lint format openapi bench profile clean
 
 $(SERVE_STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ openapi: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Where the bulk route's time goes under load (py-spy on the API process and a worker, and
+# cProfile of the engine's batched step); PROFILE_OUT names the text report.
+PROFILE_OUT ?= profile.txt
+profile: $(STAMP)
+	$(BIN)/python -m bench.profile $(PROFILE_OUT)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 import time
@@ -10,9 +9,20 @@ import time
 import httpx
 import torch
 
-from bench import breakdown, document, inprocess, many, report, stateful, stateful_report
+from bench import (
+    breakdown,
+    document,
+    goals,
+    gpu,
+    inprocess,
+    many,
+    report,
+    stateful,
+    stateful_report,
+)
 from bench.config import Config
-from bench.driver import HEADERS, WrongAnswer, check_loopback, load
+from bench.driver import HEADERS, WrongAnswer, check_loopback, drive
+from bench.goals import FLOOR_HTTPX
 from bench.servers import TARGETS, Server, ServerError, Target, running
 from bench.stats import Stats
 from bench.workloads import Workload, build_all
@@ -69,6 +79,11 @@ def measure_workload(
         else:
             stats = measure_row(config, target, server, workload)
         results[(workload.name, target.name)] = stats
+        if target.name == "floor" and workload.name == "seed" and not isinstance(server, str):
+            # The old driver's floor beside wrk's: how much of a fast row the driver was.
+            results[(workload.name, FLOOR_HTTPX)] = measure_row(
+                config, target, server, workload, httpx_only=True
+            )
     for name, make in inprocess.LOOPS.items():
         stats = inprocess.loop(
             make(workload), seconds=config.loop_seconds, iterations=config.loop_iterations
@@ -79,7 +94,9 @@ def measure_workload(
     return results, stages
 
 
-def measure_row(config: Config, target: Target, server: Server, workload: Workload) -> Stats:
+def measure_row(
+    config: Config, target: Target, server: Server, workload: Workload, httpx_only: bool = False
+) -> Stats:
     if target.checked:
         try:
             verify(server.base, workload)
@@ -88,26 +105,38 @@ def measure_row(config: Config, target: Target, server: Server, workload: Worklo
             stats.error(f"{target.name} {workload.name}: {exc}")
             log(f"  {workload.name} {target.name}: {stats.first_error}")
             return stats
-    stats = asyncio.run(
-        load(
-            server.base + workload.path,
-            workload.raw,
-            clients=config.clients,
-            max_requests=config.max_requests,
-            seconds=config.seconds,
-            warmup=config.warmup,
-            server_cpu=server.cpu_seconds,
-        )
+    stats = drive(
+        server.base + workload.path,
+        workload.raw,
+        clients=config.clients,
+        max_requests=config.max_requests,
+        seconds=config.seconds,
+        warmup=config.warmup,
+        server_cpu=server.cpu_seconds,
+        api_cpu=server.api_cpu_seconds,
+        httpx_only=httpx_only,
     )
-    log(f"  {workload.name} {target.name}: {_line(stats)}")
+    log(f"  {workload.name} {target.name}{' (httpx)' if httpx_only else ''}: {_line(stats)}")
     return stats
 
 
 def _line(stats: Stats) -> str:
     return (
         f"{stats.rate:.1f}/s, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms, "
-        f"CPU {stats.cpu_ms:.2f} ms/req, n={stats.ok}, errors={stats.errors}"
+        f"CPU {stats.cpu_ms:.2f} ms/req (API {stats.api_cpu_ms:.2f}), n={stats.ok}, "
+        f"errors={stats.errors}, driver {stats.driver}"
     )
+
+
+def gpu_figures(config: Config) -> dict[str, object] | str:
+    """``bench.gpu``'s figures where a CUDA device exists, else why there are none."""
+    if not torch.cuda.is_available():
+        return "not measured: no GPU here"
+    log("gpu:")
+    try:
+        return gpu.measure(seconds=2.0 if config.quick else 10.0)
+    except (RuntimeError, AssertionError, OSError) as exc:
+        return f"not measured: {exc}"
 
 
 def main() -> int:
@@ -132,6 +161,7 @@ def main() -> int:
                 sessions = stateful.measure(config, workload.reference_loss, log)
         log("many sessions:")
         crowd = many.measure(config, log)
+    figures = gpu_figures(config)
     rows = [report.Row(t.name, "HTTP", t.summary) for t in TARGETS] + list(report.IN_PROCESS)
     print(report.ratios_table(workloads, results))
     print()
@@ -147,7 +177,8 @@ def main() -> int:
     print()
     print(many.results_table(crowd))
     print()
-    print(many.goals_table(crowd, results, sessions))
+    goals_text = goals.table(crowd, results, sessions, figures)
+    print(goals_text)
     errors = "\n".join(
         e
         for e in (
@@ -169,6 +200,7 @@ def main() -> int:
             stages,
             sessions,
             crowd,
+            goals_text,
         )
         config.out.parent.mkdir(parents=True, exist_ok=True)
         config.out.write_text(text, encoding="utf-8")

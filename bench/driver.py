@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from bench import wrk
 from bench.stats import Stats
 
 LOOPBACK = "127.0.0.1"
@@ -54,7 +55,7 @@ async def load(
     for each in urls:
         check_loopback(each)
     turn = itertools.cycle(urls)
-    stats = Stats()
+    stats = Stats(driver="async httpx")
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(trust_env=False, timeout=timeout, limits=limits) as client:
 
@@ -97,4 +98,51 @@ async def load(
         stats.driver_cpu = time.process_time() - driver_before
         stats.cpu = (server_cpu() if server_cpu else float("nan")) - cpu_before
         stats.store_cpu = (store_cpu() if store_cpu else float("nan")) - store_before
+    return stats
+
+
+def drive(
+    url: str | Sequence[str],
+    body: bytes,
+    *,
+    clients: int,
+    max_requests: int,
+    seconds: float,
+    warmup: int = 1,
+    server_cpu: Callable[[], float] | None = None,
+    api_cpu: Callable[[], float] | None = None,
+    store_cpu: Callable[[], float] | None = None,
+    httpx_only: bool = False,
+) -> Stats:
+    """One row under wrk (``bench.wrk``, ``clients`` connections, ``seconds`` long), or under
+    the async httpx driver where wrk cannot run here (or ``httpx_only``), labelled so."""
+    urls = [url] if isinstance(url, str) else list(url)
+    for each in urls:
+        check_loopback(each)
+    missing = None if httpx_only else wrk.ensure()
+    if not httpx_only and missing is None:
+        return wrk.load(
+            urls,
+            body,
+            connections=clients,
+            seconds=seconds,
+            server_cpu=server_cpu,
+            api_cpu=api_cpu,
+            store_cpu=store_cpu,
+        )
+    api_before = api_cpu() if api_cpu else float("nan")
+    stats = asyncio.run(
+        load(
+            urls,
+            body,
+            clients=clients,
+            max_requests=max_requests,
+            seconds=seconds,
+            warmup=warmup,
+            server_cpu=server_cpu,
+            store_cpu=store_cpu,
+        )
+    )
+    stats.api_cpu = (api_cpu() if api_cpu else float("nan")) - api_before
+    stats.driver = "async httpx" + (f" (fallback: {missing})" if missing else "")
     return stats

@@ -104,6 +104,10 @@ class Server:
             process_cpu_seconds(child) for child in children(self.pid)
         )
 
+    def api_cpu_seconds(self) -> float:
+        """The server's own process only: for gradsvc, the API process (HTTP, JSON, routing)."""
+        return process_cpu_seconds(self.pid)
+
 
 def children(pid: int) -> list[int]:
     found = []

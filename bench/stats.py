@@ -28,10 +28,18 @@ class Stats:
     """Session-steps one request (or loop call) carries: 256 for /v1/sessions/step."""
     untimed_ok: int = 0
     """Successful untimed (warm-up) requests: they change state on a stateful row too."""
+    api_cpu: float = math.nan
+    """CPU seconds of the server's own process, without its worker processes."""
+    driver: str = "none (in-process)"
+    """The load generator that drove the row (wrk, or the async httpx fallback and why)."""
+    counted: int | None = None
+    """Successful requests, where the driver counts them itself (wrk) instead of timing each."""
+    quantiles_ms: dict[float, float] = field(default_factory=dict)
+    """Latency quantiles the driver reported itself (wrk), used where ``latencies`` is empty."""
 
     @property
     def ok(self) -> int:
-        return len(self.latencies)
+        return self.counted if self.counted is not None else len(self.latencies)
 
     @property
     def rate(self) -> float:
@@ -51,6 +59,10 @@ class Stats:
         return self.per_request_ms(self.cpu)
 
     @property
+    def api_cpu_ms(self) -> float:
+        return self.per_request_ms(self.api_cpu)
+
+    @property
     def driver_cpu_ms(self) -> float:
         return self.per_request_ms(self.driver_cpu)
 
@@ -67,7 +79,7 @@ class Stats:
     def percentile_ms(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the latencies, in milliseconds."""
         if not self.latencies:
-            return math.nan
+            return self.quantiles_ms.get(q, math.nan)
         ordered = sorted(self.latencies)
         rank = max(1, math.ceil(q * len(ordered)))
         return 1000.0 * ordered[rank - 1]
