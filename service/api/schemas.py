@@ -169,7 +169,9 @@ class SessionStepResponse(StepResponse):
 
 
 class AccumulateResponse(ForwardResponse):
-    loss: float
+    loss: float | None = Field(
+        default=None, description="this batch's loss; absent for a batch sent with grad_outputs"
+    )
     grads: dict[str, Tensor] = Field(description="this batch's dL/dθ (not the accumulated sum)")
     grad_norm: float = Field(description="the 2-norm of this batch's gradients")
     accumulated: int = Field(description="batches accumulated since the last apply")
@@ -179,7 +181,10 @@ class ApplyResponse(BaseModel):
     step: int = Field(description="the session's step after this one")
     lr: float = Field(description=LR_DESCRIPTION)
     applied: int = Field(description="the accumulated batches this step used")
-    loss: float = Field(description="the mean of the accumulated batches' losses")
+    loss: float | None = Field(
+        description="the mean loss of the accumulated batches that had one (sent with y); "
+        "null when all came with grad_outputs"
+    )
     grads: dict[str, Tensor] = Field(description="scale times the accumulated sum: the step's")
     grad_norm: float = Field(description="their total 2-norm (before any clipping)")
     params: dict[str, Tensor] = Field(description="every parameter after the update")
@@ -196,7 +201,9 @@ SESSION_APPLY_EXAMPLES = {
 
 class HistoryItem(BaseModel):
     step: int
-    loss: float
+    loss: float | None = Field(
+        description="the step's loss; null for an apply of batches sent with grad_outputs only"
+    )
     grad_norm: float
     lr: float | None = Field(default=None, description=LR_DESCRIPTION)
     at: str

@@ -32,7 +32,8 @@ ACCUMULATOR = "accumulator"
 
 @dataclass(frozen=True)
 class Accumulator:
-    """Gradients summed since the last apply: one tensor per trainable parameter, the
+    """Gradients summed since the last apply: one tensor per trainable parameter that a
+    batch's backward reached (torch's ``.grad`` not None; the others are absent), the
     batches summed, and the sum and number of their losses (a batch sent with
     ``grad_outputs`` has none). Never changed in place: an accumulate makes a new one, so
     a cached one always stands for its committed version."""
@@ -290,14 +291,14 @@ def accumulator(model: Model, data: bytes) -> Accumulator | None:
                 "the file's accumulator is empty but holds tensors", loc=(ACCUMULATOR,)
             )
         return None
-    if set(present) != set(trainable):
+    if not set(present) <= set(trainable):  # an absent one: no batch reached it
         raise InvalidInput(
-            f"the file's accumulator ({', '.join(sorted(present)) or 'none'}) does not name the "
+            f"the file's accumulator ({', '.join(sorted(present))}) names more than the "
             f"model's trainable parameters ({', '.join(sorted(trainable))})",
             loc=(ACCUMULATOR,),
         )
-    for name, p in trainable.items():
-        value = present[name]
+    for name, value in present.items():
+        p = trainable[name]
         if value.shape != p.shape or value.dtype != p.dtype:
             raise InvalidInput(
                 f"{ACC}{name}: the file holds {value.dtype} {list(value.shape)}, the parameter "
@@ -306,7 +307,7 @@ def accumulator(model: Model, data: bytes) -> Accumulator | None:
             )
         if not bool(torch.isfinite(value).all()):
             raise InvalidInput(f"{ACC}{name} holds values that are not finite", loc=(ACC + name,))
-    grads = {n: present[n].to(p.device) for n, p in trainable.items()}
+    grads = {n: present[n].to(p.device) for n, p in trainable.items() if n in present}
     return Accumulator(grads, count, float(loss_sum), losses)
 
 

@@ -33,6 +33,9 @@ class Result:
     params: dict[str, torch.Tensor] | None = None
     trace: list[TraceNode] | None = None
     quantities: dict[str, dict[str, torch.Tensor]] | None = None
+    untouched: frozenset[str] = frozenset()
+    """Trainable parameters the backward did not reach: torch leaves their ``.grad`` None
+    (``grads`` holds zeros for them) and its optimizers then leave them alone."""
 
 
 @contextlib.contextmanager
@@ -89,6 +92,7 @@ def gradients(
             tracer.backward(loss)
         if loss.requires_grad:
             torch.autograd.backward(loss)
+    untouched = frozenset(n for n, p in trainable.items() if p.grad is None)
     grads = {
         n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
         for n, p in trainable.items()
@@ -104,6 +108,7 @@ def gradients(
         grads=grads,
         grad_norm=norm,
         trace=tracer.nodes if tracer else None,
+        untouched=untouched,
     )
 
 
@@ -176,6 +181,7 @@ def from_outputs(model: models.Model, inputs: models.Inputs, grad_outputs: torch
             )
         if outputs.requires_grad:
             torch.autograd.backward(outputs, grad_outputs.to(outputs.dtype))
+    untouched = frozenset(n for n, p in trainable.items() if p.grad is None)
     grads = {
         n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
         for n, p in trainable.items()
@@ -184,19 +190,21 @@ def from_outputs(model: models.Model, inputs: models.Inputs, grad_outputs: torch
     for name, g in grads.items():
         _check_finite(f"the gradient of {name}", g)
     norm = _total_norm(list(grads.values()), outputs.dtype)
-    return Result(outputs=outputs.detach(), grads=grads, grad_norm=norm)
+    return Result(outputs=outputs.detach(), grads=grads, grad_norm=norm, untouched=untouched)
 
 
 def accumulated(before: state.Accumulator | None, result: Result) -> state.Accumulator:
-    """``before`` with ``result``'s gradients (and loss, if it has one) added. The first
-    batch's gradients are taken as they are, not added to zeros: an apply of one batch is
-    then exactly a step. NonFinite if a sum overflows."""
+    """``before`` with ``result``'s gradients (and loss, if it has one) added, as torch's
+    backward adds into ``.grad``: a parameter's first gradient is taken as it is, not added
+    to zeros (an apply of one batch is then exactly a step), and one the backward did not
+    reach is not added at all (it stays out of the accumulator while no batch reaches it).
+    NonFinite if a sum overflows."""
     assert result.grads is not None
     before = before or state.Accumulator()
-    if before.count == 0:
-        grads = {n: g.clone() for n, g in result.grads.items()}
-    else:
-        grads = {n: before.grads[n] + g for n, g in result.grads.items()}
+    grads = dict(before.grads)
+    for n, g in result.grads.items():
+        if n not in result.untouched:
+            grads[n] = before.grads[n] + g if n in before.grads else g.clone()
     for name, g in grads.items():
         if not bool(torch.isfinite(g).all()):
             raise NonFinite(
@@ -219,22 +227,26 @@ def apply(
     clip_grad_norm: float | None = None,
 ) -> Result:
     """One optimizer update with ``scale`` times the accumulated gradients (clipped after
-    scaling): the result's ``grads`` are those scaled sums, ``grad_norm`` their norm before
-    clipping, ``loss`` the mean of the accumulated losses (None if none), ``params`` after.
-    NonFinite (nothing changed) if the scaled sum or the update is not finite."""
+    scaling): the result's ``grads`` are those scaled sums (zeros for a parameter no batch
+    reached), ``grad_norm`` their norm before clipping, ``loss`` the mean of the accumulated
+    losses (None if none), ``params`` after. A parameter no batch reached keeps ``.grad``
+    None, so the optimizer leaves it (and its state) alone, as after torch's own backward
+    calls. NonFinite (nothing changed) if the scaled sum or the update is not finite."""
     trainable = model.trainable()
     grads = {
         n: accumulator.grads[n].clone() if scale == 1 else accumulator.grads[n] * scale
         for n in trainable
+        if n in accumulator.grads
     }
     for name, g in grads.items():
         if not bool(torch.isfinite(g).all()):
             raise NonFinite(f"scale times the accumulated gradient of {name} is not finite")
     for n, p in trainable.items():
-        p.grad = grads[n].clone()
+        p.grad = grads[n].clone() if n in grads else None
     dtype = next(iter(trainable.values())).dtype if trainable else torch.float32
     norm = _total_norm(list(grads.values()), dtype)
     params = update(model, optimizer, clip_grad_norm)
+    grads = {n: grads[n] if n in grads else torch.zeros_like(p) for n, p in trainable.items()}
     loss = None
     if accumulator.losses:
         loss = torch.tensor(accumulator.loss_sum / accumulator.losses, dtype=torch.float64)

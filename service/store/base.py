@@ -50,7 +50,8 @@ class SessionRecord:
 @dataclass(frozen=True)
 class HistoryRow:
     step: int
-    loss: float
+    loss: float | None
+    """The step's loss; None for an apply of batches sent with grad_outputs only."""
     grad_norm: float
     at: float
     lr: float | None = None

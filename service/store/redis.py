@@ -62,7 +62,7 @@ from service.store.trouble import redis_trouble, translated
 from service.store.usage import REDIS_KEYS, REDIS_PURGE, idem_bytes, redis_lua, session_bytes
 
 _ROW = struct.Struct(">qdddd")
-"""A history row as a sorted-set member: step, loss, grad_norm, at, lr (NaN for none);
+"""A history row as a sorted-set member: step, loss, grad_norm, at, lr (loss and lr NaN for none);
 floats exactly. A member of ``_OLD_ROW``'s size was written before rows kept lr."""
 _OLD_ROW = struct.Struct(">qddd")
 _STAMP = struct.Struct(">Q")
@@ -339,7 +339,8 @@ class RedisStore:
             args += ["0", 0, b""]
         else:
             lr = math.nan if history.lr is None else history.lr
-            member = _ROW.pack(history.step, history.loss, history.grad_norm, history.at, lr)
+            loss = math.nan if history.loss is None else history.loss
+            member = _ROW.pack(history.step, loss, history.grad_norm, history.at, lr)
             args += ["1", history.step, member]
         # The caller stops waiting at socket_timeout; refusing a second before that leaves room
         # for the replicas' and the Redis server's clocks to differ by up to a second.
@@ -510,7 +511,9 @@ def _history_row(member: bytes) -> HistoryRow:
     if len(member) == _OLD_ROW.size:
         return HistoryRow(*_OLD_ROW.unpack(member))
     step, loss, grad_norm, at, lr = _ROW.unpack(member)
-    return HistoryRow(step, loss, grad_norm, at, None if math.isnan(lr) else lr)
+    return HistoryRow(
+        step, None if math.isnan(loss) else loss, grad_norm, at, None if math.isnan(lr) else lr
+    )
 
 
 def _index_member(created_at: float, session_id: str) -> bytes:

@@ -36,18 +36,19 @@ from service.store.base import (
 from service.store.ratelimit import MemoryBuckets
 from service.store.trouble import sqlite_trouble, translated
 
-SCHEMA = """
+_HISTORY = """
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    step INTEGER NOT NULL, loss REAL, grad_norm REAL NOT NULL, at REAL NOT NULL,
+    lr REAL, PRIMARY KEY (session_id, step)
+"""
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, spec TEXT NOT NULL,
     state BLOB NOT NULL, step INTEGER NOT NULL, version INTEGER NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, hold TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, created_at, id);
-CREATE TABLE IF NOT EXISTS history (
-    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-    step INTEGER NOT NULL, loss REAL NOT NULL, grad_norm REAL NOT NULL, at REAL NOT NULL,
-    lr REAL, PRIMARY KEY (session_id, step)
-);
+CREATE TABLE IF NOT EXISTS history ({_HISTORY});
 CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
     body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL,
@@ -82,6 +83,21 @@ def _make_schema(db: sqlite3.Connection) -> None:
     for table, column, alter in _MIGRATIONS:
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(alter)
+    _nullable_loss(db)
+
+
+def _nullable_loss(db: sqlite3.Connection) -> None:
+    """Rebuild a history table whose loss is NOT NULL (files from before an apply could have
+    no loss): SQLite cannot alter a column, so copy every row into a table of today's shape
+    and put it in the old one's place, in the caller's transaction. A no-op once done."""
+    notnull = {row[1]: row[3] for row in db.execute("PRAGMA table_info(history)")}
+    if not notnull.get("loss"):
+        return
+    columns = "session_id, step, loss, grad_norm, at, lr"
+    db.execute(f"CREATE TABLE history_rebuilt ({_HISTORY})")
+    db.execute(f"INSERT INTO history_rebuilt ({columns}) SELECT {columns} FROM history")
+    db.execute("DROP TABLE history")
+    db.execute("ALTER TABLE history_rebuilt RENAME TO history")
 
 
 def _use_wal(db: sqlite3.Connection, patience: float) -> None:

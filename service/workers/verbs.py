@@ -23,7 +23,6 @@ from service.engine import budget, losses, schedulers, specs, state, step
 from service.engine.tensors import decode
 from service.errors import (
     GradsvcError,
-    InvalidInput,
     NothingAccumulated,
     PreconditionFailed,
     short,
@@ -37,10 +36,6 @@ if TYPE_CHECKING:
     from service.workers.sessions import Sessions
 
 MAX_ATTEMPTS = 100
-GRAD_OUTPUTS_LATER = (
-    "grad_outputs is not accepted yet: an apply writes a history row with the mean loss, and "
-    "a batch sent with grad_outputs has none. Send batch.y (the session's loss) instead"
-)
 
 
 @dataclass
@@ -107,8 +102,6 @@ def accumulating(sessions: Sessions, request: specs.SessionAccumulateRequest) ->
     b64 = request.encoding == "b64"
 
     def verb(record: SessionRecord, built: Built) -> Computed:
-        if request.grad_outputs is not None:
-            raise InvalidInput(GRAD_OUTPUTS_LATER, loc=("grad_outputs",))
         spec, model, limits = built.spec, built.model, sessions.limits
         # Budgeted as a step: the gradients, and a new state (the accumulator's too) written.
         estimate = budget.session("step", spec, request.batch, limits, b64=b64)
@@ -124,7 +117,7 @@ def accumulating(sessions: Sessions, request: specs.SessionAccumulateRequest) ->
             if request.grad_outputs is None:
                 loss = losses.normalise(spec.loss)
                 result = step.gradients(model, loss, inputs, request.batch.y, limits=limits)
-            else:  # pragma: no cover (refused above until history rows may lack a loss)
+            else:  # the custom-loss path: dL/doutputs from the client, no loss
                 try:
                     grad_outputs = decode(request.grad_outputs, model.dtype, limits)
                 except GradsvcError as exc:
@@ -165,11 +158,13 @@ def applying(request: specs.SessionApplyRequest) -> Verb:
             step=record.step + 1,
             updated_at=now,
         )
-        assert result.loss is not None and result.grad_norm is not None  # y is required
-        history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now, lr)
+        assert result.grad_norm is not None
+        # No loss (None, null over HTTP) when every batch came with grad_outputs.
+        loss = None if result.loss is None else result.loss.item()
+        history = HistoryRow(new.step, loss, result.grad_norm.item(), now, lr)
         body = step.encode_result(result, request.encoding == "b64")
         body.pop("outputs", None)
-        body = {"step": new.step, "lr": lr, "applied": accumulator.count, **body}
+        body = {"step": new.step, "lr": lr, "applied": accumulator.count, "loss": loss, **body}
         return Computed(new, history, body)
 
     return verb

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.api import examples
@@ -72,12 +73,16 @@ def test_if_match_stale_is_412_and_changes_nothing(client: TestClient) -> None:
     ("name", "body"),
     [
         ("accumulate", {"batch": {"x": 1, "y": 3}, "grad_outputs": 1.0}),
-        ("accumulate", {"batch": {"x": 1}, "grad_outputs": 1.0}),
+        ("accumulate", {"batch": {"x": 1}, "grad_outputs": [1.0, 2.0]}),
+        (
+            "accumulate",
+            {"batch": {"x": 1}, "grad_outputs": {"dtype": "float64", "shape": [], "data": ["NaN"]}},
+        ),
         ("accumulate", {"batch": {"x": 1, "y": [3, 4]}}),
         ("apply", {"scale": "half"}),
         ("apply", {"scale": 1, "extra": True}),
     ],
-    ids=["both", "grad-outputs-later", "shape", "scale", "extra"],
+    ids=["both", "grad-outputs-shape", "grad-outputs-nan", "shape", "scale", "extra"],
 )
 def test_a_bad_body_is_422_and_changes_nothing(client: TestClient, name: str, body: Any) -> None:
     sid = create(client)
@@ -87,3 +92,73 @@ def test_a_bad_body_is_422_and_changes_nothing(client: TestClient, name: str, bo
     problem = assert_problem(verb(client, sid, name, body), 422)
     assert problem["detail"]
     assert client.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]
+
+
+LINEAR = {
+    "type": "linear",
+    "in_features": 3,
+    "out_features": 2,
+    "dtype": "float64",
+    "params": {
+        "weight": {"value": [[0.5, -0.25, 0.125], [-0.5, 0.75, 0.25]]},
+        "bias": {"value": [0.1, -0.2]},
+    },
+}
+OPTIMIZERS = {"sgd": {"type": "sgd", "lr": 0.1}, "adam": {"type": "adam", "lr": 0.01}}
+
+
+def log_cosh(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss the service does not have: the client's own, sent as dL/doutputs."""
+    return torch.log(torch.cosh(outputs - target)).sum()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_grad_outputs_and_y_batches_then_apply_equal_torchs_backward_calls(
+    client: TestClient, name: str
+) -> None:
+    spec = {"model": LINEAR, "loss": "mse", "optimizer": OPTIMIZERS[name]}
+    r = client.post("/v1/sessions", json=spec)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    params = {k: torch.tensor(v["value"], dtype=torch.float64) for k, v in LINEAR["params"].items()}
+    w, b = (params[k].requires_grad_() for k in ("weight", "bias"))
+    opt = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(
+        [w, b], lr=OPTIMIZERS[name]["lr"]
+    )
+    gen = torch.Generator().manual_seed(7)
+    # Round 1 mixes a batch with y and one with grad_outputs; round 2 has grad_outputs only.
+    for with_y in ([True, False], [False]):
+        opt.zero_grad(set_to_none=True)
+        for use_y in with_y:
+            x = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+            t = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+            out = torch.nn.functional.linear(x, w, b)
+            if use_y:
+                mse = torch.nn.functional.mse_loss(out, t)
+                mse.backward()
+                body: dict[str, Any] = {"batch": {"x": x.tolist(), "y": t.tolist()}}
+            else:
+                mine = out.detach().requires_grad_()
+                (g,) = torch.autograd.grad(log_cosh(mine, t), mine)
+                out.backward(g)
+                body = {"batch": {"x": x.tolist()}, "grad_outputs": g.tolist()}
+            r = verb(client, sid, "accumulate", body)
+            assert r.status_code == 200, r.text
+            assert ("loss" in r.json()) is use_y
+            torch.testing.assert_close(
+                torch.tensor(r.json()["outputs"], dtype=torch.float64),
+                out.detach(),
+                rtol=1e-12,
+                atol=1e-12,
+            )
+        opt.step()
+        applied = verb(client, sid, "apply", {})
+        assert applied.status_code == 200, applied.text
+        want = mse.item() if True in with_y else None  # the mean of the batches with y
+        assert applied.json()["loss"] == want
+        for k, v in (("weight", w), ("bias", b)):
+            got = torch.tensor(applied.json()["params"][k], dtype=torch.float64)
+            torch.testing.assert_close(got, v.detach(), rtol=1e-12, atol=1e-12)
+    rows = client.get(f"/v1/sessions/{sid}/history").json()["items"]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["loss"] is not None and rows[1]["loss"] is None

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import torch
 
-from service.engine import models, specs, state, step
+from service.engine import losses, models, optimizers, specs, state, step
 from service.engine.limits import DEFAULT_LIMITS
 from service.errors import GradsvcError, InvalidInput, NothingAccumulated, SessionBusy
 from service.store import open_store
@@ -160,6 +160,7 @@ def test_the_accumulator_survives_a_checkpoint_and_a_step_between() -> None:
 def lie(data: bytes, change: dict[str, Any]) -> bytes:
     tensors, metadata = state.read(data)
     tensors = {k: change.get(k, v) for k, v in tensors.items() if change.get(k, v) is not None}
+    tensors |= {k: v for k, v in change.items() if k not in tensors and k.startswith(state.ACC)}
     meta = {k: change.get(k, v) for k, v in metadata.items()}
     return state._save(tensors, meta)
 
@@ -170,12 +171,12 @@ def lie(data: bytes, change: dict[str, Any]) -> bytes:
         {"accumulator.weight": torch.full((2, 3), float("nan"), dtype=torch.float64)},
         {"accumulator.weight": torch.zeros(3, 2, dtype=torch.float64)},
         {"accumulator.weight": torch.zeros(2, 3, dtype=torch.float32)},
-        {"accumulator.bias": None},
+        {"accumulator.nope": torch.zeros(2, dtype=torch.float64)},
         {"accumulator": '{"count": -1, "loss_sum": 0.0, "losses": 0}'},
         {"accumulator": '{"count": 1, "loss_sum": 0.0, "losses": 2}'},
         {"accumulator": '{"count": 1, "loss_sum": "x", "losses": 1}'},
     ],
-    ids=["nan", "shape", "dtype", "missing", "negative", "losses", "loss-sum"],
+    ids=["nan", "shape", "dtype", "unknown", "negative", "losses", "loss-sum"],
 )
 def test_a_checkpoint_that_lies_about_its_accumulator_is_refused(change: dict[str, Any]) -> None:
     sessions = Sessions(MemoryStore(), DEFAULT_LIMITS, 0)
@@ -230,3 +231,66 @@ def test_the_accumulator_is_in_the_sqlite_file_for_a_worker_started_anew(tmp_pat
         assert apply(again, "s_a", 0.5)["params"] == want["params"]
     finally:
         again.store.close()
+
+
+def with_unused(spec: dict[str, Any]) -> models.Model:
+    """The linear model with one more trainable parameter that its forward never uses."""
+    model = models.build(specs.LinearModel.model_validate(spec), DEFAULT_LIMITS)
+    extra = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    model.module.register_parameter("unused", extra)
+    return model
+
+
+ADAM_L2 = {"type": "adam", "lr": 0.01, "weight_decay": 0.1}  # L2 moves a zero gradient's param
+
+
+def test_an_apply_leaves_a_parameter_no_batch_reached_alone_as_torch_does() -> None:
+    model = with_unused(model_spec())
+    optimizer = optimizers.build(specs.Adam.model_validate(ADAM_L2), model.trainable().values())
+    loss = losses.normalise("mse")
+    ref = with_unused(model_spec())
+    ref_params = dict(ref.module.named_parameters())
+    ref_opt = torch.optim.Adam(list(ref_params.values()), lr=0.01, weight_decay=0.1)
+    for r in range(ROUNDS):
+        acc = None
+        ref_opt.zero_grad(set_to_none=True)
+        for i in range(2):
+            x, y = batch(10 * r + i)
+            result = step.gradients(model, loss, {model.inputs[0]: x}, y)
+            assert result.untouched == {"unused"}
+            acc = step.accumulated(acc, result)
+            out = torch.nn.functional.linear(x, ref_params["weight"], ref_params["bias"])
+            torch.nn.functional.mse_loss(out, y).backward()
+        assert acc is not None and "unused" not in acc.grads
+        applied = step.apply(model, optimizer, acc)
+        ref_opt.step()
+        assert applied.params is not None and applied.grads is not None
+        assert torch.equal(applied.grads["unused"], torch.zeros(2, dtype=torch.float64))
+        assert torch.equal(applied.params["unused"], torch.ones(2, dtype=torch.float64))
+        for name, value in ref_params.items():
+            torch.testing.assert_close(applied.params[name], value.detach(), rtol=1e-12, atol=1e-12)
+    unused = model.trainable()["unused"]
+    assert unused not in optimizer.state  # no Adam moments, as torch keeps none for it
+
+
+def test_a_step_is_still_exactly_an_accumulate_and_an_apply_with_an_unused_parameter() -> None:
+    loss = losses.normalise("mse")
+    runs = []
+    for verbs in (False, True):
+        model = with_unused(model_spec())
+        spec = specs.Adam.model_validate(ADAM_L2)
+        optimizer = optimizers.build(spec, model.trainable().values())
+        for i in range(2):
+            x, y = batch(i)
+            inputs = {model.inputs[0]: x}
+            if verbs:
+                acc = step.accumulated(None, step.gradients(model, loss, inputs, y))
+                step.apply(model, optimizer, acc)
+            else:
+                step.step(model, loss, optimizer, inputs, y)
+        runs.append((model.named_parameters(), optimizer.state_dict()["state"]))
+    (stepped_params, stepped_state), (applied_params, applied_state) = runs
+    assert all(torch.equal(stepped_params[n], applied_params[n]) for n in stepped_params)
+    assert stepped_state.keys() == applied_state.keys()
+    for index, slots in stepped_state.items():
+        assert all(torch.equal(v, applied_state[index][k]) for k, v in slots.items())

@@ -166,6 +166,16 @@ def test_commit_is_a_compare_and_set(store: SessionStore) -> None:
     assert store.get(ALICE, "nope") is None
 
 
+def test_a_history_row_without_a_loss_reads_back_as_none(store: SessionStore) -> None:
+    # An apply of batches sent with grad_outputs only has no loss; lr is kept beside it.
+    record = session()
+    assert store.create(record) is Commit.OK
+    lossless, lossy = replace(row(1), loss=None, lr=0.05), row(2)
+    assert store.commit(stepped(record), 1, history=lossless) is Commit.OK
+    assert store.commit(replace(stepped(record), step=2), 2, history=lossy) is Commit.OK
+    assert store.history(ALICE, "s1", 10) == [lossless, lossy]
+
+
 def test_commit_writes_state_history_and_idempotency_together(store: SessionStore) -> None:
     record = session()
     assert store.create(record) is Commit.OK

@@ -1,6 +1,7 @@
 """History rows keep lr, and stores written before rows had it still read: a SQLite file
 with the old history table gains the column, a Redis row of the old size reads lr None; and
-a SQLite file from before jobs counted their failures gains that column."""
+a SQLite file from before jobs counted their failures gains that column; a SQLite file whose
+history loss is NOT NULL is rebuilt with every row kept, and then takes a row without one."""
 
 from __future__ import annotations
 
@@ -81,3 +82,43 @@ def test_an_old_sqlite_jobs_table_gains_failures(tmp_path: Path) -> None:
         assert claimed is not None and (claimed.attempts, claimed.failures) == (1, 0)
     finally:
         store.close()
+
+
+OLD_SESSIONS = """CREATE TABLE sessions (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT, spec TEXT NOT NULL,
+    state BLOB NOT NULL, step INTEGER NOT NULL, version INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+)"""
+
+
+def test_an_old_sqlite_history_keeps_every_row_and_takes_a_row_without_a_loss(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    old = [HistoryRow(step, 1.0 / step, 0.5 * step, 1000.0 + step) for step in (1, 2, 3)]
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SESSIONS)
+        db.execute(OLD_HISTORY)
+        db.execute("INSERT INTO sessions VALUES ('s_1', 'o', NULL, '{}', x'00', 3, 4, 1.0, 2.0)")
+        db.executemany(
+            "INSERT INTO history VALUES ('s_1', ?, ?, ?, ?)",
+            [(r.step, r.loss, r.grad_norm, r.at) for r in old],
+        )
+    for _ in range(2):  # opening it again finds nothing left to do
+        store = SqliteStore(str(path))
+        store.close()
+    store = SqliteStore(str(path))
+    try:
+        assert store.history("o", "s_1", 10) == old
+        lossless = HistoryRow(4, None, 1.0, time.time(), 0.05)
+        record = replace(store.get("o", "s_1"), step=4)  # type: ignore[arg-type]
+        assert store.commit(record, 4, lossless) is Commit.OK
+        assert store.history("o", "s_1", 10) == [*old, lossless]
+        assert store.delete("o", "s_1")  # the rebuilt table still follows its session
+        assert store.history("o", "s_1", 10) == []
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")].count("history") == 1
+        notnull = {r[1]: r[3] for r in db.execute("PRAGMA table_info(history)")}
+        assert notnull == {"session_id": 1, "step": 1, "loss": 0, "grad_norm": 1, "at": 1, "lr": 0}

@@ -82,11 +82,16 @@ def content(response: httpx.Response) -> bytes:
     return response.content
 
 
+def _loss(value: Any) -> float | None:
+    """A loss, or None where the batches came with grad_outputs and so had none."""
+    return None if value is None else float(value)
+
+
 def history_page(response: httpx.Response) -> Page[HistoryItem]:
     data = body(response)
     items = [
         HistoryItem(
-            int(h["step"]), float(h["loss"]), float(h["grad_norm"]), _time(h["at"]), h.get("lr")
+            int(h["step"]), _loss(h["loss"]), float(h["grad_norm"]), _time(h["at"]), h.get("lr")
         )
         for h in data["items"]
     ]
@@ -175,7 +180,7 @@ class Answers(Generic[T]):
     def accumulated(self, response: httpx.Response) -> Accumulated[T]:
         data = body(response)
         return Accumulated(
-            loss=float(data["loss"]),
+            loss=_loss(data.get("loss")),
             grads=self.tensors(data["grads"]),
             grad_norm=float(data["grad_norm"]),
             outputs=self.decode(data["outputs"]),
@@ -190,7 +195,7 @@ class Answers(Generic[T]):
             step=int(data["step"]),
             lr=float(data["lr"]),
             applied=int(data["applied"]),
-            loss=float(data["loss"]),
+            loss=_loss(data.get("loss")),
             grads=self.tensors(data["grads"]),
             grad_norm=float(data["grad_norm"]),
             params=self.tensors(data["params"]),

@@ -298,8 +298,11 @@ class Core(Generic[T]):
         y: Any,
         if_match: str | Session[Any] | None,
         idempotency_key: str | None,
+        grad_outputs: Any = None,
     ) -> Call[Accumulated[T]]:
         path, body = self._session_batch(session, x, y, False)
+        if grad_outputs is not None:  # the custom-loss path: dL/doutputs instead of y
+            body["grad_outputs"] = _Encoder(self.threshold).tensor(grad_outputs)
         call = self._post(path + "/accumulate", body, self.answers.accumulated, idempotency_key)
         call.headers.update(self._if_match(if_match))
         return call

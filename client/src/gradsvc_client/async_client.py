@@ -264,8 +264,9 @@ class AsyncClient(Generic[T]):
         self,
         session: SessionRef,
         x: BatchInput,
-        y: TensorLike,
+        y: TensorLike | None = None,
         *,
+        grad_outputs: TensorLike | None = None,
         if_match: str | Session[Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Accumulated[T]:
@@ -276,7 +277,9 @@ class AsyncClient(Generic[T]):
         Args:
             session: A session id or ``Session``.
             x: The inputs.
-            y: The targets.
+            y: The targets (the session's loss), or None with ``grad_outputs``.
+            grad_outputs: dL/doutputs computed by the caller (a custom loss), instead of
+                ``y``: the answer's loss is then None.
             if_match: An ETag or ``Session``: 412 if the session has moved on.
             idempotency_key: This call's key (a fresh one by default).
 
@@ -288,7 +291,8 @@ class AsyncClient(Generic[T]):
             ApiError: The service's other problems (``non-finite``: nothing changed).
             NetworkError: No answer after every retry.
         """
-        return await self._send(self._core.accumulate(session, x, y, if_match, idempotency_key))
+        call = self._core.accumulate(session, x, y, if_match, idempotency_key, grad_outputs)
+        return await self._send(call)
 
     async def apply(
         self,

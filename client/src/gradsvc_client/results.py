@@ -115,6 +115,7 @@ class Accumulated(Gradients[T]):
         etag: The session's new ETag, for ``if_match``.
     """
 
+    loss: float | None  # type: ignore[assignment]  # None for a batch sent with grad_outputs
     accumulated: int = 0
     replayed: bool = False
     etag: str | None = None
@@ -128,7 +129,8 @@ class Applied(Generic[T]):
         step: The session's step after it.
         lr: The learning rate the session's next step uses.
         applied: How many accumulated batches the step used.
-        loss: The mean of their losses.
+        loss: The mean loss of those sent with ``y``; None when all came with
+            ``grad_outputs``.
         grads: ``scale`` times their summed gradients: what the step used.
         grad_norm: Those gradients' total 2-norm, before any clipping.
         params: Every parameter after the update.
@@ -139,7 +141,7 @@ class Applied(Generic[T]):
     step: int
     lr: float
     applied: int
-    loss: float
+    loss: float | None
     grads: dict[str, T]
     grad_norm: float
     params: dict[str, T]
@@ -247,14 +249,14 @@ class HistoryItem:
 
     Attributes:
         step: The step's number (1 for the first).
-        loss: Its loss.
+        loss: Its loss (None for an apply of batches sent with ``grad_outputs`` only).
         grad_norm: Its gradients' total 2-norm.
         at: When it was committed.
         lr: The learning rate the step after it uses (None from a service before lr).
     """
 
     step: int
-    loss: float
+    loss: float | None
     grad_norm: float
     at: datetime
     lr: float | None = None

@@ -411,7 +411,9 @@ ApplyBody = Annotated[
         "Forward, loss and backward; the gradients join the session's accumulator (kept with "
         "its state, in its checkpoint), committed as a new version before the answer. The "
         "parameters, optimizer and step do not move and no history row is written: `apply` "
-        "steps. Answers this batch's `loss`, `grads`, `outputs` and `accumulated`. Exactly "
+        "steps. Answers this batch's `loss`, `grads`, `outputs` and `accumulated`. With "
+        "`grad_outputs` (dL/doutputs, the outputs' shape) instead of `batch.y`, the gradients "
+        "are `outputs.backward(grad_outputs)`'s and the answer has no `loss`. Exactly "
         "once with an `Idempotency-Key`; `If-Match` makes it conditional (412)."
     ),
 )
@@ -440,7 +442,8 @@ async def accumulate(
         "One optimizer step with `scale` (default 1; 1/k gives the mean of k batches) times "
         "the sum of the gradients accumulated since the last apply, clipped after scaling; "
         "the accumulator is then empty. `step` + 1 and one history row (loss: the mean of "
-        "the accumulated losses); the scheduler steps. 409 `nothing-accumulated` when "
+        "the losses of the batches sent with `y`, null when none was); the scheduler steps. "
+        "A parameter no batch reached is left alone. 409 `nothing-accumulated` when "
         "nothing is. A `/step` is exactly an accumulate and an apply of one batch."
     ),
 )
