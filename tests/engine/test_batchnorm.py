@@ -181,3 +181,26 @@ def test_a_state_file_without_buffers_still_loads_for_a_model_without_any() -> N
     tensors, metadata = state.read(state.dump(model, optimizer, {}))
     assert not any(k.startswith(state.BUFFER) for k in tensors)  # as files were before
     state.restore(model, optimizer, state._save(tensors, metadata))
+
+
+def test_the_memory_estimate_bounds_the_measured_peak() -> None:
+    from service.engine import budget
+    from tests.engine.test_layers import _wire, stateless
+
+    layers = [
+        {"type": "conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1},
+        {"type": "batch_norm2d", "num_features": 4},
+        {"type": "relu"},
+        {"type": "flatten"},
+        {"type": "linear", "in_features": 4 * 16 * 16, "out_features": 2},
+    ]
+    body = {
+        "model": {"type": "sequential", "layers": layers},
+        "loss": "mse",
+        "optimizer": {"type": "adam"},
+        "batch": {"x": _wire((32, 3, 16, 16)), "y": _wire((32, 2))},
+    }
+    measured, answer, estimate = stateless("step", body)
+    assert isinstance(estimate, budget.Estimate)
+    assert measured <= estimate.tensors <= 2 * measured  # an upper bound, within 2x
+    assert estimate.answer >= answer
