@@ -134,6 +134,11 @@ class Session(BaseModel):
     step: int = Field(description="optimizer steps applied so far")
     version: int = Field(description='moves on every change; the ETag is "<id>:<version>"')
     params: dict[str, Tensor]
+    buffers: dict[str, Tensor] = Field(
+        default_factory=dict,
+        description="batch-norm's running statistics (running_mean, running_var, "
+        "num_batches_tracked), named as parameters are; empty for a model without",
+    )
     job: str | None = Field(
         default=None, description="the training job that holds the session, while one does"
     )

@@ -54,6 +54,7 @@ from service.engine.footprint import (
     Computed,
     ModelSpec,
     Shape,
+    buffer_shapes,
     computed,
     count,
     optimizer_elements,
@@ -558,11 +559,14 @@ def session(
 
 
 def state_bytes(spec: specs.SessionSpec) -> int:
-    """Bytes of a session's state as the store keeps it: parameters and optimizer state."""
+    """Bytes of a session's state as the store keeps it: parameters, buffers (a count of
+    batches is 8 bytes, however narrow the dtype) and optimizer state."""
     params = param_shapes(spec.model) or {}
+    buffers = buffer_shapes(spec.model)
     trainable = {n: s for n, s in params.items() if n not in spec.model.frozen}
     elements = sum(map(count, params.values())) + optimizer_elements(spec.optimizer, trainable)
-    return elements * itemsize(spec.model.dtype)
+    elements += sum(map(count, buffers.values()))
+    return elements * itemsize(spec.model.dtype) + 8 * len(buffers)
 
 
 def in_one_pass(chains: Iterable[tuple[list[Estimate], int, int]]) -> Estimate:
@@ -598,7 +602,7 @@ def created(spec: specs.SessionSpec, limits: Limits) -> Estimate | None:
     eager = optimizer_elements(spec.optimizer, trainable) if _eager(spec.optimizer) else 0
     s = eager * d
     largest = max(map(count, params.values()), default=0) * d
-    shown = view(params, spec.model.dtype)
+    shown = view({**params, **buffer_shapes(spec.model)}, spec.model.dtype)
     tensors = OVERHEAD + p + s + max(largest, p + s)
     host = 2 * (p + s) + shown.memory
     parts = {"parameters": p, "optimizer state": s, "answer": shown.memory}
@@ -613,7 +617,7 @@ def restored(spec: specs.SessionSpec, data: bytes, limits: Limits) -> Estimate |
     params = param_shapes(spec.model)
     if stored is None or params is None or not _buildable(spec.model, params, limits):
         return None
-    shown = view(params, spec.model.dtype)
+    shown = view({**params, **buffer_shapes(spec.model)}, spec.model.dtype)
     tensors = OVERHEAD + 2 * stored
     host = len(data) + 2 * stored + shown.memory
     parts = {"parameters and optimizer state": stored, "answer": shown.memory}

@@ -37,6 +37,8 @@ BACKWARD_BUFFERS = {
     "mul": 3,
     "matmul": 3,
     "layer_norm": 3,
+    "batch_norm1d": 3,
+    "batch_norm2d": 3,
     "": 2,
 }
 """Node-sized tensors alive at once while backward passes a node: its incoming gradient,
@@ -118,6 +120,17 @@ class Computed:
     masks: int = 0
     """elements of dropout's masks (a tensor of the model's dtype on the CPU)"""
     outputs: Shape = ()
+
+
+def buffer_shapes(spec: ModelSpec) -> dict[str, Shape]:
+    """Every buffer's shape (batch-norm's running statistics), from the spec alone; none
+    where building it fails (which says what is wrong)."""
+    if not isinstance(spec, specs.SequentialModel) or not layers.has_batch_norm(spec):
+        return {}
+    try:
+        return layers.buffer_shapes(spec)
+    except GradsvcError:
+        return {}
 
 
 def param_shapes(spec: ModelSpec) -> dict[str, Shape] | None:
@@ -250,6 +263,8 @@ def _own_saves(layer: Any, shape: Shape, numel: int) -> int:
         return 4 * count(shape)  # the int64 indices, as wide as 4 float16 elements
     if isinstance(layer, specs.MaxPoolLayer):
         return 2 * numel  # int64 indices, counted in elements as wide as float32
+    if isinstance(layer, specs.BatchNormLayer):
+        return count(shape)  # its input, which its derivative reads (and per-channel stats)
     if isinstance(layer, specs.ConvLayer):
         return count(shape)  # its input made contiguous (the batch's own, as the first layer)
     return 0

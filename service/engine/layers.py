@@ -1,5 +1,6 @@
-"""The shaped layers of a sequential model: convolutions, pools, flatten, embedding, LSTM, GRU
-and ``last``, each torch.nn's own module, with torch's arguments and parameter names.
+"""The shaped layers of a sequential model: convolutions, pools, flatten, embedding,
+batch-norm, LSTM, GRU and ``last``, each torch.nn's own module, with torch's arguments and
+parameter names.
 
 A layer is first made on the meta device: torch's constructor checks its arguments and
 tells its parameters' shapes without allocating them, so the model's size limit is checked
@@ -84,12 +85,6 @@ def _sizes(value: Any, layer: Any, name: str, loc: tuple[str | int, ...]) -> Any
 def make(layer: Any, dtype: torch.dtype, loc: tuple[str | int, ...], device: str) -> nn.Module:
     """The torch module of a shaped layer; SpecError (at ``loc``) if torch refuses its
     arguments."""
-    if isinstance(layer, specs.BatchNormLayer):
-        raise SpecError(
-            f"{layer.type} is not available yet (its running statistics need session buffers); "
-            "use layer_norm, which needs none",
-            loc=(*loc, "type"),
-        )
     sizes = {
         name: _sizes(getattr(layer, name), layer, name, loc)
         for name in ("kernel_size", "stride", "padding", "dilation")
@@ -137,6 +132,17 @@ def _module(layer: Any, sizes: dict[str, Any], dtype: torch.dtype, device: str) 
                 dtype=dtype,
                 device=device,
             )
+        case specs.BatchNormLayer():
+            norm = nn.BatchNorm2d if layer.type == "batch_norm2d" else nn.BatchNorm1d
+            return norm(
+                layer.num_features,
+                eps=layer.eps,
+                momentum=layer.momentum,
+                affine=layer.affine,
+                track_running_stats=layer.track_running_stats,
+                dtype=dtype,
+                device=device,
+            )
         case specs.RecurrentLayer():
             rnn = LSTM if layer.type == "lstm" else GRU
             return rnn(
@@ -160,7 +166,14 @@ def check(layer: Any, limits: Limits, loc: tuple[str | int, ...]) -> None:
     the model's size, which the caller checks)."""
     widths = [
         getattr(layer, name)
-        for name in ("in_channels", "out_channels", "embedding_dim", "input_size", "hidden_size")
+        for name in (
+            "in_channels",
+            "out_channels",
+            "embedding_dim",
+            "input_size",
+            "hidden_size",
+            "num_features",
+        )
         if hasattr(layer, name)
     ]
     if max(widths, default=0) > limits.layer_width:
@@ -193,6 +206,8 @@ def reset(module: nn.Module, generator: torch.Generator) -> None:
             nn.init.normal_(module.weight, generator=generator)
             if module.padding_idx is not None:
                 module.weight[module.padding_idx].fill_(0)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()  # ones, zeros and fresh running statistics: no draws
         elif isinstance(module, nn.RNNBase):
             bound = 1 / math.sqrt(module.hidden_size)
             for weight in module.parameters():
@@ -209,6 +224,10 @@ def expects(layer: Any) -> str:
             return "[N, C, H, W]" if _dims(layer) == 2 else "[N, C, L]"
         case specs.RecurrentLayer():
             return f"[N, T, {layer.input_size}]"
+        case specs.BatchNormLayer() if layer.type == "batch_norm2d":
+            return f"[N, {layer.num_features}, H, W]"
+        case specs.BatchNormLayer():
+            return f"[N, {layer.num_features}] or [N, {layer.num_features}, L]"
         case specs.EmbeddingLayer():
             return f"int64 indices in [0, {layer.num_embeddings})"
         case specs.LinearLayer():
@@ -271,6 +290,9 @@ def meta_module(spec: specs.SequentialModel) -> nn.Sequential:
                 for i, layer in enumerate(spec.layers)
             )
         )
+        # Eval mode: shapes only, and batch-norm's check of a training batch's size (more
+        # than one value per channel) is the real run's to make, in train mode only.
+        module.eval()
         if len(_META) >= 256:  # a bound, not a policy: architectures are few
             _META.clear()
         _META[key] = module
@@ -283,6 +305,17 @@ _META: dict[str, nn.Sequential] = {}
 def parameter_shapes(spec: specs.SequentialModel) -> dict[str, Shape]:
     """Every parameter's shape, as ``nn.Sequential`` names them."""
     return {name: tuple(p.shape) for name, p in meta_module(spec).named_parameters()}
+
+
+def buffer_shapes(spec: specs.SequentialModel) -> dict[str, Shape]:
+    """Every buffer's shape (batch-norm's running statistics), as ``nn.Sequential`` names
+    them."""
+    return {name: tuple(b.shape) for name, b in meta_module(spec).named_buffers()}
+
+
+def has_batch_norm(spec: specs.SequentialModel) -> bool:
+    """Whether the model has a batch-norm layer (its train-mode outputs mix the batch's rows)."""
+    return any(isinstance(layer, specs.BatchNormLayer) for layer in spec.layers)
 
 
 def embedding_first(spec: specs.SequentialModel) -> specs.EmbeddingLayer | None:

@@ -132,6 +132,8 @@ _LAYER_OPS: dict[type[nn.Module], str] = {
     nn.MaxPool2d: "max_pool2d",
     nn.AvgPool1d: "avg_pool1d",
     nn.AvgPool2d: "avg_pool2d",
+    nn.BatchNorm1d: "batch_norm1d",
+    nn.BatchNorm2d: "batch_norm2d",
 }
 
 
@@ -167,8 +169,19 @@ class Model:
         shown exact here)."""
         return not self.has_dropout and not self.shaped
 
+    @property
+    def has_batch_norm(self) -> bool:
+        """Whether a layer normalises over the batch in train mode (its rows are then not
+        separable, and its running statistics are buffers)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.module.named_parameters())
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """The state beside the parameters that steps change but gradients do not reach:
+        batch-norm's ``running_mean``, ``running_var`` and ``num_batches_tracked``."""
+        return dict(self.module.named_buffers())
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}

@@ -342,7 +342,8 @@ def check(
     the vector of ``hvp`` decoded (None when not asked for).
 
     Raises:
-        SpecError: a second-order quantity of a model with dropout.
+        SpecError: a second-order quantity of a model with dropout; any of a model with
+            batch-norm.
         TooLarge: ``hessian`` of more than ``limits.hessian_params`` parameters.
         ShapeError: ``hvp``'s vector misses a parameter, names another or has another shape.
     """
@@ -352,6 +353,14 @@ def check(
             f"{', '.join(second)} cannot be computed for a model with dropout: its random mask "
             "makes the loss a different function at every evaluation. Remove the dropout "
             "layers, or ask only for first-order quantities",
+            loc=("quantities",),
+        )
+    if model.has_batch_norm:
+        raise SpecError(
+            f"{', '.join(wanted)} cannot be computed for a model with batch-norm: in train "
+            "mode each sample's output depends on the whole batch through its statistics, so "
+            "per-sample quantities are not defined. Ask for the gradients alone, or use "
+            "layer_norm, which normalises each sample by itself",
             loc=("quantities",),
         )
     trainable = model.trainable()

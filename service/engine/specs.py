@@ -233,7 +233,7 @@ class EmbeddingLayer(Spec):
 
 
 class BatchNormLayer(Spec):
-    """Accepted in form, refused when built: running statistics need session buffers."""
+    """torch's BatchNorm1d/2d; its running statistics are buffers kept in the session."""
 
     type: Literal["batch_norm1d", "batch_norm2d"]
     num_features: PositiveInt

@@ -21,6 +21,9 @@ from service.engine.models import Model
 from service.errors import InvalidInput
 
 PARAM = "param."
+BUFFER = "buffer."
+"""Buffers (batch-norm's running statistics): a file without any holds none, as every file
+written before models had buffers does."""
 OPT = "opt."
 SCHEDULER = "scheduler"
 """The metadata key of the scheduler's state (``schedulers.Saved`` as JSON), if any."""
@@ -51,11 +54,14 @@ def dump(
     scheduler: schedulers.Scheduler | None = None,
     accumulator: Accumulator | None = None,
 ) -> bytes:
-    """The state's bytes: parameters and optimizer state as tensors, the rest as metadata;
-    a non-empty ``accumulator`` as ``ACC`` tensors and its counts under ``ACCUMULATOR``."""
+    """The state's bytes: parameters, buffers and optimizer state as tensors, the rest as
+    metadata; a non-empty ``accumulator`` as ``ACC`` tensors and its counts under
+    ``ACCUMULATOR``."""
     tensors: dict[str, torch.Tensor] = {
         PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
     }
+    for name, b in model.named_buffers().items():
+        tensors[BUFFER + name] = b.detach().contiguous()
     extra: dict[str, Any] = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
@@ -148,8 +154,40 @@ def restore(model: Model, optimizer: torch.optim.Optimizer, data: bytes) -> dict
             if p.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
                 raise InvalidInput(f"{name}: the file holds values that are not finite")
             p.copy_(value)
+    _restore_buffers(model, tensors)
     _restore_optimizer(model, optimizer, tensors, metadata)
     return metadata
+
+
+def _restore_buffers(model: Model, tensors: dict[str, torch.Tensor]) -> None:
+    """The file's buffers into ``model``: exactly the model's, each of its shape and dtype,
+    finite, a variance not negative, a count of batches not negative. torch checks none of
+    this, and a lie would surface as NaN outputs or a 500 at the next forward."""
+    buffers = model.named_buffers()
+    expected = {BUFFER + n for n in buffers}
+    present = {k for k in tensors if k.startswith(BUFFER)}
+    if present != expected:
+        raise InvalidInput(
+            f"the file's buffers ({', '.join(sorted(present)) or 'none'}) are not the model's "
+            f"({', '.join(sorted(expected)) or 'none'})",
+            loc=(sorted(present ^ expected)[0],),
+        )
+    with torch.no_grad():
+        for name, b in buffers.items():
+            value, at = tensors[BUFFER + name], (BUFFER + name,)
+            if value.shape != b.shape or value.dtype != b.dtype:
+                raise InvalidInput(
+                    f"{BUFFER}{name}: the file holds {value.dtype} {list(value.shape)}, the "
+                    f"model {b.dtype} {list(b.shape)}",
+                    loc=at,
+                )
+            if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise InvalidInput(f"{BUFFER}{name} holds values that are not finite", loc=at)
+            if name.endswith("running_var") and bool((value < 0).any()):
+                raise InvalidInput(f"{BUFFER}{name} holds negative values: a variance", loc=at)
+            if not value.dtype.is_floating_point and bool((value < 0).any()):
+                raise InvalidInput(f"{BUFFER}{name} is negative: it counts batches", loc=at)
+            b.copy_(value)
 
 
 def _restore_optimizer(

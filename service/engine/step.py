@@ -49,6 +49,28 @@ def seeded(model: models.Model, seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def buffers_kept(model: models.Model, *, always: bool = True) -> Iterator[None]:
+    """The model's buffers (batch-norm's running statistics) as they were before, afterwards
+    (``always``) or only when the body raises: a train-mode forward updates them in place,
+    and only a step or accumulate that commits may keep what it did."""
+    buffers = model.named_buffers()
+    if not buffers:
+        yield
+        return
+    before = {n: b.clone() for n, b in buffers.items()}
+    try:
+        yield
+    except BaseException:
+        always = True
+        raise
+    finally:
+        if always:
+            with torch.no_grad():
+                for n, b in buffers.items():
+                    b.copy_(before[n])
+
+
 def forward(model: models.Model, inputs: models.Inputs) -> Result:
     model.module.train(False)  # inference mode: dropout off
     with torch.no_grad():
@@ -125,8 +147,9 @@ def step(
 ) -> Result:
     """``gradients``, then one optimizer update. On a non-finite result the parameters and the
     optimizer state are left as they were."""
-    result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
-    result.params = update(model, optimizer, clip_grad_norm)
+    with buffers_kept(model, always=False):
+        result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+        result.params = update(model, optimizer, clip_grad_norm)
     return result
 
 
@@ -328,14 +351,15 @@ def compute(
         assert loss is not None
         loss_spec = losses.normalise(loss)
         if kind == "gradients":
-            if wanted is None or not wanted.wanted:
-                return gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
-            vector = quantities.check(model, wanted.wanted, wanted.vector, limits)
-            result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
-            target = losses.target(loss_spec, y, result.outputs, limits)
-            problem = quantities.Problem(model, loss_spec, inputs, target, result.outputs, seed)
-            result.quantities = quantities.compute(problem, wanted.wanted, vector)
-            return result
+            with buffers_kept(model):  # gradients commit nothing, running statistics neither
+                if wanted is None or not wanted.wanted:
+                    return gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+                vector = quantities.check(model, wanted.wanted, wanted.vector, limits)
+                result = gradients(model, loss_spec, inputs, y, explain=explain, limits=limits)
+                target = losses.target(loss_spec, y, result.outputs, limits)
+                problem = quantities.Problem(model, loss_spec, inputs, target, result.outputs, seed)
+                result.quantities = quantities.compute(problem, wanted.wanted, vector)
+                return result
         assert optimizer is not None
         return step(
             model,

@@ -170,6 +170,11 @@ class Sessions:
             for name, t in tensors.items()
             if name.startswith(state.PARAM)
         }
+        buffers = {
+            name[len(state.BUFFER) :]: encode(t, b64)
+            for name, t in tensors.items()
+            if name.startswith(state.BUFFER)
+        }
         return {
             "id": record.id,
             "name": record.name,
@@ -180,6 +185,7 @@ class Sessions:
             "version": record.version,
             "job": record.hold,
             "params": params,
+            "buffers": buffers,
             "created_at": iso(record.created_at),
             "updated_at": iso(record.updated_at),
         }

@@ -215,6 +215,7 @@ class Answers(Generic[T]):
             version=int(data["version"]),
             etag=etag or f'"{data["id"]}:{data["version"]}"',
             params=params,
+            buffers=self.tensors(data.get("buffers") or {}),
             model=data["model"],
             loss=data["loss"],
             optimizer=data["optimizer"],

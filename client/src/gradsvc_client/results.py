@@ -168,6 +168,7 @@ class Session(Generic[T]):
         updated_at: When it last changed.
         scheduler: The learning-rate scheduler's spec, if it has one.
         lr: The learning rate its next step uses.
+        buffers: Its buffers (batch-norm's running statistics), empty for a model without.
         raw: The body as sent, for fields this client does not know yet.
     """
 
@@ -185,6 +186,7 @@ class Session(Generic[T]):
     updated_at: datetime
     scheduler: dict[str, Any] | None = None
     lr: float | None = None
+    buffers: dict[str, T] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     client: Any = field(default=None, repr=False, compare=False)
     """The client that fetched it (``refresh`` asks that one)."""
