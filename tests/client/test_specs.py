@@ -104,6 +104,10 @@ EXPECTED: list[tuple[specs.Spec, dict[str, Any]]] = [
         {"type": "batch_norm1d", "num_features": 4, "momentum": 0.2},
     ),  # fmt: skip
     (
+        gc.BatchNorm1d(4, momentum=gc.NULL),  # torch's None: a cumulative average
+        {"type": "batch_norm1d", "num_features": 4, "momentum": None},
+    ),  # fmt: skip
+    (
         gc.BatchNorm2d(3, affine=False),
         {"type": "batch_norm2d", "num_features": 3, "affine": False},
     ),  # fmt: skip

@@ -393,6 +393,7 @@ def test_the_clients_layer_builders_are_accepted_as_they_send_them() -> None:
         client.GRU(16, 3, num_layers=1, bias=False, dropout=0.0, bidirectional=False),
         client.Last(),
         client.BatchNorm1d(3, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True),
+        client.BatchNorm2d(3, momentum=client.NULL),  # torch's None: a cumulative average
     ]
     for builder in sent:
         layer = builder.to_json()

@@ -55,6 +55,7 @@ from gradsvc_client.specs import (
     GELU,
     GRU,
     LSTM,
+    NULL,
     SGD,
     Adagrad,
     Adam,
@@ -107,6 +108,7 @@ from gradsvc_client.tensors import BatchInput, TensorLike
 __version__ = "0.1.0"
 
 __all__ = [
+    "NULL",
     "GELU",
     "GRU",
     "LSTM",

@@ -15,6 +15,9 @@ builder or the plain dict alike::
 
 Tensors inside (a ``Value``) stay as given; the client encodes them on the way out (nested
 lists, or b64 when large).
+
+Where torch gives None a meaning of its own (``BatchNorm1d(momentum=None)``: a cumulative
+average), ``NULL`` sends an explicit JSON ``null``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
 __all__ = [
+    "NULL",
     "GELU",
     "GRU",
     "LSTM",
@@ -81,6 +85,26 @@ Reduction = Literal["mean", "sum"]
 IntOrPair = int | tuple[int, int]
 
 
+class _Null:
+    """The type of ``NULL``: a field sent as JSON ``null`` rather than left out."""
+
+    _instance: ClassVar[_Null | None] = None
+
+    def __new__(cls) -> _Null:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
+"""Sends a field as JSON ``null`` where None would leave it out, for torch's own None, e.g.
+``BatchNorm1d(8, momentum=NULL)`` is ``{"type": "batch_norm1d", "num_features": 8,
+"momentum": null}``: a cumulative average of the running statistics."""
+
+
 def _plain(value: Any) -> Any:
     """A field's JSON: builders by their ``to_json``, tuples as lists, tensors as they are."""
     if isinstance(value, Spec):
@@ -107,7 +131,9 @@ class Spec:
         out: dict[str, Any] = {"type": self.TYPE} if self.TYPE else {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is NULL:
+                out[f.name] = None
+            elif value is not None:
                 out[f.name] = _plain(value)
         return out
 
@@ -399,7 +425,7 @@ class Embedding(Spec):
 class _BatchNorm(Spec):
     num_features: int
     eps: float | None = None
-    momentum: float | None = None
+    momentum: float | _Null | None = None
     affine: bool | None = None
     track_running_stats: bool | None = None
 
@@ -411,7 +437,8 @@ class BatchNorm1d(_BatchNorm):
     Attributes:
         num_features: Channels (or features).
         eps: Added to the variance (1e-5).
-        momentum: Of the running statistics (0.1).
+        momentum: Of the running statistics (0.1); ``NULL`` for torch's None, a cumulative
+            average.
         affine: Whether it has ``weight`` and ``bias`` (true).
         track_running_stats: true by default.
     """
