@@ -340,6 +340,7 @@ def _vectorised(
             [("loss", loss[i]), ("outputs", outputs[i])]
             + [(f"the gradient of {n}", g[i]) for n, g in grads.items()]
         )
+    param_rows: dict[str, tuple[torch.Tensor, ...]] | None = None
     if kind == "step":
         leaves = [stacked[n] for n in trainable]
         owners = [
@@ -361,10 +362,12 @@ def _vectorised(
         for i in _false(updated):
             errors.setdefault(i, _update_failure(i, stacked, slots))
         kept = [i for i in range(count) if i not in errors]
-        _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
+        splits = _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
+        # The stepped rows write_back read are the answer's too: views are not free (256 each).
+        rows = dict(zip(trainable, splits, strict=True))
+        param_rows = {n: rows[n] if n in rows else stacked[n].unbind(0) for n in names}
     loss_rows, out_rows, norm_rows = loss.unbind(0), outputs.unbind(0), total.unbind(0)
     grad_rows = {n: g.unbind(0) for n, g in grads.items()}
-    param_rows = {n: t.unbind(0) for n, t in stacked.items()} if kind == "step" else None
     return [
         errors[i]
         if i in errors
@@ -385,9 +388,6 @@ class _Owner:
 
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
-
-    def state(self, j: int) -> dict[str, Any]:
-        return cast(dict[str, Any], self.optimizer.state[self.params[j]])
 
 
 def _stacked_optimizer(
@@ -415,7 +415,7 @@ def _stacked_optimizer(
         state = template.state.get(owners[0].params[j])
         if not state:  # never stepped: the optimizer starts the stack as it would start theirs
             continue
-        states = [o.state(j) for o in owners]
+        states = [o.optimizer.state[o.params[j]] for o in owners]  # no call per entry: 256
         optimizer.state[leaf] = {
             key: torch.stack([s[key] for s in states]) if _stacks(key, value) else _copy(value)
             for key, value in state.items()
@@ -430,18 +430,19 @@ def _write_back(
     leaves: list[torch.Tensor],
     stacked: torch.optim.Optimizer,
     existed: set[tuple[int, str]],
-) -> None:
+) -> list[tuple[torch.Tensor, ...]]:
     """Rows ``rows`` of the stepped parameters and state into the entries' own tensors: in place
     where they exist (one foreach copy), as copies where this step made them, so that no
-    session keeps a whole stack alive."""
+    session keeps a whole stack alive. Returns each leaf's rows, all of them, as views."""
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
+    splits: list[tuple[torch.Tensor, ...]] = []
     for j, leaf in enumerate(leaves):
         targets += [o.params[j] for o in owners]
-        split = leaf.unbind(0)
-        sources += [split[i] for i in rows]
+        splits.append(leaf.unbind(0))
+        sources += [splits[-1][i] for i in rows]
         new = stacked.state[leaf]
-        states = [o.state(j) for o in owners] if new else []
+        states = [o.optimizer.state[o.params[j]] for o in owners] if new else []
         for key, value in new.items():
             if _stacks(key, value):
                 split = value.unbind(0)
@@ -456,6 +457,7 @@ def _write_back(
                     s[key] = _copy(v)
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
+    return splits
 
 
 def _stacks(key: str, value: Any) -> bool:
