@@ -302,16 +302,17 @@ class ObserveMiddleware:
             method = scope["method"]
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(took)
-            fields: dict[str, Any] = {
-                "request_id": request_id,
-                "method": method,
-                "path": scope["path"],
-                "route": route,
-                "status": status,
-                "duration_ms": round(took * 1000, 3),
-                "client": (scope.get("client") or ("", 0))[0],
-            }
-            access.info("%s %s %d", method, scope["path"], status, extra={"fields": fields})
+            if access.isEnabledFor(logging.INFO):  # else its fields would be built for nothing
+                fields: dict[str, Any] = {
+                    "request_id": request_id,
+                    "method": method,
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(took * 1000, 3),
+                    "client": (scope.get("client") or ("", 0))[0],
+                }
+                access.info("%s %s %d", method, scope["path"], status, extra={"fields": fields})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

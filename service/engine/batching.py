@@ -29,6 +29,9 @@ batching rule) run alone one by one. A group of one runs alone.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -42,13 +45,14 @@ from service.engine import losses, models, specs
 from service.engine.limits import Limits
 from service.engine.specs import Kind
 from service.engine.step import Result, _check_finite, check_update, compute
-from service.engine.tensors import decode
+from service.engine.tensors import DTYPE_NAMES, decode
 from service.errors import GradsvcError
 
 _EXACT = (torch.float32, torch.float64)
 _SHARED = "step"
 """The optimizer state slot that counts updates, one number per parameter rather than a
 tensor of its shape: the rows share it, so entries must agree on it."""
+_B64_KEYS = frozenset({"dtype", "shape", "b64"})
 _UNBATCHABLE = (GradsvcError, RuntimeError, ValueError, IndexError, TypeError)
 
 Params = dict[str, torch.Tensor]
@@ -152,7 +156,8 @@ def run_group(
     results: list[Result | GradsvcError | None] = [None] * len(entries)
     targets: list[torch.Tensor | None] = []
     parts: dict[Hashable, list[int]] = {}
-    for i, entry in enumerate(entries):
+    together = _targets_at_once(loss_spec, entries, like, limits)
+    for i, entry in enumerate(entries if together is None else ()):
         try:
             target = _target(loss_spec, entry.y, like, limits)
         except GradsvcError:
@@ -161,11 +166,15 @@ def run_group(
         else:  # the signature's cheap look at y can miss an int/float or a reshape
             parts.setdefault(None if target is None else (target.shape, target.dtype), []).append(i)
         targets.append(target)
+    if together is not None:
+        parts = {None: list(range(len(entries)))}
     for indices in parts.values():
         group = [entries[i] for i in indices]
         outcomes: list[Result | GradsvcError] | None = None
         if len(group) > 1:
-            y = None if loss_spec is None else torch.stack([cast(Any, targets[i]) for i in indices])
+            y = together
+            if loss_spec is not None and y is None:
+                y = torch.stack([cast(Any, targets[i]) for i in indices])
             try:
                 outcomes = _vectorised(kind, loss_spec, spec.optimizer.clip_grad_norm, group, y)
             except _UNBATCHABLE:  # raised before anything was written
@@ -205,6 +214,56 @@ def _target(
         return None
     assert like is not None
     return losses.target(loss_spec, y, like, limits)
+
+
+def _targets_at_once(
+    loss_spec: specs.LossSpec | None,
+    entries: list[Entry],
+    like: torch.Tensor | None,
+    limits: Limits,
+) -> torch.Tensor | None:
+    """Every entry's target, stacked, decoded as one array where each ``y`` is a b64 object of
+    the outputs' own dtype and shape (what a client that sends b64 sends): the same bytes as
+    ``losses.target`` reads one by one, with one finiteness check for all. None for anything
+    else, or any doubt, and then each target is decoded on its own, to fail as it fails alone.
+    """
+    if loss_spec is None or like is None or loss_spec.type == "cross_entropy":
+        return None
+    dtype, shape = DTYPE_NAMES[like.dtype], list(like.shape)
+    if len(shape) > limits.tensor_dims or like.numel() > limits.tensor_elements:
+        return None
+    nbytes = like.numel() * like.element_size()
+    if not nbytes:
+        return None
+    length = 4 * math.ceil(nbytes / 3)
+    raws: list[bytes] = []
+    for entry in entries:
+        y = entry.y
+        if (
+            type(y) is not dict
+            or "b64" not in y
+            or not y.keys() <= _B64_KEYS
+            or y.get("dtype", "float32") != dtype
+            or type(y.get("shape")) is not list
+            or not all(type(d) is int for d in y["shape"])  # [True] == [1]: the types first
+            or y["shape"] != shape
+            or type(y["b64"]) is not str
+            or len(y["b64"]) != length
+        ):
+            return None
+        try:
+            raw = base64.b64decode(y["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != nbytes:
+            return None
+        raws.append(raw)
+    # bytearray: frombuffer wants a writable buffer, and the tensor must own its memory.
+    stacked = torch.frombuffer(bytearray(b"".join(raws)), dtype=like.dtype)
+    if not bool(torch.isfinite(stacked).all()):
+        return None
+    stacked = stacked.reshape(len(entries), *shape)
+    return stacked.to(like.device) if like.device.type != "cpu" else stacked
 
 
 class _Forward(nn.Module):
@@ -281,6 +340,7 @@ def _vectorised(
             [("loss", loss[i]), ("outputs", outputs[i])]
             + [(f"the gradient of {n}", g[i]) for n, g in grads.items()]
         )
+    param_rows: dict[str, tuple[torch.Tensor, ...]] | None = None
     if kind == "step":
         leaves = [stacked[n] for n in trainable]
         owners = [
@@ -302,10 +362,12 @@ def _vectorised(
         for i in _false(updated):
             errors.setdefault(i, _update_failure(i, stacked, slots))
         kept = [i for i in range(count) if i not in errors]
-        _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
+        splits = _write_back([owners[i] for i in kept], kept, leaves, optimizer, existed)
+        # The stepped rows write_back read are the answer's too: views are not free (256 each).
+        rows = dict(zip(trainable, splits, strict=True))
+        param_rows = {n: rows[n] if n in rows else stacked[n].unbind(0) for n in names}
     loss_rows, out_rows, norm_rows = loss.unbind(0), outputs.unbind(0), total.unbind(0)
     grad_rows = {n: g.unbind(0) for n, g in grads.items()}
-    param_rows = {n: t.unbind(0) for n, t in stacked.items()} if kind == "step" else None
     return [
         errors[i]
         if i in errors
@@ -326,9 +388,6 @@ class _Owner:
 
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
-
-    def state(self, j: int) -> dict[str, Any]:
-        return cast(dict[str, Any], self.optimizer.state[self.params[j]])
 
 
 def _stacked_optimizer(
@@ -356,7 +415,7 @@ def _stacked_optimizer(
         state = template.state.get(owners[0].params[j])
         if not state:  # never stepped: the optimizer starts the stack as it would start theirs
             continue
-        states = [o.state(j) for o in owners]
+        states = [o.optimizer.state[o.params[j]] for o in owners]  # no call per entry: 256
         optimizer.state[leaf] = {
             key: torch.stack([s[key] for s in states]) if _stacks(key, value) else _copy(value)
             for key, value in state.items()
@@ -371,18 +430,19 @@ def _write_back(
     leaves: list[torch.Tensor],
     stacked: torch.optim.Optimizer,
     existed: set[tuple[int, str]],
-) -> None:
+) -> list[tuple[torch.Tensor, ...]]:
     """Rows ``rows`` of the stepped parameters and state into the entries' own tensors: in place
     where they exist (one foreach copy), as copies where this step made them, so that no
-    session keeps a whole stack alive."""
+    session keeps a whole stack alive. Returns each leaf's rows, all of them, as views."""
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
+    splits: list[tuple[torch.Tensor, ...]] = []
     for j, leaf in enumerate(leaves):
         targets += [o.params[j] for o in owners]
-        split = leaf.unbind(0)
-        sources += [split[i] for i in rows]
+        splits.append(leaf.unbind(0))
+        sources += [splits[-1][i] for i in rows]
         new = stacked.state[leaf]
-        states = [o.state(j) for o in owners] if new else []
+        states = [o.optimizer.state[o.params[j]] for o in owners] if new else []
         for key, value in new.items():
             if _stacks(key, value):
                 split = value.unbind(0)
@@ -397,6 +457,7 @@ def _write_back(
                     s[key] = _copy(v)
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
+    return splits
 
 
 def _stacks(key: str, value: Any) -> bool:
@@ -448,6 +509,10 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    # A finite sum proves every element finite (NaN and ±Infinity survive any addition), in
+    # one pass and no mask; a sum that overflowed only sends us to the exact check.
+    if bool(torch.isfinite(t.sum())):
+        return torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
     return torch.isfinite(_flat(t)).all(dim=1)
 
 

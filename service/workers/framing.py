@@ -65,7 +65,8 @@ class Decoder(Generic[T]):
                 start = pos + 12
             if end < start + size:
                 break
-            message = pickle.loads(bytes(buf[start : start + size]))  # see the module's doc
+            # A bytearray slice: one copy of the payload, not two. See the module's doc.
+            message = pickle.loads(buf[start : start + size])
             if not isinstance(message, self.kinds):
                 names = " or ".join(kind.__name__ for kind in self.kinds)
                 raise TypeError(f"expected a {names}, got a {type(message).__name__}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -488,6 +489,23 @@ def test_an_entry_whose_target_does_not_decode_fails_as_alone() -> None:
     for i in range(4):
         assert_same_result(got[i], want[i], f"entry {i}")
         assert_same_session(mine[i], theirs[i], f"entry {i}")
+
+
+def test_b64_targets_decoded_together_fail_one_by_one_as_alone() -> None:
+    """b64 targets are decoded as one array; one that is not finite, or not valid base64,
+    or of another dtype, sends every entry back to its own decoding, each failing as alone."""
+    group = [_sgd_spec(i) for i in range(5)]
+    good = [_wire(torch.tensor([[float(i)]]), 2) for i in range(5)]
+    nan = _wire(torch.tensor([[math.nan]]), 2)
+    broken = {**good[0], "b64": "!!!!!!!!"[: len(good[0]["b64"])]}
+    wide = _wire(torch.tensor([[1.0]], dtype=torch.float64), 2)
+    for bad in (nan, broken, wide):
+        batch = [([[1.0, 2.0]], bad if i == 3 else good[i]) for i in range(5)]
+        mine, theirs, got, want = _run_both("step", group, batch)
+        assert isinstance(want[3], TensorError) == (bad is not wide)
+        for i in range(5):
+            assert_same_result(got[i], want[i], f"entry {i}")
+            assert_same_session(mine[i], theirs[i], f"entry {i}")
 
 
 def test_a_batch_that_does_not_fit_the_model_fails_for_everyone_as_alone() -> None:
