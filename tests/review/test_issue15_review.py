@@ -4,12 +4,22 @@ holds a finding that was a wrong answer or lost state before its fix."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
 from fastapi.testclient import TestClient
 
+from service.engine import specs
+from service.engine.limits import DEFAULT_LIMITS
+from service.store import Commit, SessionRecord
+from service.store.sqlite import SqliteStore
+from service.workers.sessions import Sessions
 from tests.api.test_batchnorm import BATCH, SESSION, X
 from tests.conftest import assert_problem
+
+APPLY = specs.SessionApplyRequest()
 
 
 def _job(client: TestClient, location: str) -> dict[str, Any]:
@@ -37,3 +47,40 @@ def test_a_batch_norm_job_whose_last_batch_holds_one_row_is_refused_before_it_st
     assert _job(client, r.headers["location"])["status"] == "succeeded"
     view = client.get(f"/v1/sessions/{sid}").json()
     assert view["step"] == view["buffers"]["1.num_batches_tracked"] == 4
+
+
+class Resent(SqliteStore):
+    """A store whose client resends a commit that did land (a connection lost before the
+    reply, as redis-py's retry does): the first commit is written, and answered CONFLICT."""
+
+    resend = True
+
+    def commit(self, record: SessionRecord, expected: int, *args: Any, **kwargs: Any) -> Commit:
+        outcome = super().commit(record, expected, *args, **kwargs)
+        if self.resend and outcome is Commit.OK:
+            self.resend = False
+            return super().commit(record, expected, *args, **kwargs)  # the resent try
+        return outcome
+
+
+@pytest.mark.parametrize("verb", ["accumulate", "apply"])
+def test_a_verb_whose_commit_was_resent_is_applied_once(tmp_path: Path, verb: str) -> None:
+    store = Resent(str(tmp_path / "resent.db"))
+    sessions = Sessions(store, DEFAULT_LIMITS, 0)
+    sessions.create("o", "s", specs.SessionCreate.model_validate(SESSION), None)
+    batch = specs.SessionAccumulateRequest.model_validate({"batch": BATCH})
+    if verb == "apply":
+        store.resend = False
+        sessions.accumulate("o", "s", batch, None, None)
+        store.resend = True
+        body = orjson.loads(sessions.apply("o", "s", APPLY, None, None).body)
+        assert body["step"] == 1
+        assert [row.step for row in store.history("o", "s", 10)] == [1]
+    else:
+        body = orjson.loads(sessions.accumulate("o", "s", batch, None, None).body)
+        assert body["accumulated"] == 1
+    record = store.get("o", "s")
+    assert record is not None and record.version == 2 + (verb == "apply")
+    view = orjson.loads(sessions.read("o", "s").body)
+    assert view["buffers"]["1.num_batches_tracked"] == 1
+    store.close()
