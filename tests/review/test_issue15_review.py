@@ -9,15 +9,18 @@ from typing import Any
 
 import orjson
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from service.engine import specs
+from service.engine import optimizers, specs, state
 from service.engine.limits import DEFAULT_LIMITS
+from service.errors import InvalidInput
 from service.store import Commit, SessionRecord
 from service.store.sqlite import SqliteStore
 from service.workers.sessions import Sessions
 from tests.api.test_batchnorm import BATCH, SESSION, X
 from tests.conftest import assert_problem
+from tests.engine.test_batchnorm import CASES, OPTIMIZER, _built, _stepped
 
 APPLY = specs.SessionApplyRequest()
 
@@ -84,3 +87,17 @@ def test_a_verb_whose_commit_was_resent_is_applied_once(tmp_path: Path, verb: st
     view = orjson.loads(sessions.read("o", "s").body)
     assert view["buffers"]["1.num_batches_tracked"] == 1
     store.close()
+
+
+def test_a_batch_count_a_step_would_overflow_is_refused_on_restore() -> None:
+    """torch adds 1 to an int64 count that wraps at 2**63: a step would commit a negative one,
+    and then the session's own checkpoint would be refused."""
+    _, _, data = _stepped()
+    tensors, metadata = state.read(data)
+    tensors[state.BUFFER + "0.num_batches_tracked"] = torch.tensor(2**63 - 1)
+    fresh = _built(CASES[0][0])
+    sgd = OPTIMIZER.validate_python({"type": "sgd", "lr": 0.1})
+    with pytest.raises(InvalidInput, match="num_batches_tracked"):
+        state.restore(
+            fresh, optimizers.build(sgd, fresh.trainable().values()), state._save(tensors, metadata)
+        )
