@@ -192,7 +192,9 @@ def _restore_buffers(model: Model, tensors: dict[str, torch.Tensor]) -> None:
             if not value.dtype.is_floating_point and bool((value >= MAX_COUNT).any()):
                 # Each train-mode forward adds one, and int64 wraps to negative past 2**63.
                 raise InvalidInput(
-                    f"{BUFFER}{name} is {MAX_COUNT} or more: it counts batches", loc=at
+                    f"{BUFFER}{name} counts batches, and steps add to it: it must be below "
+                    f"{MAX_COUNT}",
+                    loc=at,
                 )
             b.copy_(value)
 
