@@ -3,6 +3,7 @@ holds a finding that was a wrong answer or lost state before its fix."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ from fastapi.testclient import TestClient
 from service.engine import optimizers, specs, state
 from service.engine.limits import DEFAULT_LIMITS
 from service.errors import InvalidInput
-from service.store import Commit, SessionRecord
+from service.store import Commit, HistoryRow, SessionRecord
 from service.store.sqlite import SqliteStore
 from service.workers.sessions import Sessions
 from tests.api.test_batchnorm import BATCH, SESSION, X
 from tests.conftest import assert_problem
 from tests.engine.test_batchnorm import CASES, OPTIMIZER, _built, _stepped
+from tests.store.test_history_lr import OLD_HISTORY, OLD_SESSIONS
 
 APPLY = specs.SessionApplyRequest()
 
@@ -101,3 +103,21 @@ def test_a_batch_count_a_step_would_overflow_is_refused_on_restore() -> None:
         state.restore(
             fresh, optimizers.build(sgd, fresh.trainable().values()), state._save(tensors, metadata)
         )
+
+
+def test_an_old_history_with_a_row_of_a_deleted_session_is_rebuilt(tmp_path: Path) -> None:
+    """The sqlite3 shell keeps foreign keys off: a session deleted there leaves its history
+    rows behind, and copying them into the rebuilt table (foreign keys on) stopped the store
+    from opening at all."""
+    path = tmp_path / "orphan.db"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SESSIONS)
+        db.execute(OLD_HISTORY)
+        db.execute("INSERT INTO sessions VALUES ('s_1', 'o', NULL, '{}', x'00', 1, 2, 1.0, 2.0)")
+        rows = [("s_1", 1, 0.5, 1.0, 3.0), ("s_gone", 1, 0.5, 1.0, 3.0)]
+        db.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?)", rows)
+    store = SqliteStore(str(path))
+    try:
+        assert store.history("o", "s_1", 10) == [HistoryRow(1, 0.5, 1.0, 3.0)]
+    finally:
+        store.close()
