@@ -28,6 +28,8 @@ OPT = "opt."
 SCHEDULER = "scheduler"
 """The metadata key of the scheduler's state (``schedulers.Saved`` as JSON), if any."""
 MAX_METADATA = 1_000_000
+MAX_COUNT = 2**62
+"""A count of batches a restored buffer may hold at most (less one): steps add to it."""
 ACC = "accumulator."
 ACCUMULATOR = "accumulator"
 """The metadata key of the accumulator's counts (JSON), beside its ``ACC`` tensors."""
@@ -198,6 +200,13 @@ def _restore_buffers(model: Model, tensors: dict[str, torch.Tensor]) -> None:
                 raise InvalidInput(f"{BUFFER}{name} holds negative values: a variance", loc=at)
             if not value.dtype.is_floating_point and bool((value < 0).any()):
                 raise InvalidInput(f"{BUFFER}{name} is negative: it counts batches", loc=at)
+            if not value.dtype.is_floating_point and bool((value >= MAX_COUNT).any()):
+                # Each train-mode forward adds one, and int64 wraps to negative past 2**63.
+                raise InvalidInput(
+                    f"{BUFFER}{name} counts batches, and steps add to it: it must be below "
+                    f"{MAX_COUNT}",
+                    loc=at,
+                )
             b.copy_(value)
 
 

@@ -88,14 +88,20 @@ def _make_schema(db: sqlite3.Connection) -> None:
 
 def _nullable_loss(db: sqlite3.Connection) -> None:
     """Rebuild a history table whose loss is NOT NULL (files from before an apply could have
-    no loss): SQLite cannot alter a column, so copy every row into a table of today's shape
-    and put it in the old one's place, in the caller's transaction. A no-op once done."""
+    no loss): SQLite cannot alter a column, so copy every row of a session that exists into
+    a table of today's shape and put it in the old one's place, in the caller's transaction.
+    A no-op once done."""
     notnull = {row[1]: row[3] for row in db.execute("PRAGMA table_info(history)")}
     if not notnull.get("loss"):
         return
     columns = "session_id, step, loss, grad_norm, at, lr"
     db.execute(f"CREATE TABLE history_rebuilt ({_HISTORY})")
-    db.execute(f"INSERT INTO history_rebuilt ({columns}) SELECT {columns} FROM history")
+    # Only rows of a session that exists: a session deleted with foreign keys off (the
+    # sqlite3 shell's default) left its rows behind, unreadable, and they would fail the copy.
+    db.execute(
+        f"INSERT INTO history_rebuilt ({columns}) SELECT {columns} FROM history "
+        "WHERE session_id IN (SELECT id FROM sessions)"
+    )
     db.execute("DROP TABLE history")
     db.execute("ALTER TABLE history_rebuilt RENAME TO history")
 

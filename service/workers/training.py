@@ -16,7 +16,7 @@ import orjson
 import torch
 from safetensors.torch import save as save_tensors
 
-from service.engine import budget, losses, specs
+from service.engine import budget, losses, models, specs
 from service.engine.limits import Limits
 from service.errors import GradsvcError, InvalidInput, NotFound, ShapeError
 from service.store import Commit, JobRecord, SessionRecord
@@ -56,6 +56,7 @@ class Trainer:
         if isinstance(record, Answer):
             return record
         inputs, y = self._dataset(record, request)
+        self._check_batch_norm_rows(record, request, inputs, y)
         self._budget(record, request, inputs, y)
         total = request.epochs * math.ceil(int(y.shape[0]) / request.batch_size)
         if total > self.max_steps:
@@ -127,6 +128,43 @@ class Trainer:
             "this job (one mini-batch, and its dataset)",
             "use a smaller batch_size, or a smaller dataset",
         )
+
+    def _check_batch_norm_rows(
+        self,
+        record: SessionRecord,
+        request: specs.TrainRequest,
+        inputs: dict[str, torch.Tensor],
+        y: torch.Tensor,
+    ) -> None:
+        """ShapeError if a mini-batch of the job is one batch-norm refuses in train mode (one
+        value per channel: the last batch of an epoch may hold a single row). Found here, on
+        the meta device, rather than by the job after it has committed steps.
+
+        Raises:
+            ShapeError: a batch-norm layer cannot train on one of the job's batch sizes.
+        """
+        model = self.sessions.load(record).model
+        if not (model.has_batch_norm and isinstance(model.spec, specs.SequentialModel)):
+            return
+        rows, size = int(y.shape[0]), request.batch_size
+        x = inputs["x"]
+        meta = torch.nn.Sequential(
+            *(
+                models.layer_module(layer, model.dtype, ("layers", i), "meta")
+                for i, layer in enumerate(model.spec.layers)
+            )
+        ).train()
+        for n in sorted({min(size, rows), rows % size or size}):
+            try:
+                meta(torch.empty((n, *x.shape[1:]), dtype=x.dtype, device="meta"))
+            except (RuntimeError, ValueError, IndexError) as exc:
+                reason = str(exc).split("\n", 1)[0][:200]
+                raise ShapeError(
+                    f"with batch_size {size}, a mini-batch of these {rows} rows holds {n}, "
+                    f"which the model's batch-norm cannot train on (torch: {reason}): choose "
+                    "a batch_size that leaves no such batch at the end of an epoch",
+                    loc=("batch_size",),
+                ) from None
 
     def _free(self, owner: str, session_id: str, idem: Idem | None) -> SessionRecord | Answer:
         """The session, if no job holds it; else the answer stored under this request's key

@@ -81,6 +81,8 @@ def run(
         outcome = sessions.store.commit(
             done.record, record.version, done.history, idem.record(answer) if idem else None
         )
+        if outcome is Commit.CONFLICT and _landed(sessions, done.record, committed.version):
+            outcome = Commit.OK  # a resent commit whose first try was written: it is ours
         if outcome is Commit.OK:
             sessions.cache.put(key, committed.version, built)
             if done.history is not None:
@@ -89,6 +91,20 @@ def run(
         sessions.refuse(outcome, owner, session_id)
         # CONFLICT (moved on, or the key was answered meanwhile) or BUSY: read again
     raise GradsvcError("the session kept moving; gave up")  # pragma: no cover
+
+
+def _landed(sessions: Sessions, written: SessionRecord, version: int) -> bool:
+    """Whether the store holds ``written`` at ``version``: a store's client may resend a
+    commit whose reply was lost (redis-py retries a dropped connection), and the resent try
+    is refused as moved on by the first. Running the verb again would then add its batch, or
+    step, twice. The state's bytes and the time stamped with them are this verb's own."""
+    held = sessions.store.get(written.owner, written.id)
+    return (
+        held is not None
+        and held.version == version
+        and held.state == written.state
+        and held.updated_at == written.updated_at
+    )
 
 
 def _replay(sessions: Sessions, idem: Idem | None) -> Answer | None:
