@@ -336,12 +336,15 @@ class Sessions:
         """This worker's share of a ``POST /v1/sessions/step``, budgeted as a whole before
         any of it runs (TooLarge for all of it: what one pass holds at once), then run as
         ``run_many`` runs it, from the sessions read for the budget."""
-        read: dict[SessionKey, SessionRecord] = {}
+        keys = list(dict.fromkeys((job.owner, job.session_id) for job in jobs))
+        read: dict[SessionKey, SessionRecord] = {
+            key: record
+            for key, record in zip(keys, self.store.get_many(keys), strict=True)
+            if record is not None
+        }
         links: dict[SessionKey, list[RunJob]] = {}
         for job in jobs:
             key = (job.owner, job.session_id)
-            if key not in read and (record := self.store.get(*key)) is not None:
-                read[key] = record
             if key in read:
                 links.setdefault(key, []).append(job)
         chains = []
