@@ -41,6 +41,7 @@ requests: never under the measured peak, and within 2x of it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -556,6 +557,91 @@ def session(
     staged = state_bytes(spec)
     parts = {**found.parts, "staged states": 2 * staged}
     return Estimate(found.tensors, found.host + 2 * staged, parts, found.answer)
+
+
+def session_of(
+    kind: specs.Kind,
+    spec_text: str,
+    batch: specs.Batch,
+    limits: Limits,
+    *,
+    b64: bool = False,
+    include: Iterable[str] = ("loss", "grads", "params", "outputs"),
+    explain: bool = False,
+    quantities: tuple[str, ...] = (),
+) -> Estimate | None:
+    """``session`` for the session whose spec is the JSON ``spec_text``, remembered: the
+    estimate reads of the batch only its tensors' shapes (and whether the target is
+    integral), so many steps of one spec on batches of one shape cost one estimate. The
+    estimate returned is shared: read it, never change it.
+
+    Args:
+        kind: what the request computes.
+        spec_text: the session's spec as the store keeps it.
+        batch: the request's batch.
+        limits: the limits in force.
+        b64: whether the answer is in b64.
+        include: what the answer holds.
+        explain: whether the answer explains the computation.
+        quantities: quantities beyond the gradient asked for.
+
+    Returns:
+        The estimate, or None when the shapes are not known before decoding.
+
+    Raises:
+        TooLarge: for a ``hessian`` over ``limits.hessian_params``.
+    """
+    x = batch.x
+    named = isinstance(x, dict) and not ({"data", "b64"} & x.keys())
+    xs = tuple((n, _wired(v)) for n, v in x.items()) if named else _wired(x)
+    ys = None if batch.y is None else _wired(batch.y)
+    return _session_by_shapes(
+        kind, spec_text, named, xs, ys, limits, b64, frozenset(include), explain, quantities
+    )
+
+
+_Wired = tuple[Shape | None, bool]
+
+
+def _wired(value: Any) -> _Wired:
+    """All ``work`` reads of a tensor's wire form: its shape and whether it is integral."""
+    return wire_shape(value), _integral(value)
+
+
+def _stand_in(wired: _Wired) -> dict[str, Any]:
+    """A wire form with that shape and integrality, and no numbers."""
+    shape, integral = wired
+    dtype = "int64" if integral else "float32"
+    return {"dtype": dtype, "shape": None if shape is None else list(shape), "b64": ""}
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_by_shapes(
+    kind: specs.Kind,
+    spec_text: str,
+    named: bool,
+    xs: Any,
+    ys: _Wired | None,
+    limits: Limits,
+    b64: bool,
+    include: frozenset[str],
+    explain: bool,
+    quantities: tuple[str, ...],
+) -> Estimate | None:
+    x = {n: _stand_in(w) for n, w in xs} if named else _stand_in(xs)
+    y = None if ys is None else _stand_in(ys)
+    batch = specs.Batch.model_construct(x=x, y=y)
+    spec = specs.SessionSpec.model_validate_json(spec_text)
+    return session(
+        kind,
+        spec,
+        batch,
+        limits,
+        b64=b64,
+        include=include,
+        explain=explain,
+        quantities=quantities,
+    )
 
 
 def state_bytes(spec: specs.SessionSpec) -> int:

@@ -233,6 +233,10 @@ class SessionStore(JobStore, Protocol):
 
     def get(self, owner: str, session_id: str) -> SessionRecord | None: ...
 
+    def get_many(self, keys: Sequence[tuple[str, str]]) -> list[SessionRecord | None]:
+        """``get`` of each (owner, session id) in ``keys``, in their order, read at once."""
+        ...
+
     def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
         """The owner's sessions in creation order, those after ``after``."""
         ...

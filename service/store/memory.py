@@ -89,6 +89,10 @@ class MemoryStore:
         record = self._sessions.get(session_id)
         return record if record is not None and record.owner == owner else None
 
+    def get_many(self, keys: Sequence[tuple[str, str]]) -> list[SessionRecord | None]:
+        with self._lock:
+            return [self.get(owner, session_id) for owner, session_id in keys]
+
     def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
         with self._lock:
             mine = sorted(

@@ -258,6 +258,13 @@ class RedisStore:
         raw = cast(dict[bytes, bytes], self._redis.hgetall(self._session_key(session_id)))
         return _session(session_id, raw, owner)
 
+    def get_many(self, keys: Sequence[tuple[str, str]]) -> list[SessionRecord | None]:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip, not one per key
+        for _, session_id in keys:
+            pipe.hgetall(self._session_key(session_id))
+        raws = cast(list[dict[bytes, bytes]], pipe.execute())
+        return [_session(sid, raw, owner) for (owner, sid), raw in zip(keys, raws, strict=True)]
+
     def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
         found: list[SessionRecord] = []
         bound = b"-" if after is None else b"(" + _index_member(*after)

@@ -257,6 +257,25 @@ class SqliteStore:
         )
         return SessionRecord(*row) if row else None
 
+    def get_many(self, keys: Sequence[tuple[str, str]]) -> list[SessionRecord | None]:
+        # One statement per chunk (SQLite's default bound on parameters is 999); the
+        # owner is compared here, as ``get`` compares it in SQL.
+        found: dict[str, SessionRecord] = {}
+        ids = list(dict.fromkeys(session_id for _, session_id in keys))
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            rows = (
+                self._conn()
+                .execute(f"SELECT {_COLUMNS} FROM sessions WHERE id IN ({marks})", chunk)
+                .fetchall()
+            )
+            found.update((record.id, record) for record in (SessionRecord(*row) for row in rows))
+        return [
+            record if (record := found.get(sid)) is not None and record.owner == owner else None
+            for owner, sid in keys
+        ]
+
     def sessions(self, owner: str, limit: int, after: Cursor | None = None) -> list[SessionRecord]:
         created, sid = after if after is not None else (-1.0, "")
         rows = (

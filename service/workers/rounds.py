@@ -246,7 +246,7 @@ class Pass:
             chain.base = record.version
         elif built is None:
             built = sessions.load(record)
-        sessions.budget(job, built.spec)
+        sessions.budget(job, record.spec)
         if job.kind == "step":
             schedulers.check_can_step(built.scheduler)
         inputs = built.model.decode_inputs(job.request.batch.x, sessions.limits)

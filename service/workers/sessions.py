@@ -8,6 +8,7 @@ are kept by ``cache`` (trusted only at a committed version); replays are ``idemp
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -108,7 +109,7 @@ class Sessions:
     # -- building ---------------------------------------------------------------------------
 
     def _spec(self, record: SessionRecord) -> specs.SessionSpec:
-        return specs.SessionSpec.model_validate_json(record.spec)
+        return _parsed_spec(record.spec)
 
     def _build(
         self, spec: specs.SessionSpec, data: bytes | None = None, *, scheduled: bool = True
@@ -206,13 +207,13 @@ class Sessions:
         budget.check_answer(len(data), self.limits, hint)
         return Answer(status, data, headers)
 
-    def budget(self, job: RunJob, spec: specs.SessionSpec) -> None:
-        """TooLarge if this step, gradients or forward would need more memory than one
-        request may have (``engine.budget``)."""
+    def budget(self, job: RunJob, spec_text: str) -> None:
+        """TooLarge if this step, gradients or forward on the session whose spec is
+        ``spec_text`` would need more memory than one request may have (``engine.budget``)."""
         request = job.request
-        estimate = budget.session(
+        estimate = budget.session_of(
             job.kind,
-            spec,
+            spec_text,
             request.batch,
             self.limits,
             b64=request.encoding == "b64",
@@ -335,12 +336,15 @@ class Sessions:
         """This worker's share of a ``POST /v1/sessions/step``, budgeted as a whole before
         any of it runs (TooLarge for all of it: what one pass holds at once), then run as
         ``run_many`` runs it, from the sessions read for the budget."""
-        read: dict[SessionKey, SessionRecord] = {}
+        keys = list(dict.fromkeys((job.owner, job.session_id) for job in jobs))
+        read: dict[SessionKey, SessionRecord] = {
+            key: record
+            for key, record in zip(keys, self.store.get_many(keys), strict=True)
+            if record is not None
+        }
         links: dict[SessionKey, list[RunJob]] = {}
         for job in jobs:
             key = (job.owner, job.session_id)
-            if key not in read and (record := self.store.get(*key)) is not None:
-                read[key] = record
             if key in read:
                 links.setdefault(key, []).append(job)
         chains = []
@@ -348,9 +352,9 @@ class Sessions:
             spec = self._spec(read[key])
             estimates = []
             for job in chain:
-                found = budget.session(
+                found = budget.session_of(
                     "step",
-                    spec,
+                    read[key].spec,
                     job.request.batch,
                     self.limits,
                     b64=job.request.encoding == "b64",
@@ -554,3 +558,9 @@ def _set_params(model: models.Model, values: dict[str, Any], limits: Limits) -> 
             )
         with torch.no_grad():
             params[name].copy_(tensor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_spec(text: str) -> specs.SessionSpec:
+    """A stored spec, parsed once per distinct text (specs are frozen: safe to share)."""
+    return specs.SessionSpec.model_validate_json(text)

@@ -84,6 +84,15 @@ def test_create_and_get_round_trip_bytes_exactly(store: SessionStore) -> None:
     assert store.ping() is True
 
 
+def test_get_many_reads_each_as_get_in_their_order(store: SessionStore) -> None:
+    first, second = session("s1"), session("s2", owner=BOB, state=b"")
+    assert store.create(first) is Commit.OK and store.create(second) is Commit.OK
+    keys = [(BOB, "s2"), (ALICE, "s1"), (ALICE, "s2"), (ALICE, "missing"), (ALICE, "s1")]
+    assert store.get_many(keys) == [second, first, None, None, first]
+    assert store.get_many(keys) == [store.get(*key) for key in keys]
+    assert store.get_many([]) == []
+
+
 def test_create_refuses_an_id_that_exists(store: SessionStore) -> None:
     original = session()
     assert store.create(original) is Commit.OK
