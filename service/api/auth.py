@@ -224,9 +224,14 @@ async def _within_rate(scope: Scope, send: Send, principal: str) -> bool:
     return True
 
 
+def principal(request: Request) -> str:
+    """Who is asking (the key's digest, or ``ANONYMOUS``), as the middleware found it."""
+    found: str = getattr(request.state, "principal", ANONYMOUS)
+    return found
+
+
 async def _principal(request: Request) -> str:
-    principal: str = getattr(request.state, "principal", ANONYMOUS)
-    return principal
+    return principal(request)
 
 
 PrincipalDep = Annotated[str, Depends(_principal)]

@@ -25,7 +25,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.api.auth import PrincipalDep
+from service.api.auth import principal
 from service.errors import Conflict, InvalidInput
 from service.workers.jobs import Idem
 
@@ -82,7 +82,6 @@ class InFlight:
 
 async def _idem(
     request: Request,
-    owner: PrincipalDep,
     key: Annotated[
         str | None,
         Header(
@@ -101,6 +100,7 @@ async def _idem(
         return None
     if not 1 <= len(key) <= MAX_KEY or not key.isascii() or not key.isprintable():
         raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY} printable ASCII characters")
+    owner = principal(request)
     query = {name: request.query_params.getlist(name) for name in SHAPING}
     name = fingerprint(request.method, request.url.path, await request.body(), query)
     return Idem(owner, key, name)

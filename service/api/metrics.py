@@ -123,6 +123,11 @@ class Metrics:
         self.jobs_failed = Counter(
             "gradsvc_jobs_failed", "training jobs that failed on this replica", registry=r
         )
+        # Each request's children, looked up once: labels() takes a lock and checks its
+        # arguments on every call. These hold no more entries than the registry holds
+        # children (unmatched paths all count as one route).
+        self._answered: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
         self.pool: WorkerPool | None = None
         self.ready: Callable[[], bool] = lambda: False
         """whether /readyz would answer 200 now, without probing the store (the app sets it)"""
@@ -150,6 +155,16 @@ class Metrics:
             self.jobs.labels(event).inc()
             if event == "failed":
                 self.jobs_failed.inc()
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered: counted by route, method and status, and timed."""
+        key = (route, method, status)
+        if (count := self._answered.get(key)) is None:
+            count = self._answered[key] = self.requests.labels(route, method, str(status))
+        count.inc()
+        if (latency := self._timed.get(key[:2])) is None:
+            latency = self._timed[key[:2]] = self.latency.labels(route, method)
+        latency.observe(seconds)
 
     def render(self) -> bytes:
         for kind, count in trouble.drain_met().items():  # this process's own store calls
@@ -300,8 +315,7 @@ class ObserveMiddleware:
             took = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.latency.labels(route, method).observe(took)
+            self.metrics.answered(route, method, status, took)
             if access.isEnabledFor(logging.INFO):  # else its fields would be built for nothing
                 fields: dict[str, Any] = {
                     "request_id": request_id,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api import schemas
-from service.api.auth import PrincipalDep
-from service.api.deps import InFlightDep, PoolDep
+from service.api.auth import principal
 from service.api.idempotency import IdemDep, InFlight
 from service.api.problems import responses
 from service.api.responses import FastJSONRoute, respond
@@ -32,10 +31,11 @@ class Compute:
             return respond(await self.pool.stateless(self.owner, kind, body, self.idem))
 
 
-async def _compute(
-    pool: PoolDep, owner: PrincipalDep, idem: IdemDep, inflight: InFlightDep
-) -> Compute:
-    return Compute(pool, owner, idem, inflight)
+async def _compute(request: Request, idem: IdemDep) -> Compute:
+    # Read from the app here rather than through a dependency each: every dependency is a
+    # pass of FastAPI's solver per request, and these are attribute reads.
+    state = request.app.state
+    return Compute(state.pool, principal(request), idem, state.inflight)
 
 
 ComputeDep = Annotated[Compute, Depends(_compute)]

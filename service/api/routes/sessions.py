@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 
 from service.api import cursors, schemas
-from service.api.auth import PrincipalDep
+from service.api.auth import PrincipalDep, principal
 from service.api.cursors import ID_CHARS
 from service.api.deps import InFlightDep, PoolDep, StoreDep
 from service.api.idempotency import IdemDep, InFlight, bulk_item, item_key
@@ -359,10 +359,11 @@ class SessionCall:
         return respond(answer)
 
 
-async def _session_call(
-    owner: PrincipalDep, idem: IdemDep, pool: PoolDep, inflight: InFlightDep
-) -> SessionCall:
-    return SessionCall(owner, idem, pool, inflight)
+async def _session_call(request: Request, idem: IdemDep) -> SessionCall:
+    # Read from the app here rather than through a dependency each: every dependency is a
+    # pass of FastAPI's solver per request, and these are attribute reads.
+    state = request.app.state
+    return SessionCall(principal(request), idem, state.pool, state.inflight)
 
 
 SessionCallDep = Annotated[SessionCall, Depends(_session_call)]
