@@ -65,6 +65,7 @@ def _session(step: int, version: int, w: float, name: str = "notebook") -> dict[
         "version": version,
         "job": None,
         "params": {"w": [w]},
+        "buffers": {},
         "created_at": CREATED,
         "updated_at": CREATED if step == 0 else UPDATED,
     }
