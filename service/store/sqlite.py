@@ -63,6 +63,11 @@ PROBE_TIMEOUT_MS = 1000
 """/readyz's write probe waits this long for a lock at most: a probe must answer quickly."""
 MIN_FREE_BYTES = 64 * 1024
 """Below this much free disk the store is reported full: a step's write could not fit."""
+CACHE_KIB = 16 * 1024
+"""Each connection's page cache, an upper bound (it fills only as pages are read). SQLite's
+default, 2 MiB, is less than a group of a few hundred sessions' states: a group's commit
+spilled its dirty pages to the WAL mid-transaction and the next group's read went back to
+the file for every state; 16 MiB holds a group of about a thousand small-MLP sessions."""
 _COLUMNS = "id, owner, name, spec, state, step, version, created_at, updated_at, hold"
 
 
@@ -165,6 +170,7 @@ class SqliteStore:
             _use_wal(db, self.busy_timeout_ms / 1000)
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._cap(db)
             self._local.db = db
             with self._all_lock:
