@@ -31,9 +31,9 @@ from service.store.base import (
     JobRecord,
     Progress,
     SessionRecord,
-    prefix_commits,
 )
 from service.store.ratelimit import MemoryBuckets
+from service.store.sqlite_group import commit_group
 from service.store.trouble import sqlite_trouble, translated
 
 _HISTORY = """
@@ -306,46 +306,7 @@ class SqliteStore:
 
     def commit_many(self, items: Sequence[CommitItem]) -> list[Commit]:
         with self._write() as db:
-            return prefix_commits(items, lambda item: self._commit_one(db, item))
-
-    def _commit_one(self, db: sqlite3.Connection, item: CommitItem) -> Commit:
-        record, expected = item.record, item.expected_version
-        row = db.execute(
-            "SELECT version, hold, length(state) FROM sessions WHERE id = ? AND owner = ?",
-            (record.id, record.owner),
-        ).fetchone()
-        if row is None:
-            return Commit.GONE
-        if row[1] != item.holder:
-            return Commit.BUSY
-        idem_grows = self._idem_grows(db, item.idem)
-        if row[0] != expected or idem_grows is None:
-            return Commit.CONFLICT
-        grows = usage.session_bytes(record) - int(row[2])
-        if self._over(db, record.owner, grows + idem_grows):
-            return Commit.QUOTA
-        usage.sqlite_add(db, record.owner, grows)
-        db.execute(
-            "UPDATE sessions SET name = ?, spec = ?, state = ?, step = ?, version = ?, "
-            "updated_at = ? WHERE id = ?",
-            (
-                record.name,
-                record.spec,
-                record.state,
-                record.step,
-                expected + 1,
-                record.updated_at,
-                record.id,
-            ),
-        )
-        if (history := item.history) is not None:
-            db.execute(
-                "INSERT INTO history (session_id, step, loss, grad_norm, at, lr) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, history.step, history.loss, history.grad_norm, history.at, history.lr),
-            )
-        self._put_idem(db, item.idem, idem_grows)
-        return Commit.OK
+            return commit_group(db, items, ttl=self.idempotency_ttl, limit=self.max_stored_bytes)
 
     def delete(self, owner: str, session_id: str) -> bool:
         with self._write() as db:
