@@ -892,3 +892,48 @@ def test_redis_counts_a_session_from_before_quotas_from_its_next_write(redis_url
         client.delete(*client.scan_iter(match=f"{prefix}*"))
         client.close()
         store.close()
+
+
+def test_a_groups_quota_is_each_owners_own_and_counts_the_groups_earlier_items(
+    store_factory: StoreFactory,
+) -> None:
+    """In one ``commit_many``, an owner over its quota is refused while another owner's
+    items go on; each item is judged on its owner's total as the group's earlier items left
+    it; and a key the group has just taken is taken."""
+    store = store_factory(max_stored_bytes=3 * STATE)
+    a1, a2, b1 = session("a1"), session("a2"), session("b1", owner=BOB)
+    for record in (a1, a2, b1):
+        assert store.create(record) is Commit.OK
+    double = EVERY_BYTE * 2
+    b1_double = stepped(b1, double)
+    a2_small = stepped(a2, b"small")
+    outcomes = store.commit_many(
+        [
+            CommitItem(stepped(a1, double + b"!"), 1, row(1)),  # alice 3S + 1: over
+            CommitItem(b1_double, 1, row(1)),  # bob 2S
+            CommitItem(a2_small, 1, row(1)),  # alice S + 5
+            CommitItem(stepped(stepped(a1), b"x"), 2, row(2)),  # after a1's refusal
+            CommitItem(stepped(b1_double, double), 2, row(2), idem("k", BOB)),  # 3S + 14
+            CommitItem(stepped(a2_small, b"small"), 2, row(2), idem("k")),  # 2S + 19
+            CommitItem(stepped(stepped(a2_small), b"small"), 3, row(3), idem("k")),  # taken
+        ]
+    )
+    assert outcomes == [
+        Commit.QUOTA,
+        Commit.OK,
+        Commit.OK,
+        Commit.CONFLICT,
+        Commit.QUOTA,
+        Commit.OK,
+        Commit.CONFLICT,
+    ]
+    assert store.stored_bytes(ALICE) == STATE + 5 + ANSWER
+    assert store.stored_bytes(BOB) == 2 * STATE
+    assert [h.step for h in store.history(ALICE, "a1", 10)] == []
+    assert [h.step for h in store.history(ALICE, "a2", 10)] == [1, 2]
+    assert [h.step for h in store.history(BOB, "b1", 10)] == [1]
+    now = time.time()
+    assert store.idempotency(ALICE, "k", now) is not None
+    assert store.idempotency(BOB, "k", now) is None
+    after = store.get(ALICE, "a2")
+    assert after is not None and (after.state, after.version) == (b"small", 3)
