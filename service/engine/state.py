@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -59,6 +59,17 @@ def dump(
     """The state's bytes: parameters, buffers and optimizer state as tensors, the rest as
     metadata; a non-empty ``accumulator`` as ``ACC`` tensors and its counts under
     ``ACCUMULATOR``."""
+    return _save(*_parts(model, optimizer, metadata, scheduler, accumulator))
+
+
+def _parts(
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict[str, str],
+    scheduler: schedulers.Scheduler | None,
+    accumulator: Accumulator | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata ``dump`` writes, in the order it writes them."""
     tensors: dict[str, torch.Tensor] = {
         PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
     }
@@ -79,7 +90,78 @@ def dump(
             tensors[ACC + name] = g.detach().contiguous()
         counts = {"count": accumulator.count, "loss_sum": accumulator.loss_sum}
         metadata = {**metadata, ACCUMULATOR: json.dumps({**counts, "losses": accumulator.losses})}
-    return _save(tensors, {**metadata, "optimizer_extra": json.dumps(extra)})
+    return tensors, {**metadata, "optimizer_extra": json.dumps(extra)}
+
+
+Dumped = tuple[Model, torch.optim.Optimizer, schedulers.Scheduler | None, Accumulator | None]
+"""What ``dump_many`` dumps for one session: its model, optimizer, scheduler, accumulator."""
+
+
+def dump_many(states: list[Dumped]) -> list[bytes]:
+    """Per session, in order, the bytes ``dump(model, optimizer, {}, scheduler, accumulator)``
+    gives it alone; sessions whose files have one layout (tensor names, order, shapes and
+    dtypes: a vmapped group's do) are written together (``_save_many``)."""
+    parts = [_parts(m, o, {}, s, a) for m, o, s, a in states]
+    out: list[bytes | None] = [None] * len(parts)
+    layouts: dict[tuple[Any, ...], list[int]] = {}
+    for i, (tensors, _) in enumerate(parts):
+        layouts.setdefault(_layout(tensors), []).append(i)
+    for key, indices in layouts.items():
+        if key and len(indices) > 1:
+            group = _save_many([parts[i] for i in indices])
+        else:
+            group = [_save(*parts[i]) for i in indices]
+        for i, data in zip(indices, group, strict=True):
+            out[i] = data
+    return [cast(bytes, data) for data in out]
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    """What must agree for files to share a header's tensor entries and data offsets; empty
+    (write it alone) for a tensor ``_save_many`` does not take: off the CPU or not
+    contiguous (``_save`` copies those first), or empty (no row to stack)."""
+    key: list[Any] = []
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return ()
+        key.append((name, t.dtype, t.shape))
+    return tuple(key)
+
+
+def _save_many(parts: list[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> list[bytes]:
+    """``_save`` of each (tensors, metadata), for files of one ``_layout``: each tensor name's
+    rows stacked and all of them read out as one byte string (a session's data is then one
+    contiguous slice of it), and the header's tensor entries encoded once, since only the
+    metadata differs from file to file. The same bytes as ``_save``, file for file."""
+    first = parts[0][0]
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in first.items():
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    with torch.no_grad():  # parameters require grad: the stack must not record it
+        blocks = [
+            torch.stack([tensors[name] for tensors, _ in parts]).reshape(len(parts), -1)
+            for name in first
+        ]
+        rows = torch.cat([b.view(torch.uint8) for b in blocks], dim=1) if blocks else None
+    data = memoryview(b"" if rows is None else rows.numpy().tobytes())
+    # _save encodes {"__metadata__": metadata, **entries}; a JSON object is its members
+    # joined by commas, so that text is the metadata's encoding spliced into this one.
+    tail = _HEADER.encode(entries)[1:]
+    tail = ("," + tail) if entries else tail
+    files: list[bytes] = []
+    for i, (_, metadata) in enumerate(parts):
+        text = ('{"__metadata__":' + _HEADER.encode(metadata) + tail).encode()
+        text += b" " * (-len(text) % 8)
+        chunk = data[i * offset : (i + 1) * offset]
+        files.append(b"".join([len(text).to_bytes(8, "little"), text, chunk]))
+    return files
 
 
 _SAFETENSORS_DTYPES = {
