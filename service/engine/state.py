@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -97,46 +98,115 @@ Dumped = tuple[Model, torch.optim.Optimizer, schedulers.Scheduler | None, Accumu
 """What ``dump_many`` dumps for one session: its model, optimizer, scheduler, accumulator."""
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A session's file as ``_save_many`` takes it: tensor names in ``dump``'s order, the
+    tensors (neither detached nor copied: ``_save_many`` reads them stacked), the metadata,
+    and the layout that files written together share."""
+
+    key: tuple[Any, ...]
+    names: list[str]
+    tensors: list[torch.Tensor]
+    metadata: dict[str, str]
+
+
 def dump_many(states: list[Dumped]) -> list[bytes]:
     """Per session, in order, the bytes ``dump(model, optimizer, {}, scheduler, accumulator)``
-    gives it alone; sessions whose files have one layout (tensor names, order, shapes and
-    dtypes: a vmapped group's do) are written together (``_save_many``)."""
-    parts = [_parts(m, o, {}, s, a) for m, o, s, a in states]
-    out: list[bytes | None] = [None] * len(parts)
-    layouts: dict[tuple[Any, ...], list[int]] = {}
-    for i, (tensors, _) in enumerate(parts):
-        layouts.setdefault(_layout(tensors), []).append(i)
-    for key, indices in layouts.items():
-        if key and len(indices) > 1:
-            group = _save_many([parts[i] for i in indices])
+    gives it alone. Sessions whose files have one layout (tensor names, order, shapes and
+    dtypes: a vmapped group's do) are written together (``_save_many``); a session with
+    buffers or an accumulator, off the CPU, or alone in its layout, by ``dump``."""
+    out: list[bytes | None] = [None] * len(states)
+    layouts: dict[tuple[Any, ...], list[tuple[int, _Part]]] = {}
+    for i, (model, optimizer, scheduler, accumulator) in enumerate(states):
+        part = _part(model, optimizer, scheduler, accumulator)
+        if part is None:
+            out[i] = dump(model, optimizer, {}, scheduler, accumulator)
         else:
-            group = [_save(*parts[i]) for i in indices]
-        for i, data in zip(indices, group, strict=True):
+            layouts.setdefault(part.key, []).append((i, part))
+    for members in layouts.values():
+        if len(members) > 1 and all(t.numel() for t in members[0][1].tensors):
+            files = _save_many([part for _, part in members])
+        else:
+            files = [dump(states[i][0], states[i][1], {}, *states[i][2:]) for i, _ in members]
+        for (i, _), data in zip(members, files, strict=True):
             out[i] = data
     return [cast(bytes, data) for data in out]
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> tuple[Any, ...]:
-    """What must agree for files to share a header's tensor entries and data offsets; empty
-    (write it alone) for a tensor ``_save_many`` does not take: off the CPU or not
-    contiguous (``_save`` copies those first), or empty (no row to stack)."""
-    key: list[Any] = []
-    for name, t in tensors.items():
-        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-            return ()
-        key.append((name, t.dtype, t.shape))
-    return tuple(key)
+_PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, ...] | None] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _save_many(parts: list[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> list[bytes]:
-    """``_save`` of each (tensors, metadata), for files of one ``_layout``: each tensor name's
-    rows stacked and all of them read out as one byte string (a session's data is then one
-    contiguous slice of it), and the header's tensor entries encoded once, since only the
-    metadata differs from file to file. The same bytes as ``_save``, file for file."""
-    first = parts[0][0]
+def _params(model: Model) -> tuple[Any, ...] | None:
+    """The model's (``PARAM`` name, parameter) pairs in ``dump``'s order and their layout,
+    worked out once per module: a built model's parameters are fixed objects, which steps
+    and restores write into (``engine.batching`` relies on it too). None for a model with
+    buffers or off the CPU: ``dump`` writes those."""
+    if model.module in _PARAMS:
+        return _PARAMS[model.module]
+    named = model.named_parameters()
+    known = None
+    if not model.named_buffers() and all(p.device.type == "cpu" for p in named.values()):
+        pairs = tuple((PARAM + n, p) for n, p in named.items())
+        known = (pairs, tuple((n, p.dtype, p.shape) for n, p in pairs))
+    _PARAMS[model.module] = known
+    return known
+
+
+def _part(
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    scheduler: schedulers.Scheduler | None,
+    accumulator: Accumulator | None,
+) -> _Part | None:
+    """What ``dump`` would write for this session (as ``_parts`` gives it), or None where
+    ``dump`` must write it: ``_params``'s Nones, an accumulator, an optimizer whose
+    ``state_dict`` runs hooks or would not number its state."""
+    params = _params(model)
+    hooks = optimizer._optimizer_state_dict_pre_hooks or optimizer._optimizer_state_dict_post_hooks
+    if params is None or hooks or (accumulator is not None and accumulator.count > 0):
+        return None
+    pairs, layout = params
+    names = [n for n, _ in pairs]
+    tensors = [p for _, p in pairs]
+    # Optimizer.state_dict's numbering: a parameter's first place over the groups in order.
+    index: dict[int, int] = {}
+    start = 0
+    for group in optimizer.param_groups:
+        index.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index})
+        start += len(group["params"])
+    slots: list[Any] = []
+    extra: dict[str, Any] = {}
+    for param, entry in optimizer.state.items():  # state_dict's order
+        if not isinstance(param, torch.Tensor) or id(param) not in index:
+            return None
+        for key, value in entry.items():
+            name = f"{OPT}{index[id(param)]}.{key}"
+            if isinstance(value, torch.Tensor):
+                if not value.is_cpu:  # a fifth of device.type's cost: 12 a session
+                    return None
+                names.append(name)
+                tensors.append(value)
+                slots.append((name, value.dtype, value.shape))
+            else:
+                extra[name] = value
+    metadata: dict[str, str] = {}
+    if scheduler is not None:
+        metadata[SCHEDULER] = schedulers.save(scheduler, optimizer)
+    metadata["optimizer_extra"] = json.dumps(extra)
+    return _Part((layout, tuple(slots)), names, tensors, metadata)
+
+
+def _save_many(parts: list[_Part]) -> list[bytes]:
+    """``_save`` of each part, for parts of one layout and no empty tensor: each tensor
+    name's rows stacked and all of them read out as one byte string (a session's data is
+    then one contiguous slice of it), and the header's tensor entries encoded once, since
+    only the metadata differs from file to file. The same bytes as ``_save``, file for file."""
+    first = parts[0]
     entries: dict[str, Any] = {}
     offset = 0
-    for name, tensor in first.items():
+    for name, tensor in zip(first.names, first.tensors, strict=True):
         size = tensor.numel() * tensor.element_size()
         entries[name] = {
             "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
@@ -144,20 +214,21 @@ def _save_many(parts: list[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> l
             "data_offsets": [offset, offset + size],
         }
         offset += size
+    count = len(parts)
     with torch.no_grad():  # parameters require grad: the stack must not record it
         blocks = [
-            torch.stack([tensors[name] for tensors, _ in parts]).reshape(len(parts), -1)
-            for name in first
+            torch.stack([part.tensors[j] for part in parts]).reshape(count, -1).view(torch.uint8)
+            for j in range(len(first.names))
         ]
-        rows = torch.cat([b.view(torch.uint8) for b in blocks], dim=1) if blocks else None
-    data = memoryview(b"" if rows is None else rows.numpy().tobytes())
+        rows = torch.cat(blocks, dim=1) if blocks else torch.empty(count, 0, dtype=torch.uint8)
+    data = memoryview(rows.numpy().tobytes())
     # _save encodes {"__metadata__": metadata, **entries}; a JSON object is its members
     # joined by commas, so that text is the metadata's encoding spliced into this one.
     tail = _HEADER.encode(entries)[1:]
     tail = ("," + tail) if entries else tail
     files: list[bytes] = []
-    for i, (_, metadata) in enumerate(parts):
-        text = ('{"__metadata__":' + _HEADER.encode(metadata) + tail).encode()
+    for i, part in enumerate(parts):
+        text = ('{"__metadata__":' + _HEADER.encode(part.metadata) + tail).encode()
         text += b" " * (-len(text) % 8)
         chunk = data[i * offset : (i + 1) * offset]
         files.append(b"".join([len(text).to_bytes(8, "little"), text, chunk]))

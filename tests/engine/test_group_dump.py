@@ -5,7 +5,7 @@ schedulers, as a worker's round runs them; then the group's files must be, byte 
 the files each session's ``dump`` writes alone: MLPs and an expression model, SGD with and
 without momentum, Adam, AdamW, with and without a scheduler, float32 and float64, before
 the first step and after some. Sessions a group cannot share a layout with (another dtype,
-an accumulator, frozen parameters' absent optimizer state) are written alone, in order.
+an accumulator, no optimizer state yet, buffers) are written alone, in order.
 """
 
 from __future__ import annotations
@@ -121,7 +121,17 @@ def test_sessions_of_other_layouts_are_written_alone_in_order() -> None:
     summed = group(MLP, OPTIMIZERS[2], None, "float32")[0]
     grads = {n: torch.ones_like(p) for n, p in summed.model.trainable().items()}
     summed.accumulator = state.Accumulator(grads, count=2, loss_sum=1.5, losses=2)
+    normed = {
+        **MLP,
+        "layers": [
+            *MLP["layers"][:1],
+            {"type": "batch_norm1d", "num_features": 6},
+            *MLP["layers"][1:],
+        ],
+    }
+    buffered = group(normed, OPTIMIZERS[2], None, "float32")[:2]  # buffers: written alone
     mixed = [sessions[0], other[0], *sessions[1:4], fresh, summed, other[1], sessions[4]]
+    mixed += buffered
     alone = [state.dump(m, o, {}, s, a) for m, o, s, a in (x.dumped() for x in mixed)]
     assert state.dump_many([s.dumped() for s in mixed]) == alone
     assert state.dump_many([]) == []
