@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -59,6 +60,17 @@ def dump(
     """The state's bytes: parameters, buffers and optimizer state as tensors, the rest as
     metadata; a non-empty ``accumulator`` as ``ACC`` tensors and its counts under
     ``ACCUMULATOR``."""
+    return _save(*_parts(model, optimizer, metadata, scheduler, accumulator))
+
+
+def _parts(
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict[str, str],
+    scheduler: schedulers.Scheduler | None,
+    accumulator: Accumulator | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata ``dump`` writes, in the order it writes them."""
     tensors: dict[str, torch.Tensor] = {
         PARAM + name: p.detach().contiguous() for name, p in model.named_parameters().items()
     }
@@ -79,7 +91,148 @@ def dump(
             tensors[ACC + name] = g.detach().contiguous()
         counts = {"count": accumulator.count, "loss_sum": accumulator.loss_sum}
         metadata = {**metadata, ACCUMULATOR: json.dumps({**counts, "losses": accumulator.losses})}
-    return _save(tensors, {**metadata, "optimizer_extra": json.dumps(extra)})
+    return tensors, {**metadata, "optimizer_extra": json.dumps(extra)}
+
+
+Dumped = tuple[Model, torch.optim.Optimizer, schedulers.Scheduler | None, Accumulator | None]
+"""What ``dump_many`` dumps for one session: its model, optimizer, scheduler, accumulator."""
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A session's file as ``_save_many`` takes it: tensor names in ``dump``'s order, the
+    tensors (neither detached nor copied: ``_save_many`` reads them stacked), the metadata,
+    and the layout that files written together share."""
+
+    key: tuple[Any, ...]
+    names: list[str]
+    tensors: list[torch.Tensor]
+    metadata: dict[str, str]
+
+
+def dump_many(states: list[Dumped]) -> list[bytes]:
+    """Per session, in order, the bytes ``dump(model, optimizer, {}, scheduler, accumulator)``
+    gives it alone. Sessions whose files have one layout (tensor names, order, shapes and
+    dtypes: a vmapped group's do) are written together (``_save_many``); a session with
+    buffers or an accumulator, off the CPU, or alone in its layout, by ``dump``."""
+    out: list[bytes | None] = [None] * len(states)
+    layouts: dict[tuple[Any, ...], list[tuple[int, _Part]]] = {}
+    for i, (model, optimizer, scheduler, accumulator) in enumerate(states):
+        part = _part(model, optimizer, scheduler, accumulator)
+        if part is None:
+            out[i] = dump(model, optimizer, {}, scheduler, accumulator)
+        else:
+            layouts.setdefault(part.key, []).append((i, part))
+    for members in layouts.values():
+        if len(members) > 1 and all(t.numel() for t in members[0][1].tensors):
+            files = _save_many([part for _, part in members])
+        else:
+            files = [dump(states[i][0], states[i][1], {}, *states[i][2:]) for i, _ in members]
+        for (i, _), data in zip(members, files, strict=True):
+            out[i] = data
+    return [cast(bytes, data) for data in out]
+
+
+_PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, ...] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _params(model: Model) -> tuple[Any, ...] | None:
+    """The model's (``PARAM`` name, parameter) pairs in ``dump``'s order and their layout,
+    worked out once per module: a built model's parameters are fixed objects, which steps
+    and restores write into (``engine.batching`` relies on it too). None for a model with
+    buffers or off the CPU: ``dump`` writes those."""
+    if model.module in _PARAMS:
+        return _PARAMS[model.module]
+    named = model.named_parameters()
+    known = None
+    if not model.named_buffers() and all(p.device.type == "cpu" for p in named.values()):
+        pairs = tuple((PARAM + n, p) for n, p in named.items())
+        known = (pairs, tuple((n, p.dtype, p.shape) for n, p in pairs))
+    _PARAMS[model.module] = known
+    return known
+
+
+def _part(
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    scheduler: schedulers.Scheduler | None,
+    accumulator: Accumulator | None,
+) -> _Part | None:
+    """What ``dump`` would write for this session (as ``_parts`` gives it), or None where
+    ``dump`` must write it: ``_params``'s Nones, an accumulator, an optimizer whose
+    ``state_dict`` runs hooks or would not number its state."""
+    params = _params(model)
+    hooks = optimizer._optimizer_state_dict_pre_hooks or optimizer._optimizer_state_dict_post_hooks
+    if params is None or hooks or (accumulator is not None and accumulator.count > 0):
+        return None
+    pairs, layout = params
+    names = [n for n, _ in pairs]
+    tensors = [p for _, p in pairs]
+    # Optimizer.state_dict's numbering: a parameter's first place over the groups in order.
+    index: dict[int, int] = {}
+    start = 0
+    for group in optimizer.param_groups:
+        index.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in index})
+        start += len(group["params"])
+    slots: list[Any] = []
+    extra: dict[str, Any] = {}
+    for param, entry in optimizer.state.items():  # state_dict's order
+        if not isinstance(param, torch.Tensor) or id(param) not in index:
+            return None
+        for key, value in entry.items():
+            name = f"{OPT}{index[id(param)]}.{key}"
+            if isinstance(value, torch.Tensor):
+                if not value.is_cpu:  # a fifth of device.type's cost: 12 a session
+                    return None
+                names.append(name)
+                tensors.append(value)
+                slots.append((name, value.dtype, value.shape))
+            else:
+                extra[name] = value
+    metadata: dict[str, str] = {}
+    if scheduler is not None:
+        metadata[SCHEDULER] = schedulers.save(scheduler, optimizer)
+    metadata["optimizer_extra"] = json.dumps(extra)
+    return _Part((layout, tuple(slots)), names, tensors, metadata)
+
+
+def _save_many(parts: list[_Part]) -> list[bytes]:
+    """``_save`` of each part, for parts of one layout and no empty tensor: each tensor
+    name's rows stacked and all of them read out as one byte string (a session's data is
+    then one contiguous slice of it), and the header's tensor entries encoded once, since
+    only the metadata differs from file to file. The same bytes as ``_save``, file for file."""
+    first = parts[0]
+    entries: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in zip(first.names, first.tensors, strict=True):
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    count = len(parts)
+    with torch.no_grad():  # parameters require grad: the stack must not record it
+        blocks = [
+            torch.stack([part.tensors[j] for part in parts]).reshape(count, -1).view(torch.uint8)
+            for j in range(len(first.names))
+        ]
+        rows = torch.cat(blocks, dim=1) if blocks else torch.empty(count, 0, dtype=torch.uint8)
+    data = memoryview(rows.numpy().tobytes())
+    # _save encodes {"__metadata__": metadata, **entries}; a JSON object is its members
+    # joined by commas, so that text is the metadata's encoding spliced into this one.
+    tail = _HEADER.encode(entries)[1:]
+    tail = ("," + tail) if entries else tail
+    files: list[bytes] = []
+    for i, part in enumerate(parts):
+        text = ('{"__metadata__":' + _HEADER.encode(part.metadata) + tail).encode()
+        text += b" " * (-len(text) % 8)
+        chunk = data[i * offset : (i + 1) * offset]
+        files.append(b"".join([len(text).to_bytes(8, "little"), text, chunk]))
+    return files
 
 
 _SAFETENSORS_DTYPES = {

@@ -209,6 +209,7 @@ class Pass:
         def before(indices: list[int]) -> None:
             watcher.progress(indices, False)
 
+        stepped: list[tuple[Chain, Prepared, Result, float]] = []
         for prepared, result in computed(prepared_jobs, sessions.limits, sessions.batching, before):
             chain, job = ready[prepared.index][0], prepared.job
             if isinstance(result, GradsvcError):
@@ -221,10 +222,25 @@ class Pass:
             elif time.time() > watcher.deadline(prepared.index, job):
                 self._fail(chain, prepared.index, timed_out(), touched=True)
             else:
-                try:
-                    self._stage(chain, prepared, result)
-                except InvalidInput as exc:  # its answer too large, its next lr broken
+                try:  # after every optimizer step, before its state is dumped
+                    lr = schedulers.step(prepared.built.scheduler, prepared.built.optimizer)
+                except InvalidInput as exc:  # its next lr broken
                     self._fail(chain, prepared.index, exc, touched=True)
+                else:
+                    stepped.append((chain, prepared, result, lr))
+        # One link per chain in a round, so no other link touches these models meanwhile:
+        # their states are dumped together (one layout: one header, one read of the bytes).
+        dumped = state.dump_many(
+            [
+                (b.model, b.optimizer, b.scheduler, b.accumulator)
+                for b in (p.built for _, p, _, _ in stepped)
+            ]
+        )
+        for (chain, prepared, result, lr), data in zip(stepped, dumped, strict=True):
+            try:
+                self._stage(chain, prepared, result, lr, data)
+            except InvalidInput as exc:  # its answer too large
+                self._fail(chain, prepared.index, exc, touched=True)
 
     def _prepare(self, chain: Chain, i: int) -> Prepared | Answer:
         job, sessions = self.jobs[i], self.sessions
@@ -279,16 +295,13 @@ class Pass:
         else:
             self._settle(chain, prepared.index, answer)
 
-    def _stage(self, chain: Chain, prepared: Prepared, result: Result) -> None:
-        job, record, built = prepared.job, prepared.record, prepared.built
-        lr = schedulers.step(built.scheduler, built.optimizer)  # after every optimizer step
+    def _stage(
+        self, chain: Chain, prepared: Prepared, result: Result, lr: float, data: bytes
+    ) -> None:
+        """Stage a computed step: ``lr`` its scheduler's next rate, ``data`` its new state."""
+        job, record = prepared.job, prepared.record
         now = time.time()
-        new = replace(
-            record,
-            state=state.dump(built.model, built.optimizer, {}, built.scheduler, built.accumulator),
-            step=record.step + 1,
-            updated_at=now,
-        )
+        new = replace(record, state=data, step=record.step + 1, updated_at=now)
         committed = replace(new, version=record.version + 1)
         assert result.loss is not None and result.grad_norm is not None
         history = HistoryRow(new.step, result.loss.item(), result.grad_norm.item(), now, lr)
