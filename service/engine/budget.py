@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from service.engine import layers, specs
+from service.engine.expression import parsed
 from service.engine.footprint import (
     Computed,
     ModelSpec,
@@ -60,7 +61,6 @@ from service.engine.footprint import (
     count,
     optimizer_elements,
     param_shapes,
-    parsed,
     wire_inputs,
     wire_shape,
 )

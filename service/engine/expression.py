@@ -14,6 +14,7 @@ A refusal says what to write instead (``x^2``: use ``**``; ``2w``: write ``2 * w
 from __future__ import annotations
 
 import ast
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,32 @@ def parse(text: str, limits: Limits = DEFAULT_LIMITS) -> Expression:
     builder = _Builder(limits, text)
     root = builder.build(tree.body, 1)
     return Expression(root=root, names=tuple(builder.names), size=builder.count)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(text: str, limits: Limits) -> Expression:
+    return parse(text, limits)
+
+
+def parsed(text: str, limits: Limits = DEFAULT_LIMITS) -> Expression:
+    """``parse``, remembered by text and limits: a session's (and a repeated stateless
+    request's) expression is parsed and checked once, not at every step. The Expression is
+    immutable (frozen dataclasses and tuples), so every model built from it may share it; a
+    refusal is not remembered and is raised afresh each time.
+
+    Args:
+        text: The client's expression.
+        limits: The limits it is checked against.
+
+    Returns:
+        The parsed, checked expression.
+
+    Raises:
+        ExpressionError: for anything outside the grammar or over the limits.
+    """
+    if not isinstance(text, str):  # unhashable or not text: parse says what is wrong
+        return parse(text, limits)
+    return _parsed(text, limits)
 
 
 def _check_brackets(text: str, max_depth: int) -> None:

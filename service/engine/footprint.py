@@ -11,7 +11,6 @@ them into bytes.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from service.engine import layers, specs
-from service.engine.expression import Expression, Node, parse
+from service.engine.expression import Expression, Node, parsed
 from service.engine.limits import Limits
 from service.errors import GradsvcError
 
@@ -328,12 +327,6 @@ def _expression(
     if expression.root.op not in ("name", "const"):
         saved[expression.root.text] = count(out)
     return Computed(kept=kept, saved=sum(saved.values()), backward=backward, live=kept, outputs=out)
-
-
-@functools.lru_cache(maxsize=1024)
-def parsed(text: str, limits: Limits) -> Expression:
-    """``parse``, remembered: a session's expression is estimated at every step."""
-    return parse(text, limits)
 
 
 def _NOTHING(grads: list[bool]) -> Iterable[int]:

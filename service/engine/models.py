@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from service.engine import hints, layers, specs
-from service.engine.expression import Expression, Node, parse
+from service.engine.expression import Expression, Node, parsed
 from service.engine.limits import DEFAULT_LIMITS, Limits
 from service.engine.tensors import DTYPES, decode, is_tensor_form
 from service.engine.trace import Tracer, elementwise_locals
@@ -348,7 +348,7 @@ def build(
 
 def _build_expression(spec: specs.ExpressionModel, limits: Limits) -> Model:
     try:
-        expression = parse(spec.expression, limits)
+        expression = parsed(spec.expression, limits)
     except GradsvcError as exc:
         raise exc.at("expression") from None
     dtype = DTYPES[spec.dtype]
