@@ -60,6 +60,15 @@ def build(spec: specs.SchedulerSpec | None, optimizer: torch.optim.Optimizer) ->
     """
     if spec is None:
         return None
+    if (
+        isinstance(spec, specs.OneCycleLRSpec)
+        and spec.total_steps is None
+        and (spec.epochs or 0) * (spec.steps_per_epoch or 0) >= 2**31
+    ):  # checked here, not in the spec's validation: the document cannot say a product
+        raise SpecError(
+            "onecycle's epochs * steps_per_epoch must be below 2**31: give fewer, or total_steps",
+            loc=("scheduler",),
+        )
     arguments = spec.model_dump(exclude={"type"})
     try:
         return _CLASSES[spec.type](optimizer, **arguments)

@@ -414,6 +414,13 @@ class LinearLRSpec(Spec):
 
 
 class OneCycleLRSpec(Spec):
+    # Its length is total_steps, or epochs × steps_per_epoch: said in the document as well.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [{"required": ["total_steps"]}, {"required": ["epochs", "steps_per_epoch"]}]
+        }
+    )
+
     type: Literal["onecycle"]
     max_lr: Annotated[float, Field(gt=0)]
     total_steps: PositiveInt | None = None
@@ -432,8 +439,6 @@ class OneCycleLRSpec(Spec):
     def _length(self) -> OneCycleLRSpec:
         if self.total_steps is None and (self.epochs is None or self.steps_per_epoch is None):
             raise ValueError("give total_steps, or epochs and steps_per_epoch")
-        if self.total_steps is None and (self.epochs or 0) * (self.steps_per_epoch or 0) >= 2**31:
-            raise ValueError("epochs * steps_per_epoch must be below 2**31")
         return self
 
 
@@ -580,6 +585,19 @@ class SessionBatchRequest(Spec):
 class SessionAccumulateRequest(SessionBatchRequest):
     """``POST /v1/sessions/{id}/accumulate``: a batch whose gradients join the session's
     accumulator."""
+
+    # y or grad_outputs, not both: said in the document as well.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["batch", "grad_outputs"],
+                "properties": {
+                    "grad_outputs": {"not": {"type": "null"}},
+                    "batch": {"required": ["y"], "properties": {"y": {"not": {"type": "null"}}}},
+                },
+            }
+        }
+    )
 
     grad_outputs: Tensor | None = Field(
         default=None,

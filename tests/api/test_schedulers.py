@@ -86,6 +86,11 @@ def test_patching_the_lr_a_scheduler_sets_is_refused(client: TestClient) -> None
         ({"type": "step", "step_size": 2, "verbose": True}, "verbose"),
         ({"type": "linear", "start_factor": 0}, "start_factor"),
         ({"type": "onecycle", "max_lr": 0.1}, "total_steps"),
+        ({"type": "onecycle", "max_lr": 0.1, "epochs": 2}, "steps_per_epoch"),
+        (  # a length the document cannot bound (a product): refused when built
+            {"type": "onecycle", "max_lr": 0.1, "epochs": 2**16, "steps_per_epoch": 2**16},
+            "below 2**31",
+        ),
         ({"type": "cosine", "T_max": "10"}, "T_max"),
         ({"type": "torch.optim.lr_scheduler.StepLR", "step_size": 1}, "unknown scheduler"),
     ],
