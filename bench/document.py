@@ -80,7 +80,8 @@ def render(
         CAUTION,
         "## Reproduce",
         "    make bench                                # about 5 minutes; rewrites this file\n"
-        "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT",
+        "    BENCH_QUICK=1 .venv/bin/python -m bench   # smoke run; writes only to $BENCH_OUT\n"
+        "    make profile PROFILE_OUT=/tmp/profile.txt # py-spy of the API process and a worker",
         "Knobs: `BENCH_CLIENTS` (default 4), `BENCH_SECONDS` (per HTTP row, default 8), "
         "`BENCH_OUT` (report path). Every server listens on 127.0.0.1 only, on a free port, "
         "as a real uvicorn process that is started, waited for, loaded and terminated.",
