@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -208,11 +209,7 @@ def _save_many(parts: list[_Part]) -> list[bytes]:
     offset = 0
     for name, tensor in zip(first.names, first.tensors, strict=True):
         size = tensor.numel() * tensor.element_size()
-        entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
+        entries[name] = _entry(tensor, offset, size)
         offset += size
     count = len(parts)
     with torch.no_grad():  # parameters require grad: the stack must not record it
@@ -228,10 +225,8 @@ def _save_many(parts: list[_Part]) -> list[bytes]:
     tail = ("," + tail) if entries else tail
     files: list[bytes] = []
     for i, part in enumerate(parts):
-        text = ('{"__metadata__":' + _HEADER.encode(part.metadata) + tail).encode()
-        text += b" " * (-len(text) % 8)
-        chunk = data[i * offset : (i + 1) * offset]
-        files.append(b"".join([len(text).to_bytes(8, "little"), text, chunk]))
+        text = '{"__metadata__":' + _HEADER.encode(part.metadata) + tail
+        files.append(_file(text, [data[i * offset : (i + 1) * offset]]))
     return files
 
 
@@ -267,17 +262,27 @@ def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
             raw = tensor.numpy().tobytes()  # the same bytes in two calls, not six: 16 a step
         else:  # numpy has no bfloat16, so its bytes are read as uint8
             raw = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        dtype = _SAFETENSORS_DTYPES[tensor.dtype]
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
+        header[name] = _entry(tensor, offset, len(raw))
         chunks.append(raw)
         offset += len(raw)
-    text = _HEADER.encode(header).encode()
+    return _file(_HEADER.encode(header), chunks)
+
+
+def _entry(tensor: torch.Tensor, offset: int, size: int) -> dict[str, Any]:
+    """A tensor's entry in a safetensors header: its data at ``offset``, ``size`` bytes."""
+    return {
+        "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+        "shape": list(tensor.shape),
+        "data_offsets": [offset, offset + size],
+    }
+
+
+def _file(header: str, data: Sequence[bytes | memoryview]) -> bytes:
+    """A safetensors file: the 8-byte little-endian header size, the JSON ``header``
+    padded with spaces to 8 bytes, then the data."""
+    text = header.encode()
     text += b" " * (-len(text) % 8)
-    return b"".join([len(text).to_bytes(8, "little"), text, *chunks])
+    return b"".join([len(text).to_bytes(8, "little"), text, *data])
 
 
 def read(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
